@@ -1,0 +1,268 @@
+"""Dataset annotations -> JSON Lines index files, and reading index files back.
+
+An index file has one JSON object per line, one per image::
+
+    {"id": "im00001", "image": "../images/im00001.jpg", "width": 157, "height": 105,
+     "joints": [[x, y], ...], "visible": [1, 0, ...], "box": [x, y, w, h]}
+
+``image`` is absolute or relative to the index file's directory; ``joints`` are 0-based image
+pixels (pixel centres at integers) in the dataset's joint order; ``visible`` is 1 where the
+joint is visible (invisible joints' coordinates are ignored); ``box`` is the person box
+(top-left x, y, width, height) that crops are taken from. Any file that follows this format
+works for training and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .errors import DeepPoseError
+from .geometry import box_from_xywh, box_to_xywh, person_box
+from .manifests import DatasetManifest
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PoseRecord:
+    """One annotated image of an index file."""
+
+    id: str
+    image: Path
+    joints: np.ndarray   # (J, 2) float64, image pixels
+    visible: np.ndarray  # (J,) bool
+    box: np.ndarray      # (4,) cx, cy, w, h
+    width: int = 0
+    height: int = 0
+
+    def to_json(self, index_dir: Path) -> dict:
+        try:
+            image = os.path.relpath(self.image, index_dir)
+        except ValueError:  # another drive on Windows
+            image = str(self.image)
+        return {
+            "id": self.id,
+            "image": image,
+            "width": self.width,
+            "height": self.height,
+            "joints": [[round(float(x), 3), round(float(y), 3)] for x, y in self.joints],
+            "visible": [int(v) for v in self.visible],
+            "box": [round(v, 3) for v in box_to_xywh(self.box)],
+        }
+
+
+def read_joints_mat(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``joints.mat`` of LSP (3x14xN, flag 0 = visible) or LSPET (14x3xN, flag 1 = visible).
+
+    Returns joints (N, 14, 2) in 0-based pixels (MATLAB's coordinates are 1-based) and a
+    boolean visibility (N, 14). The two archives store the flag with opposite meanings.
+    """
+    import scipy.io
+
+    try:
+        raw = scipy.io.loadmat(str(path))["joints"]
+    except (OSError, ValueError, KeyError, NotImplementedError) as e:
+        raise DeepPoseError(f"cannot read annotations {path}: {e}") from None
+    raw = np.asarray(raw, dtype=np.float64)
+    if fmt == "lsp":
+        if raw.ndim != 3 or raw.shape[0] != 3:
+            raise DeepPoseError(f"{path}: expected LSP joints 3 x J x N, got {raw.shape}")
+        arr = raw.transpose(2, 1, 0)  # N, J, 3
+        visible = arr[..., 2] == 0
+    elif fmt == "lspet":
+        if raw.ndim != 3 or raw.shape[1] != 3:
+            raise DeepPoseError(f"{path}: expected LSPET joints J x 3 x N, got {raw.shape}")
+        arr = raw.transpose(2, 0, 1)
+        visible = arr[..., 2] == 1
+    else:
+        raise DeepPoseError(f"unknown annotation format {fmt!r}")
+    return arr[..., :2] - 1.0, visible
+
+
+def split_ids(manifest: DatasetManifest, numbers: list[int], val_fraction: float | None,
+              seed: int | None) -> dict[str, list[int]]:
+    """Assign 1-based image numbers to splits by the manifest's rule.
+
+    ``ranges``: fixed inclusive ranges (LSP: 1-1000 train, 1001-2000 test); a val split is
+    carved out of train only when ``val_fraction`` is given. ``random``: a seeded split of
+    everything into train and val.
+    """
+    rule = manifest.splits.get("rule", "random")
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    if rule == "ranges":
+        for split in SPLITS:
+            if split in manifest.splits:
+                lo, hi = manifest.splits[split]
+                out[split] = [n for n in numbers if lo <= n <= hi]
+        pool_split, fraction = "train", val_fraction or 0.0
+    elif rule == "random":
+        out["train"] = list(numbers)
+        pool_split = "train"
+        fraction = manifest.splits.get("val_fraction", 0.1) if val_fraction is None else val_fraction
+    else:
+        raise DeepPoseError(f"{manifest.name}: unknown split rule {rule!r}")
+    if not 0.0 <= fraction < 1.0:
+        raise DeepPoseError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if fraction > 0:
+        seed = manifest.splits.get("seed", 0) if seed is None else seed
+        pool = np.array(out[pool_split])
+        rng = np.random.default_rng(seed)
+        chosen = rng.permutation(len(pool))[: int(round(fraction * len(pool)))]
+        val = set(pool[chosen].tolist())
+        out["val"] = sorted(val)
+        out[pool_split] = [n for n in out[pool_split] if n not in val]
+    return out
+
+
+@dataclass
+class IndexReport:
+    index_dir: Path
+    counts: dict[str, int]
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def skipped_reasons(self) -> Counter:
+        return Counter(s["reason"] for s in self.skipped)
+
+    def files(self) -> dict[str, Path]:
+        return {s: self.index_dir / f"{s}.jsonl" for s, n in self.counts.items() if n}
+
+
+def _image_size(path: Path) -> tuple[int, int] | str:
+    """(width, height) of a decodable image, or the reason it is unusable."""
+    import cv2
+
+    if not path.is_file():
+        return "missing image"
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        return "unreadable image"
+    return image.shape[1], image.shape[0]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file in the same directory, then rename: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_index(path: Path, records: Iterable[PoseRecord]) -> None:
+    lines = [json.dumps(r.to_json(path.parent)) for r in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def build_index(manifest: DatasetManifest, dataset_dir: Path, *, val_fraction: float | None = None,
+                seed: int | None = None, box_margin: float = 0.2) -> IndexReport:
+    """Parse a fetched dataset into ``dataset_dir/index/{train,val,test}.jsonl``.
+
+    Unreadable images and records with fewer than the manifest's ``min_visible`` visible
+    joints are skipped and listed in ``index/skipped.jsonl``, not fatal.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    dataset_dir = Path(dataset_dir)
+    annotations = dataset_dir / manifest.archive.get("annotations", "joints.mat")
+    if not annotations.is_file():
+        raise DeepPoseError(f"{annotations} not found: run `deeppose fetch {manifest.name}` first")
+    joints, visible = read_joints_mat(annotations, manifest.format)
+    if joints.shape[1] != manifest.num_joints:
+        raise DeepPoseError(f"{annotations}: {joints.shape[1]} joints, manifest "
+                            f"{manifest.name} expects {manifest.num_joints}")
+    template = manifest.archive["image_template"]
+    numbers = list(range(1, len(joints) + 1))
+    index_dir = dataset_dir / "index"
+    paths = [dataset_dir / template.format(n) for n in numbers]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        sizes = list(pool.map(_image_size, paths))
+
+    records: dict[int, PoseRecord] = {}
+    skipped = []
+    for n, path, size in zip(numbers, paths, sizes):
+        vis = visible[n - 1]
+        reason = None
+        if isinstance(size, str):
+            reason = size
+        elif int(vis.sum()) < manifest.min_visible:
+            reason = f"fewer than {manifest.min_visible} visible joints"
+        if reason:
+            skipped.append({"id": path.stem, "image": str(path), "reason": reason})
+            continue
+        records[n] = PoseRecord(id=path.stem, image=path, joints=joints[n - 1], visible=vis,
+                                box=person_box(joints[n - 1], vis, box_margin),
+                                width=size[0], height=size[1])
+
+    splits = split_ids(manifest, list(records), val_fraction, seed)
+    counts = {}
+    for split in SPLITS:
+        target = index_dir / f"{split}.jsonl"
+        if splits[split]:
+            write_index(target, (records[n] for n in splits[split]))
+        elif target.exists():
+            target.unlink()  # a stale split from an earlier run with other settings
+        counts[split] = len(splits[split])
+    atomic_write_text(index_dir / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
+    return IndexReport(index_dir=index_dir, counts=counts, skipped=skipped)
+
+
+def _record_from_json(obj: dict, index_dir: Path, where: str) -> PoseRecord:
+    try:
+        joints = np.asarray(obj["joints"], dtype=np.float64)
+        visible = np.asarray(obj.get("visible", [1] * len(joints)), dtype=bool)
+        if joints.ndim != 2 or joints.shape[1] != 2 or visible.shape != (len(joints),):
+            raise ValueError("joints must be [[x, y], ...] and visible one flag per joint")
+        image = Path(obj["image"])
+        if not image.is_absolute():
+            image = index_dir / image
+        if "box" in obj:
+            box = box_from_xywh(*[float(v) for v in obj["box"]])
+            if box[2] <= 0 or box[3] <= 0:
+                raise ValueError("box width and height must be positive")
+        else:
+            box = person_box(joints, visible)
+        return PoseRecord(id=str(obj.get("id", image.stem)), image=image, joints=joints,
+                          visible=visible, box=box, width=int(obj.get("width", 0)),
+                          height=int(obj.get("height", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise DeepPoseError(f"{where}: invalid index record: {detail}") from None
+
+
+def read_index(path: Path) -> list[PoseRecord]:
+    """Read a JSONL index file, with a one-line error naming the bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeepPoseError(f"index file {path} not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DeepPoseError(f"{where}: not JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DeepPoseError(f"{where}: each line must be a JSON object")
+            records.append(_record_from_json(obj, path.parent, where))
+    if not records:
+        raise DeepPoseError(f"index file {path} has no records")
+    sizes = {len(r.joints) for r in records}
+    if len(sizes) > 1:
+        raise DeepPoseError(f"{path}: records have different joint counts {sorted(sizes)}")
+    return records

@@ -1,0 +1,152 @@
+"""Index records -> training/evaluation arrays, seeded, framework-free.
+
+A sample is ``(image, joints, visible)``: image float32 CHW (RGB, ImageNet-normalized) of
+``input_size`` x ``input_size``; joints float32 (J, 2) in the crop box's normalized coordinates
+N(y; b); visible float32 (J,). Augmentation randomness comes from
+``numpy.random.default_rng([seed, epoch, index])``, so a sample depends only on those three
+numbers: the same seed gives identical samples whichever framework, worker or order asks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .annotations import PoseRecord
+from .errors import DeepPoseError
+from .geometry import crop_and_resize, flip_image, flip_normalized, normalize_pose
+
+IMAGE_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGE_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time randomness. ``Augmentation.none()`` is the evaluation setting."""
+
+    jitter_translation: float = 0.05  # box centre moved by up to this fraction of its side
+    jitter_scale: float = 0.1         # box side scaled by exp(uniform(-s, s))
+    flip: bool = True
+    colour_noise: float = 0.1         # per-channel gain 1 + uniform(-c, c), plus a shift
+
+    @classmethod
+    def none(cls) -> "Augmentation":
+        return cls(0.0, 0.0, False, 0.0)
+
+    @classmethod
+    def from_recipe(cls, recipe: dict) -> "Augmentation":
+        return cls(**{k: type(v)(recipe[k]) for k, v in asdict(cls()).items() if k in recipe})
+
+
+def load_image(path) -> np.ndarray:
+    """Read an image as RGB uint8 HWC, or raise a one-line error."""
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DeepPoseError(f"cannot read image {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def to_network_input(crop: np.ndarray) -> np.ndarray:
+    """RGB uint8 HWC crop -> float32 CHW normalized the way the networks expect."""
+    x = crop.astype(np.float32) / 255.0
+    return ((x - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1).copy()
+
+
+def jitter_box(box: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    box = np.array(box, dtype=np.float64)
+    side = max(box[2], box[3])
+    box[0:2] += rng.uniform(-aug.jitter_translation, aug.jitter_translation, 2) * side
+    box[2:4] *= np.exp(rng.uniform(-aug.jitter_scale, aug.jitter_scale))
+    return box
+
+
+def make_sample(image: np.ndarray, box: np.ndarray, joints: np.ndarray, visible: np.ndarray,
+                input_size: int, aug: Augmentation, rng: np.random.Generator,
+                flip_permutation: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop ``box`` (jittered), normalize the joints to it, maybe flip, add colour noise.
+
+    Shared by every cascade stage: stage 1 passes the person box, later stages a box around
+    one joint.
+    """
+    box = jitter_box(box, aug, rng) if (aug.jitter_translation or aug.jitter_scale) else box
+    crop = crop_and_resize(image, box, input_size)
+    normalized = normalize_pose(joints, box)
+    visible = np.asarray(visible, dtype=np.float32)
+    if aug.flip and rng.random() < 0.5:
+        crop = flip_image(crop)
+        normalized, visible = flip_normalized(normalized, visible, flip_permutation)
+    x = to_network_input(crop)
+    if aug.colour_noise:
+        gain = 1.0 + rng.uniform(-aug.colour_noise, aug.colour_noise, (3, 1, 1))
+        shift = rng.uniform(-aug.colour_noise, aug.colour_noise, (3, 1, 1))
+        x = (x * gain + shift).astype(np.float32)
+    return x, normalized.astype(np.float32), visible.astype(np.float32)
+
+
+class SharedEpoch:
+    """An epoch counter that forked data-loading workers see change (torch and chainer)."""
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.RawValue("l", 0)
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self._value.value = int(epoch)
+
+    def __getstate__(self):  # spawned workers get a plain copy
+        return {"epoch": self.value}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.value = state["epoch"]
+
+
+class PoseDataset:
+    """Stage-1 samples: the person box of each record, augmented when ``aug`` says so.
+
+    Indexable (``dataset[i]``), so it serves as a torch ``Dataset`` and a chainer dataset alike.
+    """
+
+    def __init__(self, records: Sequence[PoseRecord], input_size: int,
+                 flip_permutation: Sequence[int], aug: Augmentation | None = None, seed: int = 0):
+        self.records = list(records)
+        self.input_size = int(input_size)
+        self.flip_permutation = list(flip_permutation)
+        self.aug = aug or Augmentation.none()
+        self.seed = int(seed)
+        self.epoch = SharedEpoch()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def rng(self, index: int, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, index])
+
+    def get(self, index: int, epoch: int = 0):
+        record = self.records[index]
+        image = load_image(record.image)
+        return make_sample(image, record.box, record.joints, record.visible, self.input_size,
+                           self.aug, self.rng(index, epoch), self.flip_permutation)
+
+    def __getitem__(self, index: int):
+        return self.get(int(index), self.epoch.value)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled sample order of one epoch: a function of (seed, epoch) only, so an
+    interrupted run resumed mid-epoch sees the same batches as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def stack_batch(samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    images, joints, visible = zip(*samples)
+    return np.stack(images), np.stack(joints), np.stack(visible)

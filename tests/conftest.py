@@ -1,0 +1,62 @@
+"""Shared fixtures: small LSP/LSPET-format datasets made on the fly, and the shared real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LSPET_MINI = SHARED_DATA / "lspet_mini.zip"
+LSPET_DEV = SHARED_DATA / "lspet_dataset_dev.zip"
+
+needs_lspet_mini = pytest.mark.skipif(
+    not LSPET_MINI.is_file(),
+    reason=f"real LSPET sample not available ({LSPET_MINI} missing; it sits beside the clone in CI)")
+
+
+def random_pose(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A loosely human 14-joint pose (LSP order) inside a ``size`` square image, front-facing."""
+    cx, top = size / 2 + rng.uniform(-5, 5), size * 0.15
+    h = size * 0.7
+    x = np.array([-0.1, -0.1, -0.08, 0.08, 0.1, 0.1, -0.3, -0.22, -0.12, 0.12, 0.22, 0.3, 0, 0])
+    y = np.array([1.0, 0.78, 0.55, 0.55, 0.78, 1.0, 0.5, 0.38, 0.2, 0.2, 0.38, 0.5, 0.15, 0.0])
+    joints = np.stack([cx + x * h, top + y * h], axis=1)
+    return joints + rng.normal(0, 2, joints.shape)
+
+
+def write_lsp_like(root: Path, fmt: str, n: int, seed: int = 0, size: int = 64,
+                   corrupt: tuple[int, ...] = (), invisible: tuple[int, ...] = ()) -> Path:
+    """Write an LSP- ('lsp', 3x14xN, 0 = visible) or LSPET-format ('lspet', 14x3xN, 1 = visible)
+    dataset with ``n`` images; images numbered in ``corrupt`` hold garbage bytes and images in
+    ``invisible`` have only two visible joints."""
+    import cv2
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    digits = 4 if fmt == "lsp" else 5
+    poses, flags = [], []
+    for i in range(1, n + 1):
+        joints = random_pose(rng, size)
+        vis = np.ones(14, dtype=bool)
+        vis[5] = i % 3 != 0
+        if i in invisible:
+            vis[2:] = False
+        path = root / "images" / f"im{i:0{digits}d}.jpg"
+        if i in corrupt:
+            path.write_bytes(b"not a jpeg")
+        else:
+            image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            cv2.imwrite(str(path), image)
+        poses.append(joints + 1.0)  # 1-based, as MATLAB stores them
+        flags.append(vis)
+    poses, flags = np.array(poses), np.array(flags)
+    if fmt == "lsp":
+        arr = np.concatenate([poses, (~flags)[..., None].astype(float)], axis=2).transpose(2, 1, 0)
+    else:
+        arr = np.concatenate([poses, flags[..., None].astype(float)], axis=2).transpose(1, 2, 0)
+    scipy.io.savemat(str(root / "joints.mat"), {"joints": arr})
+    (root / "README.txt").write_text("test dataset\n")
+    return root
