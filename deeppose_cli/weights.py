@@ -1,0 +1,100 @@
+"""The framework-free parameter layout of the DeepPose AlexNet regressor.
+
+Both backends exchange weights as a flat dict of NumPy arrays named the way Chainer names
+them in an ``.npz`` (``"conv1/W"``, ``"conv1/b"``, ..., ``"fc8/b"``). Convolution weights are
+``(out, in, kh, kw)`` and linear weights ``(out, in)`` in both frameworks, so a torch
+``weight`` is exactly a Chainer ``W``: converting a model between frameworks is one
+backend's ``to_numpy_params`` fed to the other's ``load_numpy_params``.
+
+This module also owns the architecture arithmetic (channel counts for a ``width`` and the
+spatial size before fc6) so the two model files cannot disagree about shapes. NumPy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .errors import DeepPoseError
+
+LAYER_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+PARAMETER_NAMES: tuple[str, ...] = tuple(f"{layer}/{p}" for layer in LAYER_NAMES for p in ("W", "b"))
+
+# AlexNet as in DeepPose: (name, output channels at width 1, kernel, stride, pad, max-pool 3/2 after).
+CONV_LAYERS: tuple[tuple[str, int, int, int, int, bool], ...] = (
+    ("conv1", 96, 11, 4, 0, True),
+    ("conv2", 256, 5, 1, 2, True),
+    ("conv3", 384, 3, 1, 1, False),
+    ("conv4", 384, 3, 1, 1, False),
+    ("conv5", 256, 3, 1, 1, True),
+)
+FC_UNITS = 4096  # fc6 and fc7 at width 1
+POOL_KSIZE, POOL_STRIDE = 3, 2
+MIN_INPUT_SIZE = 67  # the smallest crop that still leaves a 1x1 map after pool5
+
+
+def scale_width(channels: int, width: float) -> int:
+    """Channel count of a layer in a network ``width`` times as wide (at least 1)."""
+    if not width > 0:
+        raise DeepPoseError(f"network width must be positive, got {width}")
+    return max(1, int(round(channels * width)))
+
+
+def feature_map_size(input_size: int) -> int:
+    """Side of the conv5 feature map after its max-pool, for a square ``input_size`` crop.
+
+    Pooling floors (Chainer ``cover_all=False``, torch ``ceil_mode=False``), so both
+    frameworks agree.
+    """
+    size = int(input_size)
+    for _name, _channels, ksize, stride, pad, pooled in CONV_LAYERS:
+        size = (size + 2 * pad - ksize) // stride + 1
+        if pooled:
+            size = (size - POOL_KSIZE) // POOL_STRIDE + 1
+        if size < 1:
+            raise DeepPoseError(f"input_size {input_size} is too small for the AlexNet regressor (minimum {MIN_INPUT_SIZE})")
+    return size
+
+
+def parameter_shapes(num_joints: int = 14, input_size: int = 227, width: float = 1.0) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter of ``AlexNetRegressor(num_joints, input_size, width)``, in order."""
+    if num_joints < 1:
+        raise DeepPoseError(f"num_joints must be at least 1, got {num_joints}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    in_channels = 3
+    for name, channels, ksize, _stride, _pad, _pooled in CONV_LAYERS:
+        out_channels = scale_width(channels, width)
+        shapes[f"{name}/W"] = (out_channels, in_channels, ksize, ksize)
+        shapes[f"{name}/b"] = (out_channels,)
+        in_channels = out_channels
+    fc_units = scale_width(FC_UNITS, width)
+    in_features = in_channels * feature_map_size(input_size) ** 2
+    for name, out_features in (("fc6", fc_units), ("fc7", fc_units), ("fc8", 2 * num_joints)):
+        shapes[f"{name}/W"] = (out_features, in_features)
+        shapes[f"{name}/b"] = (out_features,)
+        in_features = out_features
+    return shapes
+
+
+def check_parameters(params: Mapping[str, object], expected_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise ``DeepPoseError`` unless ``params`` has every expected key with the expected shape.
+
+    Checked before any weight is copied, so a bad file never leaves a half-loaded model.
+    Extra keys are ignored (an ``.npz`` may carry more than the model's parameters).
+    """
+    missing = [name for name in expected_shapes if name not in params]
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise DeepPoseError(f"parameters do not match the model: missing {shown}")
+    for name, expected in expected_shapes.items():
+        value = params[name]
+        shape = tuple(getattr(value, "shape", None) or np.shape(value))
+        if shape != tuple(expected):
+            raise DeepPoseError(
+                f"parameters do not match the model: {name!r} has shape {shape}, expected {tuple(expected)} "
+                "(built with a different num_joints, input_size or width?)"
+            )
+        kind = getattr(getattr(value, "dtype", None), "kind", None) or np.asarray(value).dtype.kind
+        if kind not in "fiu":
+            raise DeepPoseError(f"parameters do not match the model: {name!r} holds dtype kind {kind!r}, not real numbers")
