@@ -60,3 +60,34 @@ def write_lsp_like(root: Path, fmt: str, n: int, seed: int = 0, size: int = 64,
     scipy.io.savemat(str(root / "joints.mat"), {"joints": arr})
     (root / "README.txt").write_text("test dataset\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """The synthetic dataset (the manifest's 600 images), fetched and indexed once per session.
+
+    Returns ``(root, index_dir)``; index files: train.jsonl (480) and val.jsonl (120).
+    """
+    from deeppose_cli.annotations import build_index
+    from deeppose_cli.fetch import fetch_dataset
+    from deeppose_cli.manifests import load_dataset_manifest
+
+    root = tmp_path_factory.mktemp("data")
+    manifest = load_dataset_manifest("synthetic")
+    result = fetch_dataset(manifest, root, progress=False)
+    report = build_index(manifest, result.dataset_dir)
+    return root, report.index_dir
+
+
+def tiny_config(framework: str, index_dir: Path, out: Path, **overrides):
+    """A stage-1 TrainConfig small enough to train in seconds on two CPU cores."""
+    from deeppose_cli.manifests import load_stage_recipe
+    from deeppose_cli.training import TrainConfig
+
+    recipe = load_stage_recipe(1)
+    recipe.update(input_size=67, width=0.25, batch_size=16, epochs=1, optimizer="Adam",
+                  lr=1e-3, checkpoint_every=10)
+    recipe.update(overrides)
+    return TrainConfig.from_recipe(recipe, framework=framework, dataset="synthetic",
+                                   train_index=str(index_dir / "train.jsonl"),
+                                   val_index=str(index_dir / "val.jsonl"), out=str(out))

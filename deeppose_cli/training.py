@@ -1,0 +1,457 @@
+"""Framework-free side of training: recipes, run directories, data, logging, validation.
+
+A backend (``backends/torch_backend.py``, ``backends/chainer_backend.py``) receives a
+:class:`TrainConfig`, the datasets, a :class:`RunDirectory` and a :class:`TrainingReporter`,
+and adds only the model, loss, optimizer loop and save/load. Everything both frameworks need
+(what a run directory holds, the log format, NaN handling, validation metrics) lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .annotations import atomic_write_text
+from .errors import DeepPoseError
+
+FRAMEWORKS = ("chainer", "pytorch")
+MODEL_SUFFIX = {"pytorch": ".pt", "chainer": ".npz"}
+
+
+@dataclass
+class TrainConfig:
+    """The resolved recipe of one training run: stage recipe + CLI overrides.
+
+    Saved as ``recipe.json`` in the run directory, so a run records exactly what produced it.
+    """
+
+    stage: int
+    framework: str
+    dataset: str
+    train_index: str
+    val_index: str | None
+    out: str
+    input_size: int = 227
+    width: float = 1.0
+    optimizer: str = "MomentumSGD"
+    lr: float = 0.0005
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    batch_size: int = 32
+    epochs: int = 100
+    max_iterations: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 0
+    explicit_backward: bool = False
+    use_visibility: bool = True
+    checkpoint_every: int = 500
+    jitter_translation: float = 0.05
+    jitter_scale: float = 0.1
+    flip: bool = True
+    colour_noise: float = 0.1
+    sigma: float | None = None
+    samples_per_image: int = 1
+    previous: str | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any], **required: Any) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(recipe) - known - {"stage"}
+        if unknown:
+            raise DeepPoseError(f"unknown recipe keys: {', '.join(sorted(unknown))}")
+        values = {k: v for k, v in recipe.items() if k in known}
+        values.update({k: v for k, v in required.items() if v is not None})
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.framework not in FRAMEWORKS:
+            raise DeepPoseError(f"framework must be one of {', '.join(FRAMEWORKS)}")
+        if self.optimizer not in ("MomentumSGD", "Adam"):
+            raise DeepPoseError(f"optimizer must be MomentumSGD or Adam, got {self.optimizer!r}")
+        for name in ("lr", "batch_size", "epochs", "input_size", "width", "checkpoint_every"):
+            if not getattr(self, name) > 0:
+                raise DeepPoseError(f"{name.replace('_', '-')} must be positive")
+        if self.max_iterations is not None and self.max_iterations < 1:
+            raise DeepPoseError("max-iterations must be at least 1")
+        if self.stage >= 2 and not (self.sigma and self.sigma > 0):
+            raise DeepPoseError("sigma must be positive for refinement stages")
+        parse_device(self.device)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``cpu`` -> ("cpu", -1); ``cuda`` / ``cuda:N`` -> ("cuda", N)."""
+    if device == "cpu":
+        return "cpu", -1
+    if device == "cuda":
+        return "cuda", 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return "cuda", int(device[5:])
+    raise DeepPoseError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
+
+    An interrupted save leaves the previous file intact instead of half a checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunDirectory:
+    """The files of one training run::
+
+        recipe.json     resolved TrainConfig
+        run.json        what inference needs: framework, stage, model file, joints, mean pose,
+                        and for stage >= 2 sigma, displacement statistics and the earlier stages
+        log.jsonl       one record per logged iteration / validation
+        loss.png        loss curve
+        checkpoint.*    latest checkpoint (model + optimizer + iteration), written atomically
+        model.*         final model in the framework's native format (.pt / .npz)
+    """
+
+    def __init__(self, path: Path | str, framework: str | None = None):
+        self.path = Path(path)
+        self.framework = framework
+
+    @property
+    def suffix(self) -> str:
+        return MODEL_SUFFIX[self.framework or self.meta()["framework"]]
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.path / "recipe.json"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / f"checkpoint{self.suffix}"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / f"model{self.suffix}"
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_text(self.path / name, json.dumps(obj, indent=2) + "\n")
+
+    def meta(self) -> dict[str, Any]:
+        if not self.meta_path.is_file():
+            raise DeepPoseError(f"{self.path} is not a deeppose run directory (no run.json)")
+        try:
+            return json.loads(self.meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DeepPoseError(f"{self.meta_path} is corrupt: {e}") from None
+
+    def append_log(self, record: dict[str, Any]) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_log(self) -> list[dict[str, Any]]:
+        if not self.log_path.is_file():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def truncate_log(self, iteration: int) -> None:
+        """Drop log records after ``iteration`` (a resumed run redoes them)."""
+        kept = [r for r in self.read_log() if r.get("iteration", 0) <= iteration]
+        atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def plot_loss(self) -> Path | None:
+        records = self.read_log()
+        train = [(r["iteration"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
+        if not train:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*train), label="train loss")
+        if val:
+            ax.plot(*zip(*val), "o-", label="val loss")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("masked MSE (normalized coordinates)")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title(self.path.name)
+        fig.tight_layout()
+        target = self.path / "loss.png"
+        atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
+        return target
+
+
+@dataclass
+class IterationPlan:
+    iterations_per_epoch: int
+    total_iterations: int
+
+    @classmethod
+    def make(cls, num_samples: int, batch_size: int, epochs: int,
+             max_iterations: int | None) -> "IterationPlan":
+        per_epoch = max(1, math.ceil(num_samples / batch_size))
+        total = per_epoch * epochs
+        if max_iterations is not None:
+            total = min(total, max_iterations)
+        return cls(per_epoch, total)
+
+    def epoch_of(self, iteration: int) -> int:
+        """Epoch (0-based) that iteration ``iteration`` (1-based) belongs to."""
+        return (iteration - 1) // self.iterations_per_epoch
+
+
+class TrainingReporter:
+    """Progress bars, the JSONL log and the NaN guard, shared by both backends."""
+
+    def __init__(self, run: RunDirectory, plan: IterationPlan, batch_size: int,
+                 log_every: int = 10, show_progress: bool = True):
+        self.run = run
+        self.plan = plan
+        self.batch_size = batch_size
+        self.log_every = log_every
+        self.show_progress = show_progress
+        self._progress = None
+        self._window: list[float] = []
+        self._start = time.perf_counter()
+        self._last_time = self._start
+        self._last_iteration = 0
+        self.images_per_second = float("nan")
+
+    def __enter__(self) -> "TrainingReporter":
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                                  TimeElapsedColumn(), TimeRemainingColumn(),
+                                  disable=not self.show_progress, transient=False)
+        self._progress.__enter__()
+        epochs = math.ceil(self.plan.total_iterations / self.plan.iterations_per_epoch)
+        self._epoch_task = self._progress.add_task("epoch", total=epochs, status="")
+        self._iter_task = self._progress.add_task("iteration", total=self.plan.total_iterations,
+                                                  status="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    def start(self, iteration: int) -> None:
+        """Called once, with the iteration a (resumed) run starts after."""
+        self._last_iteration = iteration
+        self._last_time = time.perf_counter()
+        self._progress.update(self._iter_task, completed=iteration)
+        self._progress.update(self._epoch_task,
+                              completed=iteration // self.plan.iterations_per_epoch)
+
+    def iteration(self, iteration: int, loss: float) -> None:
+        """Record one optimizer step; stops training on a non-finite loss."""
+        if not math.isfinite(loss):
+            last = self.run.checkpoint_path if self.run.checkpoint_path.exists() else None
+            kept = f"; last good checkpoint kept: {last}" if last else "; no checkpoint was written"
+            raise DeepPoseError(f"loss became {loss} at iteration {iteration}: training stopped"
+                                f" (try a lower --lr){kept}")
+        self._window.append(loss)
+        epoch = self.plan.epoch_of(iteration)
+        self._progress.update(self._iter_task, completed=iteration,
+                              status=f"loss {loss:.4g}  {self.images_per_second:.1f} img/s")
+        self._progress.update(self._epoch_task, completed=iteration // self.plan.iterations_per_epoch)
+        if iteration % self.log_every == 0 or iteration == self.plan.total_iterations:
+            now = time.perf_counter()
+            images = (iteration - self._last_iteration) * self.batch_size
+            self.images_per_second = images / max(now - self._last_time, 1e-9)
+            self.run.append_log({
+                "iteration": iteration, "epoch": epoch + 1,
+                "loss": float(np.mean(self._window)),
+                "elapsed": round(now - self._start, 3),
+                "images_per_second": round(self.images_per_second, 2),
+            })
+            self._window.clear()
+            self._last_time, self._last_iteration = now, iteration
+
+    def validation(self, iteration: int, metrics: dict[str, float]) -> None:
+        record = {"iteration": iteration, "epoch": self.plan.epoch_of(iteration) + 1,
+                  "elapsed": round(time.perf_counter() - self._start, 3)}
+        record.update({f"val_{k}": v for k, v in metrics.items()})
+        self.run.append_log(record)
+        text = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self._progress.console.print(f"[bold]validation[/] iteration {iteration}: {text}")
+
+
+def masked_squared_error(pred: np.ndarray, target: np.ndarray,
+                         visible: np.ndarray) -> tuple[float, float]:
+    """(sum of squared 2-D errors over visible joints, number of visible joints) in NumPy:
+    the pose loss of both backends, summed so batches can be pooled exactly."""
+    mask = np.asarray(visible, dtype=np.float64)
+    sq = ((np.asarray(pred, np.float64).reshape(target.shape) - target) ** 2).sum(-1)
+    return float((np.where(mask > 0, sq, 0.0)).sum()), float(mask.sum())
+
+
+def validate(predict_normalized: Callable[[np.ndarray], np.ndarray], dataset,
+             batch_size: int, torso_pair: Sequence[int] | None = None) -> dict[str, float]:
+    """Validation loss of a regressor (normalized-coordinates in, (N, J, 2) out) on a
+    dataset of samples, and PDJ@0.2 in image pixels when the dataset has person boxes."""
+    from .geometry import denormalize_pose
+    from .metrics import pdj
+
+    total, count = 0.0, 0.0
+    preds = []
+    for start in range(0, len(dataset), batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images, target, visible = (np.stack(a) for a in zip(*samples))
+        pred = np.asarray(predict_normalized(images)).reshape(target.shape)
+        s, c = masked_squared_error(pred, target, visible)
+        total, count = total + s, count + c
+        preds.append(pred)
+    metrics = {"loss": total / max(count, 1.0)}
+    records = getattr(dataset, "records", None)
+    if records is not None and torso_pair is not None and not dataset.aug.flip:
+        boxes = np.stack([r.box for r in records])
+        pred_px = denormalize_pose(np.concatenate(preds), boxes)
+        gt = np.stack([r.joints for r in records])
+        vis = np.stack([r.visible for r in records])
+        metrics["pdj@0.2"] = pdj(pred_px, gt, vis, torso_pair).at(0.2)[0]
+    return metrics
+
+
+def batches(dataset, order: Iterable[int], batch_size: int):
+    """Stack samples of ``dataset`` in ``order`` into (images, joints, visible) batches."""
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        samples = [dataset[i] for i in order[start:start + batch_size]]
+        yield tuple(np.stack(a) for a in zip(*samples))
+
+
+def backend_for(framework: str):
+    """The backend module of ``framework`` (imported only when needed: each pulls in its
+    framework)."""
+    if framework == "pytorch":
+        from .backends import torch_backend
+
+        return torch_backend
+    if framework == "chainer":
+        from .backends import chainer_backend
+
+        return chainer_backend
+    raise DeepPoseError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+
+
+def stage1_datasets(config: TrainConfig, manifest):
+    """Training (augmented) and validation (plain) datasets of a stage-1 run."""
+    from .annotations import read_index
+    from .pipeline import Augmentation, PoseDataset
+
+    train_records = read_index(Path(config.train_index))
+    if train_records[0].joints.shape[0] != manifest.num_joints:
+        raise DeepPoseError(f"{config.train_index}: {train_records[0].joints.shape[0]} joints, "
+                            f"but dataset {manifest.name} has {manifest.num_joints}")
+    aug = Augmentation(config.jitter_translation, config.jitter_scale, config.flip,
+                       config.colour_noise)
+    train_set = PoseDataset(train_records, config.input_size, manifest.flip_permutation, aug,
+                            seed=config.seed)
+    val_set = None
+    if config.val_index:
+        val_set = PoseDataset(read_index(Path(config.val_index)), config.input_size,
+                              manifest.flip_permutation, Augmentation.none(), seed=config.seed)
+    return train_set, val_set
+
+
+def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
+    return {
+        "format": "deeppose-run",
+        "framework": config.framework,
+        "stage": config.stage,
+        "dataset": manifest.name,
+        "num_joints": manifest.num_joints,
+        "joint_names": list(manifest.joint_names),
+        "input_size": config.input_size,
+        "width": config.width,
+        "model_file": f"model{MODEL_SUFFIX[config.framework]}",
+        "complete": False,
+    }
+
+
+def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
+    """Create (or, with ``resume``, reopen) the run directory and save the resolved recipe."""
+    run = RunDirectory(config.out, config.framework)
+    if resume:
+        if not run.checkpoint_path.is_file():
+            raise DeepPoseError(f"--resume: no checkpoint in {run.path}")
+    elif run.path.exists() and any(run.path.iterdir()):
+        if run.meta_path.exists() or run.checkpoint_path.exists():
+            # A fresh run replaces an old one's files but never silently mixes logs.
+            for name in ("log.jsonl", "loss.png", run.checkpoint_path.name, run.model_path.name):
+                (run.path / name).unlink(missing_ok=True)
+        else:
+            raise DeepPoseError(f"{run.path} exists and is not a deeppose run directory")
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_json("recipe.json", config.to_json())
+    return run
+
+
+def train_stage1(config: TrainConfig, resume: bool = False,
+                 show_progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
+    """Train a stage-1 regressor; returns the run directory and the backend's summary."""
+    from .geometry import normalize_pose
+    from .manifests import load_dataset_manifest
+    from .metrics import mean_normalized_pose
+
+    manifest = load_dataset_manifest(config.dataset)
+    train_set, val_set = stage1_datasets(config, manifest)
+    run = prepare_run(config, resume)
+    records = train_set.records
+    normalized = normalize_pose(np.stack([r.joints for r in records]),
+                                np.stack([r.box for r in records]))
+    meta = base_meta(config, manifest)
+    meta["mean_pose"] = mean_normalized_pose(
+        normalized, np.stack([r.visible for r in records])).round(6).tolist()
+    meta["torso_pair"] = list(manifest.torso_diameter)
+    run.write_json("run.json", meta)
+    backend = backend_for(config.framework)
+    summary = backend.train(config, train_set, val_set, run,
+                            torso_pair=manifest.torso_diameter, resume=resume,
+                            show_progress=show_progress)
+    meta["complete"] = True
+    meta["model_sha256"] = sha256_of(run.model_path)
+    run.write_json("run.json", meta)
+    run.plot_loss()
+    return run, summary
