@@ -29,10 +29,31 @@ class ChainState:
     root: Path | None = None
     index_files: dict[str, Path] = field(default_factory=dict)
     run_dir: Path | None = None
+    framework: str | None = None
+
+
+class ChainedCommand(click.Command):
+    """A command of the chained group whose options may follow its arguments.
+
+    Click parses chained commands without interspersed options, so
+    ``deeppose train-stage 1 --framework chainer`` would fail; instead each command takes the
+    tokens up to the next command name and parses them normally.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        names = set(ctx.parent.command.commands) if ctx.parent is not None else set()
+        cut = next((i for i, token in enumerate(args) if token in names), len(args))
+        own, rest = args[:cut], args[cut:]
+        ctx.allow_interspersed_args = True
+        super().parse_args(ctx, own)
+        ctx.args = ctx.args + rest
+        return ctx.args
 
 
 class DeepPoseGroup(click.Group):
     """Turns a :class:`DeepPoseError` into ``Error: <message>`` and its exit code."""
+
+    command_class = ChainedCommand
 
     def invoke(self, ctx: click.Context):
         try:
@@ -155,6 +176,264 @@ def index(state: ChainState, dataset: str | None, root: str | None, val_fraction
     if report.skipped:
         out.print(f"skipped records listed in {report.index_dir / 'skipped.jsonl'}")
     state.dataset, state.root, state.index_files = dataset, root_path, files
+
+
+def _index_dir(state: ChainState, root: str | None, dataset: str) -> Path:
+    return data_root(root, state) / dataset / "index"
+
+
+@main.command("train-stage")
+@click.argument("stage", type=click.IntRange(1, 9))
+@click.option("--framework", type=click.Choice(["chainer", "pytorch"]),
+              help="Default: the previous train-stage of this call, else pytorch.")
+@click.option("--dataset", type=click.Choice(DATASETS),
+              help="Dataset whose index to train on (default: from the chain, else lsp).")
+@click.option("--root", type=click.Path(file_okay=False), help="Data root of --dataset.")
+@click.option("--train", "train_index", type=click.Path(dir_okay=False),
+              help="Training index file (JSONL); overrides --dataset's.")
+@click.option("--val", "val_index", type=click.Path(dir_okay=False),
+              help="Validation index file (JSONL).")
+@click.option("--epochs", type=click.IntRange(1))
+@click.option("--batch-size", type=click.IntRange(1))
+@click.option("--optimizer", type=click.Choice(["MomentumSGD", "Adam"]))
+@click.option("--lr", type=click.FloatRange(0, min_open=True))
+@click.option("--seed", type=int)
+@click.option("--device", help="cpu, cuda or cuda:N (chainer uses cupy on cuda).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Run directory (default runs/<dataset>/stage<N>-<framework>).")
+@click.option("--resume", is_flag=True, help="Continue from the run directory's checkpoint.")
+@click.option("--explicit-backward", is_flag=True, default=None,
+              help="Use the hand-written loss backward instead of autograd.")
+@click.option("--no-visibility", is_flag=True, default=None,
+              help="Train on invisible joints too (LSPET's carry junk coordinates).")
+@click.option("--max-iterations", type=click.IntRange(1), help="Stop after this many iterations.")
+@click.option("--workers", type=click.IntRange(0), help="Data-loading worker processes.")
+@click.option("--input-size", type=click.IntRange(67), help="Crop side in pixels (recipe: 227).")
+@click.option("--width", type=click.FloatRange(0, min_open=True),
+              help="AlexNet channel multiplier (recipe: 1.0).")
+@click.option("--sigma", type=click.FloatRange(0, min_open=True),
+              help="Stage >= 2: refinement box side in torso diameters.")
+@click.option("--previous", type=click.Path(file_okay=False),
+              help="Stage >= 2: run directory of stage N-1 (default: the latest one).")
+@click.option("--samples-per-image", type=click.IntRange(1),
+              help="Stage >= 2: simulated boxes per joint and image, per epoch.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.pass_obj
+def train_stage(state: ChainState, stage: int, framework: str | None, dataset: str | None,
+                root: str | None, train_index: str | None, val_index: str | None,
+                resume: bool, quiet: bool, no_visibility: bool | None, previous: str | None,
+                out: str | None, **overrides) -> None:
+    """Train cascade stage STAGE (1: person crops; 2+: refine the previous stage)."""
+    from .manifests import load_stage_recipe
+    from .runs import latest_run
+    from .training import RunDirectory, TrainConfig, train_stage as run_training
+
+    framework = framework or state.framework or "pytorch"
+    dataset = dataset or state.dataset or "lsp"
+    if train_index is None:
+        index_dir = _index_dir(state, root, dataset)
+        train_index = str(index_dir / "train.jsonl")
+        if not Path(train_index).is_file():
+            raise DeepPoseError(f"{train_index} not found: run `deeppose fetch {dataset} index "
+                                f"{dataset}` first, or pass --train FILE")
+        if val_index is None and (index_dir / "val.jsonl").is_file():
+            val_index = str(index_dir / "val.jsonl")
+    out = out or str(Path("runs") / dataset / f"stage{stage}-{framework}")
+    if resume and (Path(out) / "recipe.json").is_file():
+        import json
+
+        recipe = json.loads((Path(out) / "recipe.json").read_text())
+    else:
+        recipe = load_stage_recipe(stage)
+    if stage >= 2 and previous is None:
+        if state.run_dir is not None and RunDirectory(state.run_dir).meta()["stage"] == stage - 1:
+            previous = str(state.run_dir)
+        elif not (resume and recipe.get("previous")):
+            previous = str(latest_run(dataset=dataset, stage=stage - 1))
+    recipe.update({k: v for k, v in overrides.items() if v is not None})
+    if no_visibility:
+        recipe["use_visibility"] = False
+    config = TrainConfig.from_recipe(recipe, stage=stage, framework=framework, dataset=dataset,
+                                     train_index=train_index, val_index=val_index, out=out,
+                                     previous=previous)
+    out_console = console()
+    out_console.print(f"training stage {stage} ({framework}) on {config.train_index} -> {out}")
+    run, summary = run_training(config, resume=resume, show_progress=not quiet)
+    val = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("val", {}).items())
+    out_console.print(f"finished {summary['iterations']} iterations: loss {summary['final_loss']:.4g}, "
+                      f"{summary['images_per_second']:.1f} images/s" + (f"; validation {val}" if val else ""))
+    out_console.print(f"run directory: {run.path} (model {run.model_path.name}, log "
+                      f"{run.log_path.name}, loss curve loss.png)")
+    state.run_dir, state.framework, state.dataset = run.path, framework, dataset
+
+
+def _default_eval_index(run_dir: Path) -> Path:
+    """The run's dataset test split, else its val split, next to its training index."""
+    import json
+
+    recipe_path = Path(run_dir) / "recipe.json"
+    if not recipe_path.is_file():
+        raise DeepPoseError(f"{recipe_path} not found: pass --index FILE")
+    recipe = json.loads(recipe_path.read_text())
+    index_dir = Path(recipe["train_index"]).parent
+    for split in ("test", "val"):
+        if (index_dir / f"{split}.jsonl").is_file():
+            return index_dir / f"{split}.jsonl"
+    raise DeepPoseError(f"no test.jsonl or val.jsonl beside {recipe['train_index']}: pass --index FILE")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(file_okay=False),
+              help="Run directory (default: the chain's, else the latest under runs/).")
+@click.option("--index", "index_file", type=click.Path(dir_okay=False),
+              help="Index file to evaluate on (default: the dataset's test split, else val).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="Write metrics here (default RUN_DIR/eval/metrics.json).")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="PDJ-curve PNG (default RUN_DIR/eval/pdj.png).")
+@click.option("--save-predictions", type=click.Path(dir_okay=False),
+              help="Per-image predictions (default RUN_DIR/eval/predictions.json).")
+@click.option("--stages", type=click.IntRange(1), help="Evaluate stages 1..K only.")
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_obj
+def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
+             json_out: str | None, plot: str | None, save_predictions: str | None,
+             stages: int | None, device: str) -> None:
+    """PCP and PDJ of every cascade stage beside the mean-pose baseline."""
+    from .annotations import read_index
+    from .cascade import run_cascade_on_records
+    from .evaluation import (evaluate_predictions, metrics_json, plot_pdj,
+                             predictions_json, write_json)
+    from .manifests import load_dataset_manifest
+    from .runs import latest_run, load_cascade
+    from .training import RunDirectory
+
+    run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
+    RunDirectory(run_dir).meta()  # a clear error for a directory that is not a run
+    index_path = Path(index_file) if index_file else _default_eval_index(run_dir)
+    records = read_index(index_path)
+    cascade, meta = load_cascade(run_dir, device, stages)
+    manifest = load_dataset_manifest(meta["dataset"])
+    per_stage = run_cascade_on_records(cascade, records, manifest.torso_diameter)
+    rows = evaluate_predictions(per_stage, meta["mean_pose"], records, manifest)
+    eval_dir = Path(run_dir) / "eval"
+    json_path = Path(json_out) if json_out else eval_dir / "metrics.json"
+    plot_path = Path(plot) if plot else eval_dir / "pdj.png"
+    pred_path = Path(save_predictions) if save_predictions else eval_dir / "predictions.json"
+    write_json(json_path, metrics_json(rows, manifest, {"run": str(run_dir), "index": str(index_path),
+                                                        "images": len(records)}))
+    plot_pdj(rows, plot_path, f"{meta['dataset']}: {index_path.name} ({len(records)} images)")
+    write_json(pred_path, predictions_json(records, per_stage, manifest.joint_names))
+    _print_evaluation(rows, manifest, f"{run_dir} on {index_path} ({len(records)} images)")
+    console().print(f"metrics: {json_path}\nPDJ curves: {plot_path}\npredictions: {pred_path}")
+    state.run_dir = Path(run_dir)
+
+
+def _print_evaluation(rows, manifest, title: str) -> None:
+    import math
+
+    from rich.table import Table
+
+    def pct(v: float) -> str:
+        return "-" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+
+    categories = [c for c in rows[0].pcp if c != "mean"]
+    table = Table(title=f"PCP@0.5 (%) and PDJ@0.2 (%): {title}")
+    table.add_column("model")
+    for c in categories + ["mean"]:
+        table.add_column(c.replace("_", " "), justify="right")
+    table.add_column("PDJ@0.2", justify="right")
+    table.add_column("PDJ AUC", justify="right")
+    for row in rows:
+        table.add_row(row.name, *[pct(row.pcp[c]) for c in categories + ["mean"]],
+                      pct(row.pdj.at(0.2)[0]), pct(row.pdj.auc))
+    joints = Table(title="PDJ@0.2 per joint (%)")
+    joints.add_column("joint")
+    for row in rows:
+        joints.add_column(row.name, justify="right")
+    per_joint = [row.pdj.at(0.2)[1] for row in rows]
+    for j, name in enumerate(manifest.joint_names):
+        joints.add_row(name, *[pct(float(p[j])) for p in per_joint])
+    out = console()
+    out.print(table)
+    out.print(joints)
+
+
+def _parse_bbox(text: str | None):
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or values[2] <= 0 or values[3] <= 0:
+        raise DeepPoseError(f"--bbox must be X,Y,W,H with positive W and H, got {text!r}")
+    return values
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--model", "model_dir", type=click.Path(file_okay=False),
+              help="Run directory (default: the chain's, else the latest under runs/).")
+@click.option("--bbox", help="Person box X,Y,W,H in pixels (default: the whole image).")
+@click.option("--draw", is_flag=True, help="Write each image with the skeleton drawn on it.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="predictions",
+              show_default=True, help="Where --draw writes images.")
+@click.option("--json", "as_json", is_flag=True, help="Print COCO-keypoint-like JSON.")
+@click.option("--stages", type=click.IntRange(1), help="Run stages 1..K only.")
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_obj
+def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
+            bbox: str | None, draw: bool, out_dir: str, as_json: bool, stages: int | None,
+            device: str) -> None:
+    """Predict joints on IMAGE files with a trained cascade."""
+    import json
+
+    from .prediction import predict_images
+
+    box = _parse_bbox(bbox)
+    from .runs import latest_run
+
+    run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
+    results, failures = predict_images(run_dir, [Path(p) for p in images], box,
+                                       Path(out_dir) if draw else None, stages, device)
+    out = console()
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        from rich.table import Table
+
+        for r in results:
+            table = Table(title=f"{r.image} (box {', '.join(f'{v:.0f}' for v in r.bbox)})")
+            table.add_column("joint")
+            table.add_column("x", justify="right")
+            table.add_column("y", justify="right")
+            for name, (x, y) in zip(r.joint_names, r.joints):
+                table.add_row(name, f"{x:.1f}", f"{y:.1f}")
+            out.print(table)
+    for r in results:
+        if r.drawn is not None:
+            click.echo(f"drawn: {r.drawn}", err=as_json)
+    for path, reason in failures:
+        click.echo(f"Error: {path}: {reason}", err=True)
+    if failures:
+        click.get_current_context().exit(2)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--to", "framework", type=click.Choice(["chainer", "pytorch"]), required=True)
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output run directory (default RUN_DIR-<framework>).")
+@click.pass_obj
+def convert(state: ChainState, run_dir: str, framework: str, out: str | None) -> None:
+    """Convert a run's weights (every stage of its cascade) to the other framework."""
+    from .runs import convert_run
+
+    target = Path(out) if out else Path(f"{run_dir.rstrip('/')}-{framework}")
+    convert_run(Path(run_dir), framework, target)
+    console().print(f"converted {run_dir} to {framework}: {target}")
+    state.run_dir = target
 
 
 def run() -> None:

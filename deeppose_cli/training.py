@@ -455,3 +455,80 @@ def train_stage1(config: TrainConfig, resume: bool = False,
     run.write_json("run.json", meta)
     run.plot_loss()
     return run, summary
+
+
+def refinement_datasets(config: TrainConfig, manifest, stats, train_records, val_records):
+    """Simulated training (augmented, fresh draws per epoch) and validation (fixed draws)
+    samples of a refinement stage."""
+    from .cascade import RefinementDataset
+    from .pipeline import Augmentation
+
+    aug = Augmentation(config.jitter_translation, config.jitter_scale, config.flip,
+                       config.colour_noise)
+    common = dict(stats=stats, sigma=config.sigma, input_size=config.input_size,
+                  flip_permutation=manifest.flip_permutation,
+                  torso_pair=manifest.torso_diameter, seed=config.seed)
+    train_set = RefinementDataset(train_records, aug=aug,
+                                  samples_per_image=config.samples_per_image, **common)
+    val_set = RefinementDataset(val_records, **common) if val_records else None
+    return train_set, val_set
+
+
+def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progress: bool = True
+                           ) -> tuple[RunDirectory, dict[str, Any]]:
+    """Train stage ``config.stage`` >= 2 on top of the run ``config.previous`` (stages
+    1..N-1, of either framework)."""
+    from .annotations import read_index
+    from .cascade import (DisplacementStatistics, displacement_statistics,
+                          record_diameters, run_cascade_on_records)
+    from .manifests import load_dataset_manifest
+    from .runs import copy_chain, load_cascade
+
+    if not config.previous:
+        raise DeepPoseError(f"stage {config.stage} needs --previous RUN_DIR of stage {config.stage - 1}")
+    previous = Path(config.previous)
+    previous_meta = RunDirectory(previous).meta()
+    if previous_meta["stage"] != config.stage - 1:
+        raise DeepPoseError(f"--previous {previous} is a stage-{previous_meta['stage']} run; "
+                            f"stage {config.stage} refines a stage-{config.stage - 1} run")
+    manifest = load_dataset_manifest(config.dataset)
+    train_records = read_index(Path(config.train_index))
+    val_records = read_index(Path(config.val_index)) if config.val_index else []
+    run = prepare_run(config, resume)
+
+    stats_path = run.path / "displacement.json"
+    if resume and stats_path.is_file():
+        stats = DisplacementStatistics.from_json(json.loads(stats_path.read_text()))
+    else:
+        stages, _ = load_cascade(previous, config.device)
+        predictions = run_cascade_on_records(stages, train_records, manifest.torso_diameter)[-1]
+        stats = displacement_statistics(
+            predictions, np.stack([r.joints for r in train_records]),
+            np.stack([r.visible for r in train_records]),
+            record_diameters(train_records, manifest.torso_diameter))
+        run.write_json("displacement.json", stats.to_json())
+
+    meta = base_meta(config, manifest)
+    meta.update({"sigma": config.sigma, "torso_pair": list(manifest.torso_diameter),
+                 "chain": copy_chain(previous, run)})
+    first = RunDirectory(run.path / meta["chain"][0]["dir"]).meta()
+    meta["mean_pose"] = first["mean_pose"]
+    run.write_json("run.json", meta)
+
+    train_set, val_set = refinement_datasets(config, manifest, stats, train_records, val_records)
+    summary = backend_for(config.framework).train(
+        config, train_set, val_set, run, torso_pair=manifest.torso_diameter, resume=resume,
+        show_progress=show_progress)
+    meta["complete"] = True
+    meta["model_sha256"] = sha256_of(run.model_path)
+    run.write_json("run.json", meta)
+    run.plot_loss()
+    return run, summary
+
+
+def train_stage(config: TrainConfig, resume: bool = False, show_progress: bool = True
+                ) -> tuple[RunDirectory, dict[str, Any]]:
+    """Train cascade stage ``config.stage`` (1: from person crops, >= 2: refinement)."""
+    if config.stage == 1:
+        return train_stage1(config, resume, show_progress)
+    return train_refinement_stage(config, resume, show_progress)

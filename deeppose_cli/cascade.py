@@ -1,0 +1,190 @@
+"""The DeepPose cascade (Sec. 3.2), framework-free: refinement boxes, displacement
+statistics, simulated training samples, and running stages 1..S on images.
+
+A stage s >= 2 looks at a square box of side ``sigma * diam(y^(s-1))`` centred on each joint's
+previous prediction (diam: distance between opposing torso joints) and regresses the joint in
+that box's normalized coordinates. Its training samples are simulated: boxes are centred at
+``truth + d * diam`` with ``d`` drawn from the per-joint normal distribution of the previous
+stages' displacements measured on the training set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .annotations import PoseRecord
+from .geometry import denormalize_pose, joint_boxes, torso_diameter
+from .pipeline import Augmentation, load_image, make_sample, to_network_input
+
+Regressor = Callable[[np.ndarray], np.ndarray]  # NCHW float32 -> (N, J, 2) normalized
+
+
+@dataclass
+class StageModel:
+    """One trained stage, as inference needs it."""
+
+    stage: int
+    framework: str
+    regress: Regressor
+    input_size: int
+    sigma: float | None = None
+
+
+def safe_diameter(joints: np.ndarray, torso_pair: Sequence[int], box: np.ndarray) -> np.ndarray:
+    """Torso diameter of each pose, kept within [0.05, 2] x the person box side.
+
+    A degenerate prediction (shoulder on hip) would otherwise give a zero-size box.
+    """
+    side = np.maximum(np.asarray(box)[..., 2], np.asarray(box)[..., 3])
+    return np.clip(torso_diameter(joints, torso_pair), 0.05 * side, 2.0 * side)
+
+
+def refine(stage: StageModel, images: Sequence[np.ndarray], previous: np.ndarray,
+           person_boxes: np.ndarray, torso_pair: Sequence[int]) -> np.ndarray:
+    """One refinement stage on a batch of images: all joints' crops of an image go through
+    the network as one batch; joint i takes output i mapped back through its box."""
+    import cv2  # noqa: F401  (crop_and_resize needs it; fail early with a clear import error)
+    from .geometry import crop_and_resize
+
+    num_joints = previous.shape[1]
+    refined = np.empty_like(previous)
+    for n, image in enumerate(images):
+        diameter = safe_diameter(previous[n], torso_pair, person_boxes[n])
+        boxes = joint_boxes(previous[n], diameter, stage.sigma)
+        crops = np.stack([to_network_input(crop_and_resize(image, b, stage.input_size))
+                          for b in boxes])
+        normalized = np.asarray(stage.regress(crops))  # (J, J, 2)
+        own = normalized[np.arange(num_joints), np.arange(num_joints)]  # joint i from crop i
+        refined[n] = denormalize_pose(own[:, None, :], boxes)[:, 0, :]
+    return refined
+
+
+def run_cascade(stages: Sequence[StageModel], images: Sequence[np.ndarray],
+                person_boxes: np.ndarray, torso_pair: Sequence[int],
+                batch_size: int = 32) -> list[np.ndarray]:
+    """Predictions (N, J, 2) in image pixels after each stage: [stage 1, 1-2, 1-2-3, ...]."""
+    from .geometry import crop_and_resize
+
+    first = stages[0]
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        boxes = person_boxes[start:start + batch_size]
+        crops = np.stack([to_network_input(crop_and_resize(im, b, first.input_size))
+                          for im, b in zip(chunk, boxes)])
+        outputs.append(denormalize_pose(np.asarray(first.regress(crops)), boxes))
+    per_stage = [np.concatenate(outputs)]
+    for stage in stages[1:]:
+        per_stage.append(refine(stage, images, per_stage[-1], person_boxes, torso_pair))
+    return per_stage
+
+
+def run_cascade_on_records(stages: Sequence[StageModel], records: Sequence[PoseRecord],
+                           torso_pair: Sequence[int], chunk: int = 256) -> list[np.ndarray]:
+    """:func:`run_cascade` over index records, loading images a chunk at a time."""
+    results: list[list[np.ndarray]] = [[] for _ in stages]
+    for start in range(0, len(records), chunk):
+        part = records[start:start + chunk]
+        images = [load_image(r.image) for r in part]
+        boxes = np.stack([r.box for r in part])
+        for k, pred in enumerate(run_cascade(stages, images, boxes, torso_pair)):
+            results[k].append(pred)
+    return [np.concatenate(r) for r in results]
+
+
+@dataclass
+class DisplacementStatistics:
+    """Per-joint normal distribution of (prediction - truth) / torso diameter."""
+
+    mean: np.ndarray  # (J, 2)
+    cov: np.ndarray   # (J, 2, 2)
+    count: np.ndarray  # (J,) joints measured
+
+    def to_json(self) -> dict:
+        return {"mean": self.mean.tolist(), "cov": self.cov.tolist(), "count": self.count.tolist()}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "DisplacementStatistics":
+        return cls(np.asarray(obj["mean"]), np.asarray(obj["cov"]), np.asarray(obj["count"]))
+
+
+def record_diameters(records: Sequence[PoseRecord], torso_pair: Sequence[int]) -> np.ndarray:
+    """Ground-truth torso diameter per record; where a torso joint is not visible, the
+    median diameter-to-box ratio of the others times the record's box side."""
+    joints = np.stack([r.joints for r in records])
+    visible = np.stack([r.visible for r in records])
+    sides = np.array([max(r.box[2], r.box[3]) for r in records])
+    diameter = torso_diameter(joints, torso_pair)
+    known = visible[:, torso_pair[0]] & visible[:, torso_pair[1]] & (diameter > 0)
+    ratio = float(np.median(diameter[known] / sides[known])) if known.any() else 0.5
+    return np.where(known, diameter, ratio * sides)
+
+
+def displacement_statistics(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray,
+                            diameter: np.ndarray) -> DisplacementStatistics:
+    """Mean and covariance per joint of the displacement (pred - gt) / diameter over the
+    joints whose ground truth is visible."""
+    d = (np.asarray(pred) - np.asarray(gt)) / np.asarray(diameter)[:, None, None]
+    visible = np.asarray(visible, dtype=bool)
+    num_joints = d.shape[1]
+    mean = np.zeros((num_joints, 2))
+    cov = np.tile(np.eye(2) * 1e-4, (num_joints, 1, 1))
+    count = visible.sum(axis=0)
+    for j in range(num_joints):
+        dj = d[visible[:, j], j]
+        if len(dj) >= 1:
+            mean[j] = dj.mean(axis=0)
+        if len(dj) >= 2:
+            cov[j] = np.cov(dj, rowvar=False) + np.eye(2) * 1e-6
+    return DisplacementStatistics(mean, cov, count)
+
+
+class RefinementDataset:
+    """Simulated stage-s samples: item k is (record, joint i, draw) with a box of side
+    ``sigma * diam`` centred at ``truth_i + d * diam``, d ~ N(mean_i, cov_i); the target is
+    every joint in that box's normalized coordinates but only joint i is marked visible, so
+    only joint i's output is trained. Draws depend on (seed, epoch, k) only."""
+
+    def __init__(self, records: Sequence[PoseRecord], stats: DisplacementStatistics,
+                 sigma: float, input_size: int, flip_permutation: Sequence[int],
+                 torso_pair: Sequence[int], aug: Augmentation | None = None, seed: int = 0,
+                 samples_per_image: int = 1):
+        from .pipeline import SharedEpoch
+
+        self.source_records = list(records)
+        self.stats = stats
+        self.sigma = float(sigma)
+        self.input_size = int(input_size)
+        self.flip_permutation = list(flip_permutation)
+        self.aug = aug or Augmentation.none()
+        self.seed = int(seed)
+        self.diameters = record_diameters(self.source_records, torso_pair)
+        self.items = [(r, j) for r, rec in enumerate(self.source_records)
+                      for j in np.flatnonzero(rec.visible)] * int(samples_per_image)
+        self.epoch = SharedEpoch()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def box(self, k: int, epoch: int) -> np.ndarray:
+        r, j = self.items[k]
+        rng = np.random.default_rng([self.seed, epoch, k, 1])
+        d = rng.multivariate_normal(self.stats.mean[j], self.stats.cov[j])
+        centre = self.source_records[r].joints[j] + d * self.diameters[r]
+        side = self.sigma * self.diameters[r]
+        return np.array([centre[0], centre[1], side, side])
+
+    def get(self, k: int, epoch: int = 0):
+        r, j = self.items[k]
+        record = self.source_records[r]
+        mask = np.zeros(len(record.joints), dtype=np.float32)
+        mask[j] = 1.0
+        rng = np.random.default_rng([self.seed, epoch, k, 2])
+        return make_sample(load_image(record.image), self.box(k, epoch), record.joints, mask,
+                           self.input_size, self.aug, rng, self.flip_permutation)
+
+    def __getitem__(self, k: int):
+        return self.get(int(k), self.epoch.value)

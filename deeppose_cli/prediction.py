@@ -1,0 +1,94 @@
+"""`deeppose predict`: run a cascade on image files, optionally drawing the skeleton."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import DeepPoseError
+
+
+@dataclass
+class ImagePrediction:
+    image: Path
+    bbox: list[float]            # x, y, w, h used for the stage-1 crop
+    joint_names: Sequence[str]
+    joints: np.ndarray           # (J, 2) image pixels, final stage
+    drawn: Path | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "image": str(self.image),
+            "bbox": [round(v, 2) for v in self.bbox],
+            "keypoints": [{"name": n, "x": round(float(x), 2), "y": round(float(y), 2)}
+                          for n, (x, y) in zip(self.joint_names, self.joints)],
+        }
+
+
+def _read_bgr(path: Path) -> np.ndarray:
+    import cv2
+
+    if not path.is_file():
+        raise DeepPoseError("no such file")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DeepPoseError("not an image OpenCV can read")
+    return image
+
+
+def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] | None,
+                   draw_dir: Path | None, stages: int | None = None, device: str = "cpu"
+                   ) -> tuple[list[ImagePrediction], list[tuple[Path, str]]]:
+    """Predictions for every readable image, and (path, reason) for the others.
+
+    Without ``bbox`` the whole image is the person box (square, centred), as for a photo
+    already framed around one person.
+    """
+    import cv2
+
+    from .cascade import run_cascade
+    from .drawing import draw_pose
+    from .geometry import box_from_xywh, box_to_xywh
+    from .manifests import load_dataset_manifest
+    from .runs import load_cascade
+
+    cascade, meta = load_cascade(run_dir, device, stages)
+    manifest = load_dataset_manifest(meta["dataset"])
+    results, failures = [], []
+    for path in paths:
+        try:
+            bgr = _read_bgr(path)
+        except DeepPoseError as e:
+            failures.append((path, str(e)))
+            continue
+        h, w = bgr.shape[:2]
+        if bbox is not None:
+            box = box_from_xywh(*bbox)
+        else:
+            side = float(max(w, h))
+            box = np.array([(w - 1) / 2.0, (h - 1) / 2.0, side, side])
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        joints = run_cascade(cascade, [rgb], box[None], manifest.torso_diameter)[-1][0]
+        result = ImagePrediction(path, box_to_xywh(box), manifest.joint_names, joints)
+        if draw_dir is not None:
+            from .training import atomic_write
+
+            draw_dir.mkdir(parents=True, exist_ok=True)
+            target = draw_dir / f"{path.stem}_pose.png"
+            drawn = draw_pose(bgr, joints, manifest.skeleton)
+            atomic_write(target, lambda tmp: _write_png(tmp, drawn))
+            result.drawn = target
+        results.append(result)
+    return results, failures
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    import cv2
+
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise DeepPoseError(f"could not encode {path}")
+    Path(path).write_bytes(data.tobytes())

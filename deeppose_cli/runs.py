@@ -1,0 +1,157 @@
+"""Finding run directories and loading them as a cascade of stages.
+
+A stage-N run directory is self-sufficient: ``run.json`` lists the earlier stages it was
+trained on, each copied under ``chain/stage<k>/`` with the sha256 of its model file, so the
+directory alone runs stages 1..N.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .cascade import StageModel
+from .errors import DeepPoseError
+from .training import RunDirectory, backend_for, sha256_of
+
+RUNS_ROOT = Path("runs")
+
+
+def completed_runs(root: Path = RUNS_ROOT) -> list[Path]:
+    """Run directories under ``root`` whose training finished, newest first."""
+    found = []
+    for meta_path in Path(root).glob("**/run.json"):
+        if "chain" in meta_path.relative_to(root).parts:
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if meta.get("format") == "deeppose-run" and meta.get("complete"):
+            found.append((meta_path.stat().st_mtime, meta_path.parent, meta))
+    found.sort(key=lambda t: t[0], reverse=True)
+    return [p for _, p, _ in found]
+
+
+def latest_run(root: Path = RUNS_ROOT, dataset: str | None = None,
+               stage: int | None = None) -> Path:
+    """The most recently finished run (optionally of one dataset and stage)."""
+    for path in completed_runs(root):
+        meta = RunDirectory(path).meta()
+        if (dataset is None or meta["dataset"] == dataset) and \
+                (stage is None or meta["stage"] == stage):
+            return path
+    what = " ".join(filter(None, [dataset and f"dataset {dataset}",
+                                  stage and f"stage {stage}"]))
+    raise DeepPoseError(f"no finished {what + ' ' if what else ''}run under {root}/: "
+                        "train one with `deeppose train-stage` or pass --model RUN_DIR")
+
+
+def _verified_model(run: RunDirectory, meta: dict[str, Any], expected_sha: str | None) -> Path:
+    path = run.path / meta["model_file"]
+    if not path.is_file():
+        raise DeepPoseError(f"{path} not found: the run did not finish or was moved partly")
+    if expected_sha and sha256_of(path) != expected_sha:
+        raise DeepPoseError(f"{path} does not match the checksum recorded when the next "
+                            "stage was trained on it")
+    return path
+
+
+def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = None) -> StageModel:
+    run = RunDirectory(run_dir)
+    meta = run.meta()
+    if not meta.get("complete"):
+        raise DeepPoseError(f"{run_dir}: training did not finish (resume it with --resume)")
+    model_path = _verified_model(run, meta, expected_sha)
+    regress = backend_for(meta["framework"]).load_regressor(model_path, meta, device)
+    return StageModel(stage=meta["stage"], framework=meta["framework"], regress=regress,
+                      input_size=meta["input_size"], sigma=meta.get("sigma"))
+
+
+def chain_dirs(run_dir: Path) -> list[tuple[Path, str | None]]:
+    """(directory, expected model sha256) of stages 1..N of a run, in order."""
+    run_dir = Path(run_dir)
+    meta = RunDirectory(run_dir).meta()
+    entries = [(run_dir / e["dir"], e["model_sha256"]) for e in meta.get("chain", [])]
+    return entries + [(run_dir, meta.get("model_sha256"))]
+
+
+def load_cascade(run_dir: Path, device: str = "cpu",
+                 stages: int | None = None) -> tuple[list[StageModel], dict[str, Any]]:
+    """Stages 1..N (or 1..``stages``) of a run, and the run's metadata."""
+    meta = RunDirectory(run_dir).meta()
+    dirs = chain_dirs(run_dir)
+    if stages is not None:
+        if not 1 <= stages <= len(dirs):
+            raise DeepPoseError(f"--stages must be between 1 and {len(dirs)} for {run_dir}")
+        dirs = dirs[:stages]
+    return [load_stage(d, device, sha) for d, sha in dirs], meta
+
+
+def copy_chain(previous_dir: Path, run: RunDirectory) -> list[dict[str, Any]]:
+    """Copy stages 1..N-1 (``previous_dir`` and its own chain) into ``run/chain/`` and return
+    the chain entries recorded in the new run's run.json."""
+    entries = []
+    target_root = run.path / "chain"
+    if target_root.exists():
+        shutil.rmtree(target_root)
+    for source, _sha in chain_dirs(previous_dir):
+        meta = RunDirectory(source).meta()
+        if not meta.get("complete"):
+            raise DeepPoseError(f"--previous {source}: that training did not finish")
+        target = target_root / f"stage{meta['stage']}"
+        target.mkdir(parents=True)
+        for name in ("run.json", "recipe.json", meta["model_file"]):
+            if (source / name).is_file():
+                shutil.copy2(source / name, target / name)
+        child = RunDirectory(target)
+        child_meta = child.meta()
+        child_meta.pop("chain", None)  # the chain is recorded once, in the new run
+        child.write_json("run.json", child_meta)
+        entries.append({"stage": meta["stage"], "framework": meta["framework"],
+                        "dir": str(target.relative_to(run.path)),
+                        "model_sha256": sha256_of(target / meta["model_file"])})
+    return entries
+
+
+def convert_run(source: Path, framework: str, out: Path) -> Path:
+    """Write a copy of the run ``source`` (with every earlier stage in its chain) whose models
+    are in ``framework``'s native format; predictions stay the same (weights are exchanged
+    through the framework-free parameter layout)."""
+    from .training import MODEL_SUFFIX, atomic_write
+
+    source, out = Path(source), Path(out)
+    if out.resolve() == source.resolve():
+        raise DeepPoseError("--out must differ from the run being converted")
+    if out.exists() and any(out.iterdir()):
+        raise DeepPoseError(f"{out} already exists and is not empty")
+    meta = RunDirectory(source).meta()
+    if not meta.get("complete"):
+        raise DeepPoseError(f"{source}: training did not finish; nothing to convert")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("displacement.json", "log.jsonl", "loss.png"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    if (source / "recipe.json").is_file():
+        recipe = json.loads((source / "recipe.json").read_text())
+        RunDirectory(out).write_json("recipe.json", {**recipe, "framework": framework})
+    new_chain = []
+    for entry in meta.get("chain", []):
+        target = out / entry["dir"]
+        convert_run(source / entry["dir"], framework, target)
+        child = RunDirectory(target).meta()
+        new_chain.append({**entry, "framework": framework,
+                          "model_sha256": sha256_of(target / child["model_file"])})
+    reader = backend_for(meta["framework"])
+    writer = backend_for(framework)
+    params = reader.read_params(_verified_model(RunDirectory(source), meta, meta.get("model_sha256")))
+    model_file = f"model{MODEL_SUFFIX[framework]}"
+    atomic_write(out / model_file, lambda tmp: writer.write_model(params, meta, tmp))
+    new_meta = {**meta, "framework": framework, "model_file": model_file,
+                "model_sha256": sha256_of(out / model_file), "converted_from": str(source)}
+    if "chain" in meta:
+        new_meta["chain"] = new_chain
+    RunDirectory(out).write_json("run.json", new_meta)
+    return out

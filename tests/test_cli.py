@@ -1,0 +1,87 @@
+"""The CLI spine through Click's CliRunner, and start-up cost of --help."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from deeppose_cli.cli import main
+from conftest import LSPET_MINI, needs_lspet_mini
+
+COMMANDS = ["info", "fetch", "index", "train-stage", "evaluate", "predict", "convert"]
+HEAVY = ("torch", "chainer", "cv2")
+
+
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])
+def test_help_imports_no_framework(argv):
+    code = ("import sys; from deeppose_cli.cli import main\n"
+            "try:\n    main(%r, prog_name='deeppose')\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "loaded = [m for m in %r if m in sys.modules]\n"
+            "assert not loaded, loaded\n" % (argv, HEAVY))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: deeppose" in result.stdout
+
+
+def test_fetch_synthetic_then_index_in_one_chain(tmp_path):
+    runner = CliRunner()
+    root = tmp_path / "data"
+    result = runner.invoke(main, ["fetch", "synthetic", "--root", str(root), "index",
+                                  "--val-fraction", "0.25", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "Generated 600" in result.output
+    train = (root / "synthetic" / "index" / "train.jsonl").read_text().splitlines()
+    val = (root / "synthetic" / "index" / "val.jsonl").read_text().splitlines()
+    assert (len(train), len(val)) == (450, 150)
+    assert json.loads(train[0])["image"].startswith("../images/im")
+    again = runner.invoke(main, ["fetch", "synthetic", "--root", str(root)])
+    assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_data_root_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPPOSE_DATA", str(tmp_path / "env-root"))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["index", "lspet"])
+    assert result.exit_code == 1
+    assert "env-root/lspet/joints.mat not found" in result.output
+    assert "deeppose fetch lspet" in result.output
+    assert "Traceback" not in result.output
+
+
+@needs_lspet_mini
+def test_fetch_local_archive_and_index_real_lspet(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["fetch", "lspet", "--root", str(tmp_path), "--archive",
+                                  str(LSPET_MINI), "index", "lspet", "--val-fraction", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert "pin it with --sha256" in result.output
+    assert len((tmp_path / "lspet" / "index" / "train.jsonl").read_text().splitlines()) == 180
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fetch", "lspet", "--archive", "missing.zip"], "archive missing.zip not found"),
+    (["fetch", "nope"], "Invalid value for"),
+    (["index", "lspet", "--val-fraction", "1.5"], "--val-fraction"),
+    (["train-stage", "1", "--dataset", "lspet"], "run `deeppose fetch lspet index lspet` first"),
+    (["predict", "x.jpg", "--bbox", "1,2,3"], "--bbox must be X,Y,W,H"),
+    (["evaluate", "--model", "nowhere"], "not a deeppose run directory"),
+])
+def test_bad_input_is_one_line_error(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DEEPPOSE_DATA", str(tmp_path / "data"))
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output and result.exception is None or \
+        isinstance(result.exception, SystemExit)
+
+
+def test_info_lists_versions_and_devices():
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    for word in ("python", "numpy", "torch", "chainer", "cupy", "opencv", "torch devices",
+                 "chainer devices", "cpu"):
+        assert word in result.output

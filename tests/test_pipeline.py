@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from deeppose_cli.annotations import PoseRecord
+from deeppose_cli.geometry import normalized_to_crop_pixels, person_box
+from deeppose_cli.manifests import load_dataset_manifest
+from deeppose_cli.pipeline import Augmentation, PoseDataset, epoch_order, to_network_input
+
+PERM = load_dataset_manifest("lsp").flip_permutation
+
+
+@pytest.fixture
+def records(tmp_path):
+    """Three images, each with 14 bright dots exactly at the joints."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(3):
+        image = np.zeros((120, 100, 3), dtype=np.uint8)
+        joints = rng.uniform(20, 80, (14, 2)).round()
+        for x, y in joints.astype(int):
+            image[y, x] = 255
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), image)
+        visible = np.ones(14, dtype=bool)
+        visible[3] = False
+        out.append(PoseRecord(id=str(i), image=path, joints=joints, visible=visible,
+                              box=person_box(joints, visible, 0.2)))
+    return out
+
+
+def test_sample_shapes_and_types(records):
+    ds = PoseDataset(records, 67, PERM)
+    image, joints, visible = ds[0]
+    assert image.shape == (3, 67, 67) and image.dtype == np.float32
+    assert joints.shape == (14, 2) and joints.dtype == np.float32
+    assert visible.dtype == np.float32 and visible[3] == 0 and visible.sum() == 13
+
+
+def test_evaluation_samples_have_no_randomness(records):
+    ds = PoseDataset(records, 67, PERM, Augmentation.none(), seed=0)
+    a = ds.get(1, epoch=0)
+    b = ds.get(1, epoch=5)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_same_seed_same_samples_other_seed_or_epoch_differs(records):
+    aug = Augmentation(0.1, 0.2, True, 0.2)
+    first = PoseDataset(records, 67, PERM, aug, seed=7)
+    second = PoseDataset(records, 67, PERM, aug, seed=7)
+    for i in range(3):
+        for x, y in zip(first.get(i, 2), second.get(i, 2)):
+            np.testing.assert_array_equal(x, y)
+    other_seed = PoseDataset(records, 67, PERM, aug, seed=8)
+    assert not all(np.array_equal(first.get(i, 2)[1], other_seed.get(i, 2)[1]) for i in range(3))
+    assert not all(np.array_equal(first.get(i, 2)[1], first.get(i, 3)[1]) for i in range(3))
+
+
+def test_shared_epoch_selects_the_randomness(records):
+    ds = PoseDataset(records, 67, PERM, Augmentation(0.1, 0.2, True, 0.0), seed=1)
+    ds.epoch.value = 4
+    np.testing.assert_array_equal(ds[2][1], ds.get(2, 4)[1])
+
+
+@pytest.mark.parametrize("aug", [Augmentation.none(), Augmentation(0.1, 0.2, False, 0.0),
+                                 Augmentation(0.1, 0.2, True, 0.0)])
+def test_augmented_labels_still_point_at_the_dots(records, aug):
+    """Whatever jitter/flip did to the crop, each visible joint's label sits on its dot."""
+    ds = PoseDataset(records, 227, PERM, aug, seed=3)
+    for epoch in range(4):
+        for i in range(3):
+            image, joints, visible = ds.get(i, epoch)
+            # undo the ImageNet normalization of channel 0 to find bright pixels
+            red = image[0] * 0.229 + 0.485
+            for (u, v), vis in zip(normalized_to_crop_pixels(joints, 227), visible):
+                if not vis:
+                    continue
+                r, c = int(round(v)), int(round(u))
+                patch = red[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3]
+                assert patch.max() > 0.1, (epoch, i, u, v)
+
+
+def test_flip_happens_about_half_the_time(records):
+    ds = PoseDataset(records, 67, PERM, Augmentation(0.0, 0.0, True, 0.0), seed=0)
+    plain = PoseDataset(records, 67, PERM, Augmentation.none(), seed=0)
+    flips = sum(not np.array_equal(ds.get(0, e)[0], plain.get(0, 0)[0]) for e in range(40))
+    assert 10 < flips < 30
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a = epoch_order(50, seed=1, epoch=0)
+    assert sorted(a.tolist()) == list(range(50))
+    np.testing.assert_array_equal(a, epoch_order(50, seed=1, epoch=0))
+    assert not np.array_equal(a, epoch_order(50, seed=1, epoch=1))
+
+
+def test_network_input_normalization():
+    crop = np.full((4, 4, 3), 255, dtype=np.uint8)
+    x = to_network_input(crop)
+    assert x.shape == (3, 4, 4)
+    np.testing.assert_allclose(x[:, 0, 0], (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-6)
