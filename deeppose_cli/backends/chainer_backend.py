@@ -1,0 +1,411 @@
+"""Training and model files of the DeepPose regressor in Chainer.
+
+Training is a plain Chainer ``Trainer`` (laid out like Chainer's
+``examples/imagenet/train_imagenet.py``): an iterator, a ``StandardUpdater`` subclass for the
+pose loss, and extensions for validation and snapshots. Progress bars, the JSONL log and the
+NaN guard come from :class:`deeppose_cli.training.TrainingReporter`, so both frameworks write
+identical run directories.
+
+A model file is an ``.npz`` holding the parameters under Chainer's own names (``conv1/W``,
+..., ``fc8/b``, as ``chainer.serializers.save_npz`` writes them) and a few small metadata
+arrays, so it stays loadable with plain NumPy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import DeepPoseError
+from ..training import (IterationPlan, RunDirectory, TrainConfig, TrainingReporter, atomic_write,
+                        parse_device, validate)
+from ..weights import PARAMETER_NAMES, check_parameters, parameter_shapes
+from .chainer_compat import import_chainer
+
+chainer = import_chainer()
+from chainer import backend  # noqa: E402
+from chainer.backends import cuda  # noqa: E402
+from chainer.dataset import concat_examples  # noqa: E402
+from chainer.training import extensions  # noqa: E402
+
+from .chainer_model import (AlexNetRegressor, load_numpy_params, pose_loss,  # noqa: E402
+                            pose_loss_explicit, to_numpy_params)
+
+MODEL_FORMAT = "deeppose-model"
+FRAMEWORK = "chainer"
+META_KEYS = ("num_joints", "input_size", "width")
+PREDICT_BATCH = 64
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def get_device(device: str) -> "chainer.backend.Device":
+    """``cpu`` / ``cuda`` / ``cuda:N`` -> a Chainer device (``@numpy`` or ``@cupy:N``)."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return chainer.get_device("@numpy")
+    if not cuda.available:
+        raise DeepPoseError(f"device {device} needs CuPy, which is not installed: "
+                            "install the gpu extra with pip install 'deeppose[gpu]'")
+    count = cuda.cupy.cuda.runtime.getDeviceCount()
+    if index >= count:
+        raise DeepPoseError(f"device {device} does not exist: {count} CUDA device(s) found")
+    chainer_device = chainer.get_device(f"@cupy:{index}")
+    chainer_device.use()
+    return chainer_device
+
+
+def _predictor(model: AlexNetRegressor, device,
+               batch_size: int = PREDICT_BATCH) -> Callable[[np.ndarray], np.ndarray]:
+    """float32 NCHW NumPy images -> (N, J, 2) float64 normalized joints, in test mode
+    (no dropout, no graph), ``batch_size`` images at a time so large inputs fit in memory."""
+    cpu = backend.CpuDevice()
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4:
+            raise DeepPoseError(f"expected images of shape (N, 3, H, W), got {images.shape}")
+        outputs = []
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            for start in range(0, len(images), batch_size):
+                x = device.send(np.ascontiguousarray(images[start:start + batch_size]))
+                outputs.append(np.asarray(cpu.send(model(x).array), dtype=np.float64))
+        if not outputs:
+            return np.zeros((0, model.num_joints, 2))
+        return np.concatenate(outputs).reshape(len(images), model.num_joints, 2)
+
+    return predict
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class PoseUpdater(chainer.training.updaters.StandardUpdater):
+    """One optimizer step per batch, with the loss checked before the weights change.
+
+    The loss goes to the :class:`TrainingReporter` before ``optimizer.update()``: a NaN/inf
+    loss raises there, so neither the model nor the last snapshot on disk ever sees it.
+    """
+
+    def __init__(self, iterator, optimizer, device, dataset, reporter: TrainingReporter,
+                 loss_fn: Callable, use_visibility: bool):
+        super().__init__(iterator, optimizer, input_device=device)
+        self.dataset = dataset
+        self.reporter = reporter
+        self.loss_fn = loss_fn
+        self.use_visibility = use_visibility
+        self.last_loss = math.nan
+        self.train_seconds = 0.0
+        self.train_images = 0
+
+    def update_core(self) -> None:
+        start = time.perf_counter()
+        iterator = self.get_iterator("main")
+        optimizer = self.get_optimizer("main")
+        model = optimizer.target
+        shared_epoch = getattr(self.dataset, "epoch", None)
+        if shared_epoch is not None:
+            # Augmentation randomness is keyed by the epoch; forked workers see this value too.
+            shared_epoch.value = iterator.epoch
+        batch = iterator.next()
+        images, joints, visible = concat_examples(batch, self.input_device)
+        loss = self.loss_fn(model(images), joints, visible, use_visibility=self.use_visibility)
+        value = float(loss.array)
+        self.reporter.iteration(self.iteration + 1, value)  # raises on a non-finite loss
+        chainer.reporter.report({"main/loss": loss})
+        model.cleargrads()
+        loss.backward()
+        optimizer.update()
+        if self.auto_new_epoch and iterator.is_new_epoch:
+            optimizer.new_epoch(auto=True)
+        self.last_loss = value
+        self.train_seconds += time.perf_counter() - start
+        self.train_images += len(batch)
+
+    def serialize(self, serializer) -> None:
+        """Also save NumPy's global generator: dropout masks and SerialIterator's shuffling
+        draw from it, so restoring it lets a resumed CPU run repeat an uninterrupted one."""
+        super().serialize(serializer)
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        keys = np.array(keys, dtype=np.uint32)
+        s = serializer["numpy_random"]
+        s("keys", keys)  # loaded in place when deserializing
+        pos = s("pos", int(pos))
+        has_gauss = s("has_gauss", int(has_gauss))
+        cached = s("cached_gaussian", float(cached))
+        if isinstance(serializer, chainer.serializer.Deserializer):
+            np.random.set_state((name, keys, int(pos), int(has_gauss), float(cached)))
+
+
+class StopAt:
+    """Stop trigger: iteration >= ``total``.
+
+    Unlike ``IntervalTrigger((total, 'iteration'))``, whose restored state makes it fire only
+    at multiples of ``total``, this holds no state, so a resumed run stops at the *current*
+    recipe's total whatever budget the snapshot was taken under.
+    """
+
+    def __init__(self, total: int):
+        self.total = int(total)
+
+    def __call__(self, trainer) -> bool:
+        return trainer.updater.iteration >= self.total
+
+    def get_training_length(self) -> tuple[int, str]:
+        return self.total, "iteration"
+
+
+class EveryOrAt:
+    """Extension trigger: every ``period`` iterations and at iteration ``last`` (the end)."""
+
+    def __init__(self, period: int, last: int):
+        self.period, self.last = int(period), int(last)
+
+    def __call__(self, trainer) -> bool:
+        iteration = trainer.updater.iteration
+        return iteration % self.period == 0 or iteration == self.last
+
+
+class Validation(chainer.training.Extension):
+    """Validation loss (and PDJ@0.2) through the shared ``training.validate``, in test mode."""
+
+    priority = chainer.training.PRIORITY_WRITER
+
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], dataset, batch_size: int,
+                 torso_pair: Sequence[int] | None, reporter: TrainingReporter):
+        self.predict = predict
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.torso_pair = torso_pair
+        self.reporter = reporter
+        self.last: dict[str, float] = {}
+
+    def __call__(self, trainer) -> None:
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            metrics = validate(self.predict, self.dataset, self.batch_size, self.torso_pair)
+        self.reporter.validation(trainer.updater.iteration, metrics)
+        self.last = metrics
+
+
+def _make_optimizer(config: TrainConfig) -> "chainer.Optimizer":
+    if config.optimizer == "Adam":
+        optimizer = chainer.optimizers.Adam(alpha=config.lr)
+    else:
+        optimizer = chainer.optimizers.MomentumSGD(lr=config.lr, momentum=config.momentum)
+    return optimizer
+
+
+def _make_iterator(config: TrainConfig, dataset):
+    if config.workers > 0:
+        return chainer.iterators.MultiprocessIterator(dataset, config.batch_size,
+                                                      n_processes=config.workers)
+    return chainer.iterators.SerialIterator(dataset, config.batch_size, shuffle=True)
+
+
+def _load_snapshot(path: Path, trainer) -> None:
+    try:
+        chainer.serializers.load_npz(str(path), trainer)
+    except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile,
+            zlib.error) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DeepPoseError(f"cannot resume from {path}: not a checkpoint of this recipe or "
+                            f"corrupt ({reason})") from None
+
+
+def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
+          torso_pair: Sequence[int] | None, resume: bool = False,
+          show_progress: bool = True) -> dict[str, Any]:
+    """Train an ``AlexNetRegressor`` on samples ``(image CHW, joints (J, 2), visible (J,))``.
+
+    Writes snapshots to ``run.checkpoint_path`` and the final model to ``run.model_path``;
+    returns ``{"iterations", "final_loss", "images_per_second", "val"}``.
+    """
+    device = get_device(config.device)
+    np.random.seed(config.seed)  # chainer's initializers, dropout and shuffling use it
+    num_joints = int(np.shape(train_set[0][1])[0])
+    model = AlexNetRegressor(num_joints, config.input_size, config.width)
+    model.to_device(device)
+    optimizer = _make_optimizer(config)
+    optimizer.setup(model)
+    if config.weight_decay > 0:
+        optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
+
+    plan = IterationPlan.make(len(train_set), config.batch_size, config.epochs,
+                              config.max_iterations)
+    loss_fn = pose_loss_explicit if config.explicit_backward else pose_loss
+    with TrainingReporter(run, plan, config.batch_size, show_progress=show_progress) as reporter:
+        iterator = _make_iterator(config, train_set)
+        updater = PoseUpdater(iterator, optimizer, device, train_set, reporter, loss_fn,
+                              config.use_visibility)
+        trainer = chainer.training.Trainer(updater, StopAt(plan.total_iterations),
+                                           out=str(run.path))
+        validation = None
+        if val_set is not None and len(val_set) > 0:
+            validation = Validation(_predictor(model, device), val_set, config.batch_size,
+                                    torso_pair, reporter)
+            trainer.extend(validation, name="validation",
+                           trigger=EveryOrAt(plan.iterations_per_epoch, plan.total_iterations))
+        # Chainer writes snapshots to a temporary directory beside the target, then moves
+        # them into place: an interrupted save leaves the previous checkpoint intact.
+        # Uncompressed: trained weights barely compress, and zlib would triple the save time.
+        # (SimpleWriter drops its keyword arguments, hence the partial.)
+        writer = extensions.snapshot_writers.SimpleWriter(
+            savefun=functools.partial(chainer.serializers.save_npz, compression=False))
+        trainer.extend(extensions.snapshot(filename=run.checkpoint_path.name, writer=writer),
+                       name="snapshot",
+                       trigger=EveryOrAt(config.checkpoint_every, plan.total_iterations))
+        try:
+            if resume:
+                _load_snapshot(run.checkpoint_path, trainer)
+                run.truncate_log(updater.iteration)
+            reporter.start(updater.iteration)
+            trainer.run(show_loop_exception_msg=False)
+        finally:
+            iterator.finalize()  # stops MultiprocessIterator's workers on every path
+
+    meta = {"num_joints": num_joints, "input_size": config.input_size, "width": config.width}
+    params = to_numpy_params(model)
+    atomic_write(run.model_path, lambda tmp: write_model(params, meta, tmp))
+    seconds = updater.train_seconds
+    return {
+        "iterations": int(updater.iteration),
+        "final_loss": float(updater.last_loss),
+        "images_per_second": updater.train_images / seconds if seconds > 0 else math.nan,
+        "val": dict(validation.last) if validation is not None else {},
+    }
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+def write_model(params: dict[str, np.ndarray], meta: dict, path: Path) -> None:
+    """Write ``params`` (canonical names) and the architecture of ``meta`` as a model .npz.
+
+    Checked against the architecture first, so a model file always loads into the network
+    its metadata describes.
+    """
+    spec = _architecture(meta, Path(path))
+    check_parameters(params, parameter_shapes(**spec))
+    arrays = {name: np.asarray(params[name], dtype=np.float32) for name in PARAMETER_NAMES}
+    arrays["deeppose_format"] = np.array(MODEL_FORMAT)
+    arrays["deeppose_framework"] = np.array(FRAMEWORK)
+    arrays["num_joints"] = np.array(spec["num_joints"], dtype=np.int64)
+    arrays["input_size"] = np.array(spec["input_size"], dtype=np.int64)
+    arrays["width"] = np.array(spec["width"], dtype=np.float64)
+    # A file object: np.savez would append ".npz" to a path that lacks it.
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def read_params(model_path: Path) -> dict[str, np.ndarray]:
+    """The parameters of a Chainer model file as ``{"conv1/W": array, ...}``."""
+    params, _meta = _read_model(Path(model_path))
+    return params
+
+
+def load_regressor(model_path: Path, meta: dict,
+                   device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """A function from float32 NCHW images to (N, J, 2) float64 normalized predictions.
+
+    ``meta`` (a run.json) gives the architecture; the file's own metadata fills any gap.
+    """
+    model_path = Path(model_path)
+    chainer_device = get_device(device)
+    params, file_meta = _read_model(model_path)
+    spec = _architecture({**file_meta, **{k: meta[k] for k in META_KEYS if k in meta}},
+                         model_path)
+    state = np.random.get_state()  # building the model draws initial weights; leave no trace
+    try:
+        model = AlexNetRegressor(**spec)
+    finally:
+        np.random.set_state(state)
+    try:
+        load_numpy_params(model, params)
+    except DeepPoseError as e:
+        raise DeepPoseError(f"{model_path}: {e}") from None
+    model.to_device(chainer_device)
+    return _predictor(model, chainer_device)
+
+
+def _architecture(meta: dict, path: Path) -> dict[str, Any]:
+    missing = [k for k in META_KEYS if meta.get(k) is None]
+    if missing:
+        raise DeepPoseError(f"{path}: architecture unknown (no {', '.join(missing)} in the "
+                            "run metadata or the model file)")
+    return {"num_joints": int(meta["num_joints"]), "input_size": int(meta["input_size"]),
+            "width": float(meta["width"])}
+
+
+def _read_model(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(parameters, architecture metadata found in the file), or a one-line error saying
+    what the file is instead."""
+    arrays = _read_npz(path)
+    if any(key.startswith("updater/") for key in arrays):
+        raise DeepPoseError(f"{path} is a training checkpoint, not a model: use the run's "
+                            f"model{path.suffix or '.npz'} (a checkpoint only resumes training, "
+                            "with --resume)")
+    fmt = _scalar(arrays.get("deeppose_format"))
+    if fmt is not None and fmt != MODEL_FORMAT:
+        raise DeepPoseError(f"{path} is not a deeppose model file (format {fmt!r})")
+    framework = _scalar(arrays.get("deeppose_framework"))
+    if framework is not None and framework != FRAMEWORK:
+        raise DeepPoseError(f"{path} is a {framework} model, not a Chainer one: "
+                            "convert it with `deeppose convert`")
+    if not any(name in arrays for name in PARAMETER_NAMES):
+        raise DeepPoseError(f"{path} is not a deeppose Chainer model (no conv1/W ... fc8/b "
+                            "parameters)")
+    file_meta = {k: _scalar(arrays[k]) for k in META_KEYS if k in arrays}
+    try:
+        if len(file_meta) == len(META_KEYS):
+            check_parameters(arrays, parameter_shapes(**_architecture(file_meta, path)))
+        else:
+            check_parameters(arrays, {name: np.shape(arrays.get(name, ()))
+                                      for name in PARAMETER_NAMES})
+    except DeepPoseError as e:
+        raise DeepPoseError(f"{path}: {e}") from None
+    params = {name: np.asarray(arrays[name], dtype=np.float32) for name in PARAMETER_NAMES}
+    return params, file_meta
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DeepPoseError(f"model file {path} not found")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise DeepPoseError(f"{path} is truncated or corrupt") from None
+        # torch.save writes a zip whose records sit under "<name>/data.pkl".
+        if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            raise DeepPoseError(f"{path} is a PyTorch model, not a Chainer one: "
+                                "convert it with `deeppose convert`")
+    else:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80":  # pickle protocol 2+: legacy torch.save or a pickle
+            raise DeepPoseError(f"{path} is a pickle (an old PyTorch model?), not a Chainer "
+                                ".npz model: convert it with `deeppose convert`")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DeepPoseError(f"{path} is a single .npy array, not a model .npz")
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, KeyError):
+        raise DeepPoseError(f"{path} is truncated or corrupt (not a readable .npz model)") from None
+
+
+def _scalar(value) -> Any:
+    if value is None:
+        return None
+    item = np.asarray(value)
+    return item.item() if item.shape == () else item
