@@ -20,8 +20,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(VENV)/bin/deeppose --version
-	bash examples/demo.sh
+	DEEPPOSE=$(VENV)/bin/deeppose bash examples/demo.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -68,9 +68,11 @@ class DeepPoseGroup(click.Group):
 
 
 def console():
+    """Rich console; when output is not a terminal, wide enough for the metric tables."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    out = Console(highlight=False)
+    return out if out.is_terminal else Console(highlight=False, width=120)
 
 
 def data_root(root: str | None, state: ChainState) -> Path:
@@ -197,6 +199,7 @@ def _index_dir(state: ChainState, root: str | None, dataset: str) -> Path:
 @click.option("--batch-size", type=click.IntRange(1))
 @click.option("--optimizer", type=click.Choice(["MomentumSGD", "Adam"]))
 @click.option("--lr", type=click.FloatRange(0, min_open=True))
+@click.option("--weight-decay", type=click.FloatRange(0))
 @click.option("--seed", type=int)
 @click.option("--device", help="cpu, cuda or cuda:N (chainer uses cupy on cuda).")
 @click.option("--out", type=click.Path(file_okay=False),
@@ -329,6 +332,10 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     state.run_dir = Path(run_dir)
 
 
+PCP_SHORT = {"upper_arms": "u.arm", "lower_arms": "l.arm", "upper_legs": "u.leg",
+             "lower_legs": "l.leg", "head": "head", "torso": "torso", "mean": "PCP"}
+
+
 def _print_evaluation(rows, manifest, title: str) -> None:
     import math
 
@@ -337,18 +344,18 @@ def _print_evaluation(rows, manifest, title: str) -> None:
     def pct(v: float) -> str:
         return "-" if v is None or math.isnan(v) else f"{100 * v:.1f}"
 
-    categories = [c for c in rows[0].pcp if c != "mean"]
-    table = Table(title=f"PCP@0.5 (%) and PDJ@0.2 (%): {title}")
-    table.add_column("model")
-    for c in categories + ["mean"]:
-        table.add_column(c.replace("_", " "), justify="right")
-    table.add_column("PDJ@0.2", justify="right")
-    table.add_column("PDJ AUC", justify="right")
+    categories = [c for c in rows[0].pcp if c != "mean"] + ["mean"]
+    table = Table(title=f"{title}\nstrict PCP@0.5 per limb category, PDJ (%)")
+    table.add_column("model", no_wrap=True)
+    for c in categories:
+        table.add_column(PCP_SHORT.get(c, c), justify="right")
+    for name in ("PDJ@.1", "PDJ@.2", "AUC"):
+        table.add_column(name, justify="right")
     for row in rows:
-        table.add_row(row.name, *[pct(row.pcp[c]) for c in categories + ["mean"]],
+        table.add_row(row.name, *[pct(row.pcp[c]) for c in categories], pct(row.pdj.at(0.1)[0]),
                       pct(row.pdj.at(0.2)[0]), pct(row.pdj.auc))
     joints = Table(title="PDJ@0.2 per joint (%)")
-    joints.add_column("joint")
+    joints.add_column("joint", no_wrap=True)
     for row in rows:
         joints.add_column(row.name, justify="right")
     per_joint = [row.pdj.at(0.2)[1] for row in rows]

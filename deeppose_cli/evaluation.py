@@ -61,6 +61,7 @@ def metrics_json(rows: Sequence[StageScores], manifest: DatasetManifest,
         out["rows"].append({
             "name": row.name,
             "pcp": row.pcp,
+            "pdj@0.1": row.pdj.at(0.1)[0],
             "pdj@0.2": mean02,
             "pdj@0.2_per_joint": dict(zip(manifest.joint_names,
                                           [None if np.isnan(v) else float(v) for v in per_joint02])),

@@ -38,8 +38,8 @@ class TrainConfig:
     framework: str
     dataset: str
     train_index: str
-    val_index: str | None
     out: str
+    val_index: str | None = None
     input_size: int = 227
     width: float = 1.0
     optimizer: str = "MomentumSGD"
@@ -411,7 +411,11 @@ def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
 
 
 def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
-    """Create (or, with ``resume``, reopen) the run directory and save the resolved recipe."""
+    """Create (or, with ``resume``, reopen) the run directory and save the resolved recipe.
+
+    The device is checked first so a bad ``--device`` never costs an earlier run's files.
+    """
+    backend_for(config.framework).check_device(config.device)
     run = RunDirectory(config.out, config.framework)
     if resume:
         if not run.checkpoint_path.is_file():

@@ -409,3 +409,8 @@ def _scalar(value) -> Any:
         return None
     item = np.asarray(value)
     return item.item() if item.shape == () else item
+
+
+def check_device(device: str) -> None:
+    """Fail with a one-line error before a run directory is touched if ``device`` is unusable."""
+    get_device(device)

@@ -1,0 +1,373 @@
+"""PyTorch backend: the training loop, checkpoints and model files of one cascade stage.
+
+Everything framework-free (run directory, log, NaN guard, validation metrics) comes from
+``deeppose_cli.training``; this module adds the model, optimizer, data loader and the
+``.pt`` formats. The loop is stage-agnostic: any dataset whose samples are
+``(image CHW, joints (J, 2), visible (J,))`` trains the same way.
+
+Two file formats, both loadable with ``torch.load(..., weights_only=True)``:
+
+* checkpoint (``checkpoint.pt``): ``{"format": "deeppose-checkpoint", "framework": "pytorch",
+  "model", "optimizer", "iteration", "torch_rng_state", "config"}``, rewritten atomically
+  every ``checkpoint_every`` iterations so ``--resume`` continues exactly where it stopped;
+* model (``model.pt``): ``{"format": "deeppose-model", "framework": "pytorch", "num_joints",
+  "input_size", "width", "params": {"conv1/W": tensor, ...}}``, the canonical parameter
+  names of ``deeppose_cli.weights`` so ``deeppose convert`` can move it to Chainer.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..errors import DeepPoseError
+from ..pipeline import epoch_order
+from ..training import (IterationPlan, RunDirectory, TrainConfig, TrainingReporter,
+                        atomic_write, parse_device, validate)
+from ..weights import check_parameters, parameter_shapes
+from .torch_model import (AlexNetRegressor, load_numpy_params, pose_loss, pose_loss_explicit,
+                          to_numpy_params)
+
+CHECKPOINT_FORMAT = "deeppose-checkpoint"
+MODEL_FORMAT = "deeppose-model"
+FRAMEWORK = "pytorch"
+PREDICT_BATCH = 64
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve_device(device: str) -> torch.device:
+    """``config.device`` as a torch device; a one-line error when CUDA is asked for but absent."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeepPoseError(f"device {device} requested but CUDA is not available to PyTorch"
+                            " (use --device cpu)")
+    if index >= torch.cuda.device_count():
+        raise DeepPoseError(f"device {device} requested but only {torch.cuda.device_count()}"
+                            " CUDA device(s) are visible")
+    return torch.device("cuda", index)
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "MomentumSGD":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    if config.optimizer == "Adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr,
+                                weight_decay=config.weight_decay)
+    raise DeepPoseError(f"optimizer must be MomentumSGD or Adam, got {config.optimizer!r}")
+
+
+def collate(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack ``(image, joints, visible)`` samples into float32 tensors (module level so
+    worker processes can pickle it)."""
+    images, joints, visible = zip(*samples)
+    return tuple(torch.from_numpy(np.stack(a).astype(np.float32, copy=False))
+                 for a in (images, joints, visible))
+
+
+def make_loader(dataset, order: np.ndarray, config: TrainConfig,
+                device: torch.device) -> DataLoader:
+    """A loader over ``order`` (this epoch's remaining indices, already shuffled).
+
+    It gets its own generator so creating it never draws from the global torch RNG: that RNG
+    drives dropout and must advance identically in resumed and uninterrupted runs.
+    """
+    return DataLoader(dataset, batch_size=config.batch_size, sampler=order.tolist(),
+                      num_workers=config.workers, collate_fn=collate, drop_last=False,
+                      pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(config.seed))
+
+
+def num_joints_of(dataset) -> int:
+    _, joints, _ = dataset[0]
+    return int(np.asarray(joints).shape[0])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: RunDirectory, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    iteration: int, config: TrainConfig) -> None:
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "framework": FRAMEWORK,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "iteration": int(iteration),
+        "torch_rng_state": torch.get_rng_state(),
+        "config": config.to_json(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+    atomic_write(run.checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(run: RunDirectory, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, config: TrainConfig) -> int:
+    """Restore model, optimizer and RNG state from the run's checkpoint; returns its iteration."""
+    path = run.checkpoint_path
+    checkpoint = _torch_load(path, "checkpoint")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise DeepPoseError(f"{path} is not a deeppose training checkpoint")
+    if checkpoint.get("framework") != FRAMEWORK:
+        raise DeepPoseError(f"{path} is a {checkpoint.get('framework')} checkpoint; "
+                            f"resume it with --framework {checkpoint.get('framework')}")
+    saved = checkpoint.get("config") or {}
+    for key in ("input_size", "width"):
+        if key in saved and saved[key] != getattr(config, key):
+            raise DeepPoseError(f"{path} was trained with {key} {saved[key]}, but this run "
+                                f"has {key} {getattr(config, key)}: resume with the same recipe")
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DeepPoseError(f"{path} does not match this model: {first_line}") from None
+    torch.set_rng_state(checkpoint["torch_rng_state"])
+    if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
+        states = checkpoint["cuda_rng_state"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    return int(checkpoint["iteration"])
+
+
+# ----------------------------------------------------------------------------- train / evaluate
+
+
+def predictor(model: AlexNetRegressor, device: torch.device
+              ) -> Callable[[np.ndarray], np.ndarray]:
+    """float32 NCHW numpy -> (N, J, 2) float64 normalized predictions, in eval mode."""
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        was_training = model.training
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(images), PREDICT_BATCH):
+                x = torch.from_numpy(np.ascontiguousarray(images[start:start + PREDICT_BATCH],
+                                                          dtype=np.float32))
+                out.append(model(x.to(device)).cpu().numpy())
+        model.train(was_training)
+        pred = np.concatenate(out) if out else np.zeros((0, 2 * model.num_joints), np.float32)
+        return pred.reshape(len(pred), model.num_joints, 2).astype(np.float64)
+
+    return predict
+
+
+def evaluate(model: AlexNetRegressor, val_set, batch_size: int, torso_pair: Sequence[int],
+             device: torch.device) -> dict[str, float]:
+    return validate(predictor(model, device), val_set, batch_size, torso_pair)
+
+
+def train_one_epoch(model: AlexNetRegressor, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+                    loader: DataLoader, device: torch.device, config: TrainConfig,
+                    reporter: TrainingReporter, run: RunDirectory, first_iteration: int,
+                    last_iteration: int) -> tuple[int, int]:
+    """Train on ``loader`` from iteration ``first_iteration + 1`` up to ``last_iteration``.
+
+    The loss is reported before the step, so a NaN stops training before it reaches the
+    weights and the last checkpoint stays the last good one. Returns (iteration, images).
+    """
+    model.train()
+    iteration, images = first_iteration, 0
+    for x, joints, visible in loader:
+        iteration += 1
+        x = x.to(device, non_blocking=True)
+        joints = joints.to(device, non_blocking=True)
+        visible = visible.to(device, non_blocking=True)
+        loss = loss_fn(model(x), joints, visible, config.use_visibility)
+        reporter.iteration(iteration, loss.item())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        images += len(x)
+        if iteration % config.checkpoint_every == 0:
+            save_checkpoint(run, model, optimizer, iteration, config)
+        if iteration >= last_iteration:
+            break
+    return iteration, images
+
+
+def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
+          torso_pair, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """Train one stage and write ``run.model_path``; returns a summary of the run.
+
+    With a fixed seed, CPU and ``workers=0``, a run interrupted at any iteration and resumed
+    ends with exactly the weights of an uninterrupted one: the sample order depends only on
+    (seed, epoch), augmentation on (seed, epoch, index) and dropout on the torch RNG state
+    saved in the checkpoint.
+    """
+    device = resolve_device(config.device)
+    if len(train_set) == 0:
+        raise DeepPoseError("the training set is empty")
+    torch.manual_seed(config.seed)
+    model = AlexNetRegressor(num_joints_of(train_set), config.input_size, config.width).to(device)
+    optimizer = build_optimizer(config, model)
+    loss_fn = pose_loss_explicit if config.explicit_backward else pose_loss
+    plan = IterationPlan.make(len(train_set), config.batch_size, config.epochs,
+                              config.max_iterations)
+
+    iteration = 0
+    if resume:
+        iteration = load_checkpoint(run, model, optimizer, config)
+        if iteration > plan.total_iterations:
+            raise DeepPoseError(f"{run.checkpoint_path} is at iteration {iteration}, beyond this"
+                                f" run's {plan.total_iterations} iterations")
+        run.truncate_log(iteration)
+
+    metrics: dict[str, float] = {}
+    train_seconds, train_images = 0.0, 0
+    with TrainingReporter(run, plan, config.batch_size, show_progress=show_progress) as reporter:
+        reporter.start(iteration)
+        while iteration < plan.total_iterations:
+            epoch = plan.epoch_of(iteration + 1)
+            done_in_epoch = iteration - epoch * plan.iterations_per_epoch
+            order = epoch_order(len(train_set), config.seed, epoch)
+            train_set.epoch.value = epoch
+            loader = make_loader(train_set, order[done_in_epoch * config.batch_size:],
+                                 config, device)
+            last = min((epoch + 1) * plan.iterations_per_epoch, plan.total_iterations)
+            start = time.perf_counter()
+            iteration, images = train_one_epoch(model, loss_fn, optimizer, loader, device,
+                                                config, reporter, run, iteration, last)
+            train_seconds += time.perf_counter() - start
+            train_images += images
+            if val_set is not None:
+                metrics = evaluate(model, val_set, config.batch_size, torso_pair, device)
+                reporter.validation(iteration, metrics)
+        if val_set is not None and not metrics:  # resumed at the end: still report the model
+            metrics = evaluate(model, val_set, config.batch_size, torso_pair, device)
+            reporter.validation(iteration, metrics)
+    save_checkpoint(run, model, optimizer, iteration, config)
+    write_model(to_numpy_params(model), model_meta(model), run.model_path)
+
+    losses = [r["loss"] for r in run.read_log() if "loss" in r]
+    return {
+        "iterations": iteration,
+        "final_loss": float(losses[-1]) if losses else float("nan"),
+        "images_per_second": train_images / train_seconds if train_seconds > 0 else float("nan"),
+        "val": metrics,
+    }
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+def model_meta(model: AlexNetRegressor) -> dict[str, Any]:
+    return {"num_joints": model.num_joints, "input_size": model.input_size, "width": model.width}
+
+
+def write_model(params: dict[str, np.ndarray], meta: dict, path: Path) -> None:
+    """Save canonical parameters as a ``.pt`` model file (atomically)."""
+    shapes = parameter_shapes(int(meta["num_joints"]), int(meta["input_size"]),
+                              float(meta["width"]))
+    check_parameters(params, shapes)
+    obj = {
+        "format": MODEL_FORMAT,
+        "framework": FRAMEWORK,
+        "num_joints": int(meta["num_joints"]),
+        "input_size": int(meta["input_size"]),
+        "width": float(meta["width"]),
+        "params": {name: torch.from_numpy(np.array(params[name], dtype=np.float32))
+                   for name in shapes},
+    }
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def _is_npz(path: Path) -> bool:
+    """A NumPy ``.npz`` (what Chainer saves) is a zip of ``.npy`` members; a torch file is a
+    zip too, but of pickles and raw storages."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return bool(names) and all(name.endswith(".npy") for name in names)
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise DeepPoseError(f"{what} file {path} does not exist")
+    if not path.is_file():
+        raise DeepPoseError(f"{what} file {path} is not a file")
+    if _is_npz(path):
+        raise DeepPoseError(f"{path} is a Chainer model (.npz), not a PyTorch one: convert it"
+                            " with `deeppose convert` or use --framework chainer")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DeepPoseError(f"{path} is not a deeppose {what} file (it holds objects that"
+                            " cannot be loaded safely)") from None
+    except Exception:  # torch raises RuntimeError, EOFError, ... on a damaged file
+        raise DeepPoseError(f"{what} file {path} is truncated or corrupt") from None
+
+
+def _load_model_file(path: Path) -> dict[str, Any]:
+    obj = _torch_load(path, "model")
+    if not isinstance(obj, dict):
+        raise DeepPoseError(f"{path} is not a deeppose model file")
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        raise DeepPoseError(f"{path} is a training checkpoint, not a model: use the run's"
+                            " model file (written when training ends), or --resume to finish it")
+    if obj.get("format") != MODEL_FORMAT:
+        raise DeepPoseError(f"{path} is not a deeppose model file")
+    if obj.get("framework") != FRAMEWORK:
+        raise DeepPoseError(f"{path} is a {obj.get('framework')} model, not a PyTorch one:"
+                            " convert it with `deeppose convert`")
+    if not isinstance(obj.get("params"), dict) or not all(
+            k in obj for k in ("num_joints", "input_size", "width")):
+        raise DeepPoseError(f"model file {path} is truncated or corrupt (missing fields)")
+    return obj
+
+
+def _params_of(obj: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
+    params = {}
+    for name, value in obj["params"].items():
+        if not isinstance(value, torch.Tensor):
+            raise DeepPoseError(f"model file {path} is truncated or corrupt ({name!r})")
+        params[name] = value.detach().cpu().numpy().astype(np.float32, copy=True)
+    check_parameters(params, parameter_shapes(int(obj["num_joints"]), int(obj["input_size"]),
+                                              float(obj["width"])))
+    return params
+
+
+def read_params(model_path: Path) -> dict[str, np.ndarray]:
+    """The canonical ``{"conv1/W": array, ...}`` float32 parameters of a ``.pt`` model file."""
+    return _params_of(_load_model_file(Path(model_path)), Path(model_path))
+
+
+def load_regressor(model_path: Path, meta: dict, device: str = "cpu"
+                   ) -> Callable[[np.ndarray], np.ndarray]:
+    """A predictor from a model file: float32 NCHW images -> (N, J, 2) float64 normalized
+    joints. ``meta`` is the run's ``run.json``; the file must agree with it."""
+    torch_device = resolve_device(device)
+    obj = _load_model_file(Path(model_path))
+    for key in ("num_joints", "input_size", "width"):
+        if key in meta and float(obj[key]) != float(meta[key]):
+            raise DeepPoseError(f"{model_path} has {key} {obj[key]}, but its run.json says"
+                                f" {meta[key]}")
+    model = AlexNetRegressor(int(meta["num_joints"]), int(meta["input_size"]),
+                             float(meta["width"]))
+    load_numpy_params(model, _params_of(obj, Path(model_path)))
+    return predictor(model.to(torch_device).eval(), torch_device)
+
+
+def check_device(device: str) -> None:
+    """Fail with a one-line error before a run directory is touched if ``device`` is unusable."""
+    resolve_device(device)
