@@ -10,12 +10,13 @@ export DEEPPOSE_DATA="$DEMO_DIR/data"
 RUNS="$DEMO_DIR/runs"
 # Small network settings so the demo trains in minutes on a CPU; the stage recipes
 # (stages/*.toml) hold the paper-sized defaults.
-SMALL=(--input-size 99 --width 0.5 --optimizer Adam --lr 2e-4 --batch-size 16 --seed 0 --quiet)
+SMALL=(--input-size 131 --width 0.125 --optimizer Adam --lr 3e-4 --weight-decay 0 --batch-size 8
+       --seed 0 --quiet)
 
 "$DEEPPOSE" \
   fetch synthetic \
   index synthetic \
-  train-stage 1 --framework pytorch "${SMALL[@]}" --epochs 12 --out "$RUNS/stage1-pytorch" \
+  train-stage 1 --framework pytorch "${SMALL[@]}" --epochs 40 --out "$RUNS/stage1-pytorch" \
   evaluate \
   train-stage 2 --framework pytorch "${SMALL[@]}" --epochs 1 --sigma 1.0 --out "$RUNS/stage2-pytorch" \
   evaluate
