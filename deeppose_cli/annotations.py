@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import DeepPoseError
+from .files import atomic_write_text
 from .geometry import box_from_xywh, box_to_xywh, person_box
 from .manifests import DatasetManifest
 
@@ -146,19 +146,6 @@ def _image_size(path: Path) -> tuple[int, int] | str:
     if image is None:
         return "unreadable image"
     return image.shape[1], image.shape[0]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file in the same directory, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_index(path: Path, records: Iterable[PoseRecord]) -> None:

@@ -231,8 +231,21 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
     from .runs import latest_run
     from .training import RunDirectory, TrainConfig, train_stage as run_training
 
+    import json
+
     framework = framework or state.framework or "pytorch"
-    dataset = dataset or state.dataset or "lsp"
+    out = out or str(Path("runs") / (dataset or state.dataset or "lsp") / f"stage{stage}-{framework}")
+    saved = Path(out) / "recipe.json"
+    if resume and saved.is_file():
+        # Continue exactly what was started; flags given again override the saved recipe.
+        recipe = json.loads(saved.read_text())
+        dataset = dataset or recipe["dataset"]
+        train_index = train_index or recipe["train_index"]
+        val_index = val_index or recipe.get("val_index")
+        previous = previous or recipe.get("previous")
+    else:
+        recipe = load_stage_recipe(stage)
+        dataset = dataset or state.dataset or "lsp"
     if train_index is None:
         index_dir = _index_dir(state, root, dataset)
         train_index = str(index_dir / "train.jsonl")
@@ -241,17 +254,10 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
                                 f"{dataset}` first, or pass --train FILE")
         if val_index is None and (index_dir / "val.jsonl").is_file():
             val_index = str(index_dir / "val.jsonl")
-    out = out or str(Path("runs") / dataset / f"stage{stage}-{framework}")
-    if resume and (Path(out) / "recipe.json").is_file():
-        import json
-
-        recipe = json.loads((Path(out) / "recipe.json").read_text())
-    else:
-        recipe = load_stage_recipe(stage)
     if stage >= 2 and previous is None:
         if state.run_dir is not None and RunDirectory(state.run_dir).meta()["stage"] == stage - 1:
             previous = str(state.run_dir)
-        elif not (resume and recipe.get("previous")):
+        else:
             previous = str(latest_run(dataset=dataset, stage=stage - 1))
     recipe.update({k: v for k, v in overrides.items() if v is not None})
     if no_visibility:

@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .annotations import PoseRecord, atomic_write_text
+from .annotations import PoseRecord
+from .files import atomic_write, atomic_write_text
 from .geometry import denormalize_pose
 from .manifests import DatasetManifest
 from .metrics import PDJResult, pcp, pdj
@@ -91,8 +92,6 @@ def plot_pdj(rows: Sequence[StageScores], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .training import atomic_write
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for row in rows:

@@ -10,7 +10,6 @@ directory and leaves the previous dataset (if any) untouched.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import http.client
 import json
 import os
@@ -29,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import DeepPoseError
+from .files import sha256_of
 from .manifests import DatasetManifest
 
 #: Seconds a connect or a read may stall before the download counts as failed.
@@ -190,14 +190,6 @@ def _normalise_sha256(value: str) -> str:
     return digest
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_archive(manifest: DatasetManifest, path: Path, pinned_sha256: str | None, *,
                    source_is_user_file: bool) -> _CheckedArchive:
     """Compare ``path`` with the expected size and sha256; on mismatch raise and keep the file.
@@ -210,7 +202,7 @@ def _check_archive(manifest: DatasetManifest, path: Path, pinned_sha256: str | N
     if not path.is_file():
         raise DeepPoseError(f"archive {path} is not a file")
     size = path.stat().st_size
-    actual = _file_sha256(path)
+    actual = sha256_of(path)
     official = _normalise_manifest_sha256(manifest)
     expected = pinned_sha256 or official
 

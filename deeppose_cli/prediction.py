@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import DeepPoseError
+from .files import atomic_write
 
 
 @dataclass
@@ -74,8 +75,6 @@ def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] |
         joints = run_cascade(cascade, [rgb], box[None], manifest.torso_diameter)[-1][0]
         result = ImagePrediction(path, box_to_xywh(box), manifest.joint_names, joints)
         if draw_dir is not None:
-            from .training import atomic_write
-
             draw_dir.mkdir(parents=True, exist_ok=True)
             target = draw_dir / f"{path.stem}_pose.png"
             drawn = draw_pose(bgr, joints, manifest.skeleton)

@@ -14,7 +14,8 @@ from typing import Any
 
 from .cascade import StageModel
 from .errors import DeepPoseError
-from .training import RunDirectory, backend_for, sha256_of
+from .files import atomic_write, sha256_of
+from .training import RunDirectory, backend_for
 
 RUNS_ROOT = Path("runs")
 
@@ -120,7 +121,7 @@ def convert_run(source: Path, framework: str, out: Path) -> Path:
     """Write a copy of the run ``source`` (with every earlier stage in its chain) whose models
     are in ``framework``'s native format; predictions stay the same (weights are exchanged
     through the framework-free parameter layout)."""
-    from .training import MODEL_SUFFIX, atomic_write
+    from .training import MODEL_SUFFIX
 
     source, out = Path(source), Path(out)
     if out.resolve() == source.resolve():

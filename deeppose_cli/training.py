@@ -8,11 +8,8 @@ and adds only the model, loss, optimizer loop and save/load. Everything both fra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .annotations import atomic_write_text
+from .files import atomic_write, atomic_write_text, sha256_of
 from .errors import DeepPoseError
 
 FRAMEWORKS = ("chainer", "pytorch")
@@ -102,31 +99,6 @@ def parse_device(device: str) -> tuple[str, int]:
     if device.startswith("cuda:") and device[5:].isdigit():
         return "cuda", int(device[5:])
     raise DeepPoseError(f"device must be cpu, cuda or cuda:N, got {device!r}")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
-
-    An interrupted save leaves the previous file intact instead of half a checkpoint.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class RunDirectory:
@@ -449,11 +421,20 @@ def train_stage1(config: TrainConfig, resume: bool = False,
     meta["mean_pose"] = mean_normalized_pose(
         normalized, np.stack([r.visible for r in records])).round(6).tolist()
     meta["torso_pair"] = list(manifest.torso_diameter)
+    return run_backend(config, train_set, val_set, run, meta, manifest, resume, show_progress)
+
+
+def run_backend(config: TrainConfig, train_set, val_set, run: RunDirectory, meta: dict[str, Any],
+                manifest, resume: bool, show_progress: bool) -> tuple[RunDirectory, dict[str, Any]]:
+    """Hand the datasets to the framework's backend, then mark the run complete.
+
+    run.json is written before training (so a crashed run is recognisable) and again with
+    ``complete`` and the model checksum only once the model file exists.
+    """
     run.write_json("run.json", meta)
-    backend = backend_for(config.framework)
-    summary = backend.train(config, train_set, val_set, run,
-                            torso_pair=manifest.torso_diameter, resume=resume,
-                            show_progress=show_progress)
+    summary = backend_for(config.framework).train(
+        config, train_set, val_set, run, torso_pair=manifest.torso_diameter, resume=resume,
+        show_progress=show_progress)
     meta["complete"] = True
     meta["model_sha256"] = sha256_of(run.model_path)
     run.write_json("run.json", meta)
@@ -517,17 +498,8 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
                  "chain": copy_chain(previous, run)})
     first = RunDirectory(run.path / meta["chain"][0]["dir"]).meta()
     meta["mean_pose"] = first["mean_pose"]
-    run.write_json("run.json", meta)
-
     train_set, val_set = refinement_datasets(config, manifest, stats, train_records, val_records)
-    summary = backend_for(config.framework).train(
-        config, train_set, val_set, run, torso_pair=manifest.torso_diameter, resume=resume,
-        show_progress=show_progress)
-    meta["complete"] = True
-    meta["model_sha256"] = sha256_of(run.model_path)
-    run.write_json("run.json", meta)
-    run.plot_loss()
-    return run, summary
+    return run_backend(config, train_set, val_set, run, meta, manifest, resume, show_progress)
 
 
 def train_stage(config: TrainConfig, resume: bool = False, show_progress: bool = True

@@ -41,6 +41,11 @@ def scale_width(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
+def layer_sizes(width: float) -> tuple[tuple[int, ...], int]:
+    """Output channels of conv1..conv5 and the fc6/fc7 size of a ``width``-wide network."""
+    return tuple(scale_width(c, width) for _, c, *_ in CONV_LAYERS), scale_width(FC_UNITS, width)
+
+
 def feature_map_size(input_size: int) -> int:
     """Side of the conv5 feature map after its max-pool, for a square ``input_size`` crop.
 

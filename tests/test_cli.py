@@ -85,3 +85,27 @@ def test_info_lists_versions_and_devices():
     for word in ("python", "numpy", "torch", "chainer", "cupy", "opencv", "torch devices",
                  "chainer devices", "cpu"):
         assert word in result.output
+
+
+@pytest.mark.parametrize("framework", ["pytorch", "chainer"])
+def test_train_stage_resume_and_bad_device_through_the_cli(framework, synthetic_dataset, tmp_path):
+    _, index_dir = synthetic_dataset
+    out = tmp_path / "run"
+    base = ["train-stage", "1", "--framework", framework, "--train",
+            str(index_dir / "train.jsonl"), "--dataset", "synthetic", "--out", str(out),
+            "--input-size", "67", "--width", "0.125", "--batch-size", "4", "--quiet"]
+    runner = CliRunner()
+    first = runner.invoke(main, base + ["--max-iterations", "2"])
+    assert first.exit_code == 0, first.output
+    # --resume reads recipe.json from the run; only flags given again override it
+    resumed = runner.invoke(main, ["train-stage", "1", "--framework", framework, "--out",
+                                   str(out), "--resume", "--max-iterations", "4", "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    iterations = [json.loads(l)["iteration"] for l in (out / "log.jsonl").read_text().splitlines()]
+    assert iterations[-1] == 4 and len(iterations) == len(set(iterations))
+    assert json.loads((out / "recipe.json").read_text())["width"] == 0.125
+    before = sorted(p.name for p in out.iterdir())
+    bad = runner.invoke(main, base + ["--device", "cuda:0"])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert "cuda" in bad.output.lower()
+    assert sorted(p.name for p in out.iterdir()) == before  # the earlier run is untouched

@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import DeepPoseError
-from ..training import (IterationPlan, RunDirectory, TrainConfig, TrainingReporter, atomic_write,
+from ..files import atomic_write
+from ..training import (IterationPlan, RunDirectory, TrainConfig, TrainingReporter,
                         parse_device, validate)
 from ..weights import PARAMETER_NAMES, check_parameters, parameter_shapes
 from .chainer_compat import import_chainer

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..weights import LAYER_NAMES, check_parameters, feature_map_size, scale_width
+from ..weights import LAYER_NAMES, check_parameters, feature_map_size, layer_sizes
 from .chainer_compat import import_chainer
 
 chainer = import_chainer()
@@ -35,8 +35,7 @@ class AlexNetRegressor(chainer.Chain):
         self.num_joints = num_joints
         self.input_size = input_size
         self.width = width
-        c1, c2, c3, c4, c5 = (scale_width(c, width) for c in (96, 256, 384, 384, 256))
-        fc_units = scale_width(4096, width)
+        (c1, c2, c3, c4, c5), fc_units = layer_sizes(width)
         side = feature_map_size(input_size)
         with self.init_scope():
             self.conv1 = L.Convolution2D(3, c1, ksize=11, stride=4)

@@ -28,9 +28,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import DeepPoseError
+from ..files import atomic_write
 from ..pipeline import epoch_order
 from ..training import (IterationPlan, RunDirectory, TrainConfig, TrainingReporter,
-                        atomic_write, parse_device, validate)
+                        parse_device, validate)
 from ..weights import check_parameters, parameter_shapes
 from .torch_model import (AlexNetRegressor, load_numpy_params, pose_loss, pose_loss_explicit,
                           to_numpy_params)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..weights import LAYER_NAMES, check_parameters, feature_map_size, scale_width
+from ..weights import LAYER_NAMES, check_parameters, feature_map_size, layer_sizes
 
 
 class AlexNetRegressor(nn.Module):
@@ -32,8 +32,7 @@ class AlexNetRegressor(nn.Module):
         self.num_joints = num_joints
         self.input_size = input_size
         self.width = width
-        c1, c2, c3, c4, c5 = (scale_width(c, width) for c in (96, 256, 384, 384, 256))
-        fc_units = scale_width(4096, width)
+        (c1, c2, c3, c4, c5), fc_units = layer_sizes(width)
         side = feature_map_size(input_size)
         self.conv1 = nn.Conv2d(3, c1, kernel_size=11, stride=4)
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2)
