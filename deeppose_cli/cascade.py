@@ -46,7 +46,6 @@ def refine(stage: StageModel, images: Sequence[np.ndarray], previous: np.ndarray
            person_boxes: np.ndarray, torso_pair: Sequence[int]) -> np.ndarray:
     """One refinement stage on a batch of images: all joints' crops of an image go through
     the network as one batch; joint i takes output i mapped back through its box."""
-    import cv2  # noqa: F401  (crop_and_resize needs it; fail early with a clear import error)
     from .geometry import crop_and_resize
 
     num_joints = previous.shape[1]

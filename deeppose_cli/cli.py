@@ -8,9 +8,8 @@ in a shared :class:`ChainState` where the next command takes its defaults from. 
 
 from __future__ import annotations
 
-import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -27,7 +26,6 @@ class ChainState:
 
     dataset: str | None = None
     root: Path | None = None
-    index_files: dict[str, Path] = field(default_factory=dict)
     run_dir: Path | None = None
     framework: str | None = None
 
@@ -177,7 +175,7 @@ def index(state: ChainState, dataset: str | None, root: str | None, val_fraction
     out.print(table)
     if report.skipped:
         out.print(f"skipped records listed in {report.index_dir / 'skipped.jsonl'}")
-    state.dataset, state.root, state.index_files = dataset, root_path, files
+    state.dataset, state.root = dataset, root_path
 
 
 def _index_dir(state: ChainState, root: str | None, dataset: str) -> Path:

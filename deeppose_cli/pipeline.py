@@ -146,7 +146,3 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     interrupted run resumed mid-epoch sees the same batches as an uninterrupted one."""
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
-
-def stack_batch(samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    images, joints, visible = zip(*samples)
-    return np.stack(images), np.stack(joints), np.stack(visible)

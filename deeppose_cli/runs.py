@@ -20,8 +20,8 @@ from .training import RunDirectory, backend_for
 RUNS_ROOT = Path("runs")
 
 
-def completed_runs(root: Path = RUNS_ROOT) -> list[Path]:
-    """Run directories under ``root`` whose training finished, newest first."""
+def completed_runs(root: Path = RUNS_ROOT) -> list[tuple[Path, dict[str, Any]]]:
+    """(directory, run.json) of the runs under ``root`` whose training finished, newest first."""
     found = []
     for meta_path in Path(root).glob("**/run.json"):
         if "chain" in meta_path.relative_to(root).parts:
@@ -33,14 +33,13 @@ def completed_runs(root: Path = RUNS_ROOT) -> list[Path]:
         if meta.get("format") == "deeppose-run" and meta.get("complete"):
             found.append((meta_path.stat().st_mtime, meta_path.parent, meta))
     found.sort(key=lambda t: t[0], reverse=True)
-    return [p for _, p, _ in found]
+    return [(p, meta) for _, p, meta in found]
 
 
 def latest_run(root: Path = RUNS_ROOT, dataset: str | None = None,
                stage: int | None = None) -> Path:
     """The most recently finished run (optionally of one dataset and stage)."""
-    for path in completed_runs(root):
-        meta = RunDirectory(path).meta()
+    for path, meta in completed_runs(root):
         if (dataset is None or meta["dataset"] == dataset) and \
                 (stage is None or meta["stage"] == stage):
             return path

@@ -307,9 +307,7 @@ def validate(predict_normalized: Callable[[np.ndarray], np.ndarray], dataset,
 
     total, count = 0.0, 0.0
     preds = []
-    for start in range(0, len(dataset), batch_size):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        images, target, visible = (np.stack(a) for a in zip(*samples))
+    for images, target, visible in batches(dataset, range(len(dataset)), batch_size):
         pred = np.asarray(predict_normalized(images)).reshape(target.shape)
         s, c = masked_squared_error(pred, target, visible)
         total, count = total + s, count + c
@@ -356,8 +354,7 @@ def stage1_datasets(config: TrainConfig, manifest):
     if train_records[0].joints.shape[0] != manifest.num_joints:
         raise DeepPoseError(f"{config.train_index}: {train_records[0].joints.shape[0]} joints, "
                             f"but dataset {manifest.name} has {manifest.num_joints}")
-    aug = Augmentation(config.jitter_translation, config.jitter_scale, config.flip,
-                       config.colour_noise)
+    aug = Augmentation.from_recipe(config.to_json())
     train_set = PoseDataset(train_records, config.input_size, manifest.flip_permutation, aug,
                             seed=config.seed)
     val_set = None
@@ -448,8 +445,7 @@ def refinement_datasets(config: TrainConfig, manifest, stats, train_records, val
     from .cascade import RefinementDataset
     from .pipeline import Augmentation
 
-    aug = Augmentation(config.jitter_translation, config.jitter_scale, config.flip,
-                       config.colour_noise)
+    aug = Augmentation.from_recipe(config.to_json())
     common = dict(stats=stats, sigma=config.sigma, input_size=config.input_size,
                   flip_permutation=manifest.flip_permutation,
                   torso_pair=manifest.torso_diameter, seed=config.seed)
