@@ -69,8 +69,9 @@ def console():
     """Rich console; when output is not a terminal, wide enough for the metric tables."""
     from rich.console import Console
 
-    out = Console(highlight=False)
-    return out if out.is_terminal else Console(highlight=False, width=120)
+    # soft_wrap: paths and checksums in messages stay on one line, so they can be copied.
+    out = Console(highlight=False, soft_wrap=True)
+    return out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=120)
 
 
 def data_root(root: str | None, state: ChainState) -> Path:

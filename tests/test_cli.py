@@ -1,6 +1,7 @@
 """The CLI spine through Click's CliRunner, and start-up cost of --help."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -53,12 +54,15 @@ def test_data_root_from_environment(tmp_path, monkeypatch):
 
 @needs_lspet_mini
 def test_fetch_local_archive_and_index_real_lspet(tmp_path):
+    # A long root: messages with paths and checksums must not be wrapped mid-path.
+    root = tmp_path / ("deep" * 30)
     runner = CliRunner()
-    result = runner.invoke(main, ["fetch", "lspet", "--root", str(tmp_path), "--archive",
+    result = runner.invoke(main, ["fetch", "lspet", "--root", str(root), "--archive",
                                   str(LSPET_MINI), "index", "lspet", "--val-fraction", "0.1"])
     assert result.exit_code == 0, result.output
-    assert "pin it with --sha256" in result.output
-    assert len((tmp_path / "lspet" / "index" / "train.jsonl").read_text().splitlines()) == 180
+    assert f"into {root / 'lspet'} (" in result.output
+    assert re.search(r"pin it with --sha256 [0-9a-f]{64}\.", result.output)
+    assert len((root / "lspet" / "index" / "train.jsonl").read_text().splitlines()) == 180
 
 
 @pytest.mark.parametrize("argv, message", [
