@@ -56,22 +56,29 @@ def denormalize_pose(normalized: np.ndarray, box: Box) -> np.ndarray:
     return np.asarray(normalized, dtype=np.float64) * box[..., None, 2:4] + box[..., None, 0:2]
 
 
-def crop_matrix(box: Box, size: int) -> np.ndarray:
-    """2x3 affine matrix taking image pixels to pixels of a ``size`` x ``size`` crop of ``box``."""
+def crop_matrix(box: Box, size: int, flip: bool = False) -> np.ndarray:
+    """2x3 affine matrix taking image pixels to pixels of a ``size`` x ``size`` crop of ``box``.
+
+    ``flip`` mirrors the crop about its vertical axis (crop pixel ``u`` -> ``size - 1 - u``),
+    so a flipped crop costs one warp instead of a warp plus a copy.
+    """
     cx, cy, w, h = (float(v) for v in box)
     sx, sy = size / w, size / h
     half = (size - 1) / 2.0
+    if flip:
+        return np.array([[-sx, 0.0, half + cx * sx], [0.0, sy, half - cy * sy]])
     return np.array([[sx, 0.0, half - cx * sx], [0.0, sy, half - cy * sy]])
 
 
-def crop_and_resize(image: np.ndarray, box: Box, size: int) -> np.ndarray:
+def crop_and_resize(image: np.ndarray, box: Box, size: int, flip: bool = False) -> np.ndarray:
     """Crop ``box`` out of ``image`` and resize it to ``size`` x ``size`` with one affine warp.
 
     Outside the image is filled with zeros (black), as DeepPose's crops near borders are.
+    ``flip=True`` gives the mirrored crop, the image counterpart of :func:`flip_normalized`.
     """
     import cv2
 
-    matrix = crop_matrix(box, size)
+    matrix = crop_matrix(box, size, flip)
     return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 

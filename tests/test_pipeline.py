@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 
 from deeppose_cli.annotations import PoseRecord
-from deeppose_cli.geometry import normalized_to_crop_pixels, person_box
+from deeppose_cli.geometry import (crop_and_resize, flip_image, flip_normalized,
+                                   normalize_pose, normalized_to_crop_pixels, person_box)
 from deeppose_cli.manifests import load_dataset_manifest
-from deeppose_cli.pipeline import Augmentation, PoseDataset, epoch_order, to_network_input
+from deeppose_cli.pipeline import (IMAGE_MEAN, IMAGE_STD, Augmentation, PoseDataset, epoch_order,
+                                   jitter_box, make_sample, to_network_input)
 
 PERM = load_dataset_manifest("lsp").flip_permutation
 
@@ -101,3 +103,63 @@ def test_network_input_normalization():
     x = to_network_input(crop)
     assert x.shape == (3, 4, 4)
     np.testing.assert_allclose(x[:, 0, 0], (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-6)
+
+
+def unfused_input(crop, gain, shift):
+    """The reference maths: normalize in float32, then colour gain and shift, per channel."""
+    x = ((crop.astype(np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1)
+    return (x * np.reshape(gain, (3, 1, 1)) + np.reshape(shift, (3, 1, 1))).astype(np.float32)
+
+
+def test_fused_colour_noise_matches_normalize_then_noise_then_flip():
+    rng = np.random.default_rng(5)
+    crop = rng.integers(0, 256, (31, 29, 3), dtype=np.uint8)
+    gain, shift = 1.0 + rng.uniform(-0.2, 0.2, 3), rng.uniform(-0.2, 0.2, 3)
+    x = to_network_input(crop, gain, shift)
+    assert x.dtype == np.float32 and x.shape == (3, 31, 29) and x.flags.c_contiguous
+    np.testing.assert_allclose(x, unfused_input(crop, gain, shift), atol=1e-5, rtol=0)
+    flipped = to_network_input(flip_image(crop), gain, shift)
+    np.testing.assert_allclose(flipped, unfused_input(crop, gain, shift)[:, :, ::-1],
+                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(to_network_input(crop), unfused_input(crop, np.ones(3), np.zeros(3)),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("box", [[61.3, 47.9, 80.0, 80.0], [20.0, 90.0, 150.0, 110.0]])
+def test_flipped_warp_equals_flipped_crop(box):
+    """Mirroring inside the warp gives the mirrored crop, up to interpolation rounding."""
+    image = np.random.default_rng(6).integers(0, 256, (120, 100, 3), dtype=np.uint8)
+    flipped = crop_and_resize(image, np.array(box), 57, flip=True).astype(int)
+    expected = flip_image(crop_and_resize(image, np.array(box), 57)).astype(int)
+    assert np.abs(flipped - expected).max() <= 1
+
+
+def test_make_sample_matches_the_unfused_pipeline_draw_for_draw(records):
+    """Same generator seed, same jitter, flip and colour draws as crop -> flip -> normalize ->
+    noise done step by step, so samples stay a function of (seed, epoch, index)."""
+    import cv2
+
+    aug = Augmentation(0.1, 0.2, True, 0.2)
+    record = records[0]
+    image = cv2.cvtColor(cv2.imread(str(record.image)), cv2.COLOR_BGR2RGB)
+    flips = 0
+    for seed in range(8):
+        x, joints, visible = make_sample(image, record.box, record.joints, record.visible, 67,
+                                         aug, np.random.default_rng(seed), PERM)
+        rng = np.random.default_rng(seed)
+        box = jitter_box(record.box, aug, rng)
+        crop = crop_and_resize(image, box, 67)
+        want_joints, want_visible = normalize_pose(record.joints, box), record.visible
+        if rng.random() < 0.5:
+            flips += 1
+            crop = flip_image(crop)
+            want_joints, want_visible = flip_normalized(want_joints, want_visible, PERM)
+        gain = 1.0 + rng.uniform(-0.2, 0.2, 3)
+        shift = rng.uniform(-0.2, 0.2, 3)
+        np.testing.assert_allclose(joints, want_joints, atol=1e-6)
+        np.testing.assert_array_equal(visible, want_visible)
+        # one grey level of warp rounding, at most, where the flip moved into the warp
+        one_level = gain.max() / (255.0 * IMAGE_STD.min())
+        np.testing.assert_allclose(x, unfused_input(crop, gain, shift), atol=one_level + 1e-5,
+                                   rtol=0)
+    assert 0 < flips < 8
