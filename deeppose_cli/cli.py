@@ -448,6 +448,153 @@ def convert(state: ChainState, run_dir: str, framework: str, out: str | None) ->
     state.run_dir = target
 
 
+BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")
+
+
+@main.command()
+@click.option("--framework", "frameworks", type=click.Choice(["chainer", "pytorch"]),
+              multiple=True, help="Repeat to choose (default: both).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--max-batch-log2", type=click.IntRange(0, 12),
+              help="Time batch sizes 2^0..2^K (default 5 on cpu, 8 on cuda).")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+              help="Timed repetitions of each measurement.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@click.option("--input-size", type=click.IntRange(67), default=227, show_default=True)
+@click.option("--width", type=click.FloatRange(0, min_open=True), default=1.0,
+              show_default=True, help="AlexNet channel multiplier.")
+@click.option("--dataset", type=click.Choice(DATASETS),
+              help="Dataset whose train split feeds the pipeline test (default: from the "
+                   "chain, else lsp).")
+@click.option("--root", type=click.Path(file_okay=False), help="Data root of --dataset.")
+@click.option("--index", "index_file", type=click.Path(dir_okay=False),
+              help="Training index (JSONL) for the pipeline test; overrides --dataset's.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Batch size of the pipeline and overhead tests.")
+@click.option("--iterations", type=click.IntRange(2), default=20, show_default=True,
+              help="Timed steps per mode of the pipeline and overhead tests.")
+@click.option("--workers", type=click.IntRange(0),
+              help="Data-loading workers of the pipeline test (default: the recipe's).")
+@click.option("--stages", type=click.IntRange(1, 9), default=3, show_default=True,
+              help="Cascade depth of the predict-latency test.")
+@click.option("--skip", type=click.Choice(BENCHMARK_SECTIONS), multiple=True,
+              help="Leave a section out (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/benchmark",
+              show_default=True, help="Directory for benchmark.json and the charts.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="Write the JSON here instead of OUT/benchmark.json.")
+@click.pass_obj
+def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
+              max_batch_log2: int | None, dataset: str | None, root: str | None,
+              index_file: str | None, batch_size: int, iterations: int, stages: int,
+              skip: tuple[str, ...], out: str, json_out: str | None, **settings) -> None:
+    """Time both frameworks: step vs batch size, pipeline efficiency, cascade latency."""
+    from .benchmark import BenchmarkSettings, plot_charts, run_benchmark, write_json
+    from .training import parse_device
+
+    dataset = dataset or state.dataset or "lsp"
+    sections = tuple(s for s in BENCHMARK_SECTIONS if s not in skip)
+    if index_file is None:
+        candidate = _index_dir(state, root, dataset) / "train.jsonl"
+        if candidate.is_file():
+            index_file = str(candidate)
+        elif "pipeline" in sections:
+            raise DeepPoseError(f"{candidate} not found: run `deeppose fetch {dataset} index "
+                                f"{dataset}` first, pass --index FILE, or --skip pipeline")
+    elif not Path(index_file).is_file():
+        raise DeepPoseError(f"index file {index_file} not found")
+    if max_batch_log2 is None:
+        max_batch_log2 = 5 if parse_device(device)[0] == "cpu" else 8
+    config = BenchmarkSettings(frameworks=frameworks or ("chainer", "pytorch"), device=device,
+                               max_batch_log2=max_batch_log2, dataset=dataset, index=index_file,
+                               pipeline_batch=batch_size, pipeline_iterations=iterations,
+                               cascade_stages=stages, sections=sections, **settings)
+    out_console = console()
+    result = run_benchmark(config, log=lambda message: out_console.print(f"  {message}"))
+    _print_benchmark(result)
+    json_path = write_json(result, Path(json_out) if json_out else Path(out) / "benchmark.json")
+    charts = plot_charts(result, Path(out))
+    out_console.print(f"results: {json_path}" + "".join(f"\nchart: {c}" for c in charts))
+
+
+def _print_benchmark(result: dict) -> None:
+    from rich.table import Table
+
+    out = console()
+
+    def ms(timing: dict) -> str:
+        return f"{timing['median'] * 1e3:.1f} (±{(timing['q3'] - timing['q1']) * 5e2:.1f})"
+
+    if result["compute"]:
+        columns = [(r["framework"], r["loss"]) for r in result["compute"]]
+        columns = list(dict.fromkeys(columns))
+        table = Table(title="Step time, ms per batch: median (± half IQR); images/s")
+        table.add_column("batch", justify="right")
+        for framework, loss in columns:
+            table.add_column(f"{framework} {loss}", justify="right")
+        for framework in dict.fromkeys(f for f, _ in columns):
+            table.add_column(f"{framework} forward", justify="right")
+        for size in sorted({r["batch_size"] for r in result["compute"]}):
+            cells = [str(size)]
+            for framework, loss in columns:
+                row = next(r for r in result["compute"] if (r["framework"], r["loss"],
+                                                             r["batch_size"]) ==
+                           (framework, loss, size))
+                cells.append(f"{ms(row['time'])}; {row['images_per_second']:.1f}")
+            for framework in dict.fromkeys(f for f, _ in columns):
+                row = next(r for r in result["forward"]
+                           if (r["framework"], r["batch_size"]) == (framework, size))
+                cells.append(f"{ms(row['time'])}; {row['images_per_second']:.1f}")
+            table.add_row(*cells)
+        out.print(table)
+    if result["overhead"]:
+        table = Table(title="Training step: project model vs bare framework ops "
+                            "(images/s from the best step)")
+        for name in ("framework", "batch", "model", "bare ops", "ratio", "ratio of medians"):
+            table.add_column(name, justify="left" if name == "framework" else "right")
+        for r in result["overhead"]:
+            table.add_row(r["framework"], str(r["batch_size"]),
+                          f"{r['model_images_per_second']:.1f}",
+                          f"{r['bare_images_per_second']:.1f}", f"{r['ratio']:.3f}",
+                          f"{r['ratio_of_medians']:.3f}")
+        out.print(table)
+    if result["pipeline"]:
+        table = Table(title="Training throughput on real images (images/s from the best step)")
+        for name in ("framework", "batch", "workers", "end to end", "compute only",
+                     "loader only", "efficiency", "of medians"):
+            table.add_column(name, justify="left" if name == "framework" else "right")
+        for r in result["pipeline"]:
+            table.add_row(r["framework"], str(r["batch_size"]), str(r["workers"]),
+                          f"{r['end_to_end_images_per_second']:.1f}",
+                          f"{r['compute_images_per_second']:.1f}",
+                          f"{r['loader_images_per_second']:.1f}", f"{r['efficiency']:.3f}",
+                          f"{r['efficiency_of_medians']:.3f}")
+        out.print(table)
+    if result["cascade"]:
+        table = Table(title="Predict one image: cascade latency vs its raw forward passes (ms)")
+        for name in ("framework", "stages", "predict (median)", "predict (best)",
+                     "forward passes (best)", "ratio", "of medians"):
+            table.add_column(name, justify="left" if name == "framework" else "right")
+        for r in result["cascade"]:
+            table.add_row(r["framework"], str(r["stages"]), ms(r["latency"]),
+                          f"{r['latency']['min'] * 1e3:.1f}",
+                          f"{r['forward_time']['min'] * 1e3:.1f}", f"{r['ratio']:.3f}",
+                          f"{r['ratio_of_medians']:.3f}")
+        out.print(table)
+    if result["cli"]:
+        cli = result["cli"]
+        out.print(f"deeppose --help: {ms(cli['help_time'])} ms; python -c \"import click, "
+                  f"rich\": {ms(cli['import_time'])} ms; ratio of best runs {cli['ratio']:.2f}")
+    if result["targets"]:
+        table = Table(title="Targets")
+        for name in ("target", "what", "measured", "bound", "met"):
+            table.add_column(name)
+        for t in result["targets"]:
+            table.add_row(t["target"], t["what"], f"{t['value']:.3f}", t["bound"],
+                          "yes" if t["met"] else "[bold red]no[/]")
+        out.print(table)
+
+
 def run() -> None:
     """Console-script entry point."""
     main(prog_name="deeppose")

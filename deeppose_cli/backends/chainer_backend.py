@@ -89,6 +89,22 @@ def _predictor(model: AlexNetRegressor, device,
 # ----------------------------------------------------------------------------- training
 
 
+def train_step(model: AlexNetRegressor, loss_fn: Callable, optimizer: "chainer.Optimizer",
+               images, joints, visible, use_visibility: bool,
+               check_loss: Callable[[float], None] | None = None) -> float:
+    """One optimizer step; ``check_loss`` sees the loss before the weights change (the NaN
+    guard), so a bad batch never reaches the model. The benchmark times this same function."""
+    loss = loss_fn(model(images), joints, visible, use_visibility=use_visibility)
+    value = float(loss.array)
+    if check_loss is not None:
+        check_loss(value)
+    chainer.reporter.report({"main/loss": loss})
+    model.cleargrads()
+    loss.backward()
+    optimizer.update()
+    return value
+
+
 class PoseUpdater(chainer.training.updaters.StandardUpdater):
     """One optimizer step per batch, with the loss checked before the weights change.
 
@@ -118,13 +134,9 @@ class PoseUpdater(chainer.training.updaters.StandardUpdater):
             shared_epoch.value = iterator.epoch
         batch = iterator.next()
         images, joints, visible = concat_examples(batch, self.input_device)
-        loss = self.loss_fn(model(images), joints, visible, use_visibility=self.use_visibility)
-        value = float(loss.array)
-        self.reporter.iteration(self.iteration + 1, value)  # raises on a non-finite loss
-        chainer.reporter.report({"main/loss": loss})
-        model.cleargrads()
-        loss.backward()
-        optimizer.update()
+        value = train_step(model, self.loss_fn, optimizer, images, joints, visible,
+                           self.use_visibility,
+                           functools.partial(self.reporter.iteration, self.iteration + 1))
         if self.auto_new_epoch and iterator.is_new_epoch:
             optimizer.new_epoch(auto=True)
         self.last_loss = value
@@ -196,7 +208,7 @@ class Validation(chainer.training.Extension):
         self.last = metrics
 
 
-def _make_optimizer(config: TrainConfig) -> "chainer.Optimizer":
+def make_optimizer(config: TrainConfig) -> "chainer.Optimizer":
     if config.optimizer == "Adam":
         optimizer = chainer.optimizers.Adam(alpha=config.lr)
     else:
@@ -204,7 +216,7 @@ def _make_optimizer(config: TrainConfig) -> "chainer.Optimizer":
     return optimizer
 
 
-def _make_iterator(config: TrainConfig, dataset):
+def make_iterator(config: TrainConfig, dataset):
     if config.workers > 0:
         return chainer.iterators.MultiprocessIterator(dataset, config.batch_size,
                                                       n_processes=config.workers)
@@ -234,7 +246,7 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
     num_joints = int(np.shape(train_set[0][1])[0])
     model = AlexNetRegressor(num_joints, config.input_size, config.width)
     model.to_device(device)
-    optimizer = _make_optimizer(config)
+    optimizer = make_optimizer(config)
     optimizer.setup(model)
     if config.weight_decay > 0:
         optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
@@ -243,7 +255,7 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
                               config.max_iterations)
     loss_fn = pose_loss_explicit if config.explicit_backward else pose_loss
     with TrainingReporter(run, plan, config.batch_size, show_progress=show_progress) as reporter:
-        iterator = _make_iterator(config, train_set)
+        iterator = make_iterator(config, train_set)
         updater = PoseUpdater(iterator, optimizer, device, train_set, reporter, loss_fn,
                               config.use_visibility)
         trainer = chainer.training.Trainer(updater, StopAt(plan.total_iterations),

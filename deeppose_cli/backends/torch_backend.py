@@ -17,6 +17,7 @@ Two file formats, both loadable with ``torch.load(..., weights_only=True)``:
 
 from __future__ import annotations
 
+import functools
 import pickle
 import time
 import zipfile
@@ -174,6 +175,27 @@ def evaluate(model: AlexNetRegressor, val_set, batch_size: int, torso_pair: Sequ
     return validate(predictor(model, device), val_set, batch_size, torso_pair)
 
 
+def device_batches(loader: DataLoader, device: torch.device):
+    """The loader's batches moved to ``device`` (asynchronously from pinned memory on CUDA)."""
+    for batch in loader:
+        yield tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+               x: torch.Tensor, joints: torch.Tensor, visible: torch.Tensor,
+               use_visibility: bool, check_loss: Callable[[float], None] | None = None) -> float:
+    """One optimizer step; ``check_loss`` sees the loss before the weights change (the NaN
+    guard), so a bad batch never reaches the model. The benchmark times this same function."""
+    loss = loss_fn(model(x), joints, visible, use_visibility)
+    value = loss.item()
+    if check_loss is not None:
+        check_loss(value)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return value
+
+
 def train_one_epoch(model: AlexNetRegressor, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
                     loader: DataLoader, device: torch.device, config: TrainConfig,
                     reporter: TrainingReporter, run: RunDirectory, first_iteration: int,
@@ -185,16 +207,10 @@ def train_one_epoch(model: AlexNetRegressor, loss_fn: LossFn, optimizer: torch.o
     """
     model.train()
     iteration, images = first_iteration, 0
-    for x, joints, visible in loader:
+    for x, joints, visible in device_batches(loader, device):
         iteration += 1
-        x = x.to(device, non_blocking=True)
-        joints = joints.to(device, non_blocking=True)
-        visible = visible.to(device, non_blocking=True)
-        loss = loss_fn(model(x), joints, visible, config.use_visibility)
-        reporter.iteration(iteration, loss.item())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, loss_fn, optimizer, x, joints, visible, config.use_visibility,
+                   functools.partial(reporter.iteration, iteration))
         images += len(x)
         if iteration % config.checkpoint_every == 0:
             save_checkpoint(run, model, optimizer, iteration, config)

@@ -1,0 +1,104 @@
+"""What ``deeppose benchmark`` times in Chainer: the training step and data path that
+``chainer_backend.train`` runs, and the same network written with bare Chainer links.
+
+The harness only wraps the backend's own functions (``train_step``, ``make_iterator``,
+``concat_examples`` onto the device), so a benchmark figure is the figure of real training.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from ..training import TrainConfig
+from ..weights import feature_map_size, layer_sizes
+from .chainer_backend import make_optimizer, get_device, make_iterator, train_step
+from .chainer_compat import import_chainer
+from .chainer_model import AlexNetRegressor, pose_loss, pose_loss_explicit
+
+chainer = import_chainer()
+import chainer.functions as F  # noqa: E402
+import chainer.links as L  # noqa: E402
+from chainer.dataset import concat_examples  # noqa: E402
+
+
+def bare_alexnet(num_joints: int, input_size: int, width: float) -> "chainer.Sequential":
+    """The regressor's network from stock Chainer links and functions, no project code: the
+    baseline that shows our model and step add no hidden overhead."""
+    (c1, c2, c3, c4, c5), fc_units = layer_sizes(width)
+    side = feature_map_size(input_size)
+
+    def pool(h):
+        return F.max_pooling_2d(h, 3, 2, cover_all=False)
+
+    return chainer.Sequential(
+        L.Convolution2D(3, c1, 11, stride=4), F.relu, pool,
+        L.Convolution2D(c1, c2, 5, pad=2), F.relu, pool,
+        L.Convolution2D(c2, c3, 3, pad=1), F.relu,
+        L.Convolution2D(c3, c4, 3, pad=1), F.relu,
+        L.Convolution2D(c4, c5, 3, pad=1), F.relu, pool,
+        L.Linear(c5 * side * side, fc_units), F.relu, F.dropout,
+        L.Linear(fc_units, fc_units), F.relu, F.dropout,
+        L.Linear(fc_units, 2 * num_joints))
+
+
+class Harness:
+    """One model + optimizer on one device, with the step and forward pass to time.
+
+    ``bare=True`` swaps in :func:`bare_alexnet`, ``F.mean_squared_error`` and a hand-written
+    cleargrads/backward/update; otherwise the step is ``chainer_backend.train_step`` with the
+    project's model and loss (``config.explicit_backward`` picks the loss implementation).
+    """
+
+    framework = "chainer"
+
+    def __init__(self, config: TrainConfig, num_joints: int, bare: bool = False):
+        self.config = config
+        self.device = get_device(config.device)
+        np.random.seed(config.seed)
+        self.bare = bare
+        if bare:
+            self.model = bare_alexnet(num_joints, config.input_size, config.width)
+        else:
+            self.model = AlexNetRegressor(num_joints, config.input_size, config.width)
+        self.model.to_device(self.device)
+        self.optimizer = make_optimizer(config)
+        self.optimizer.setup(self.model)
+        if config.weight_decay > 0:
+            self.optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
+        self.loss_fn = pose_loss_explicit if config.explicit_backward else pose_loss
+
+    def batch(self, images: np.ndarray, joints: np.ndarray, visible: np.ndarray):
+        return tuple(self.device.send(np.ascontiguousarray(a, dtype=np.float32))
+                     for a in (images, joints, visible))
+
+    def step(self, batch) -> None:
+        x, joints, visible = batch
+        if self.bare:
+            loss = F.mean_squared_error(self.model(x), joints.reshape(len(x), -1))
+            self.model.cleargrads()
+            loss.backward()
+            self.optimizer.update()
+        else:
+            train_step(self.model, self.loss_fn, self.optimizer, x, joints, visible,
+                       self.config.use_visibility)
+
+    def forward(self, batch) -> None:
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            self.model(batch[0])
+
+    def sync(self) -> None:
+        if self.device.xp is not np:
+            self.device.device.synchronize()
+
+    def pipeline(self, dataset) -> Iterator[tuple]:
+        """Device batches through the training loop's own iterator (as ``PoseUpdater`` reads
+        it), epoch after epoch."""
+        iterator = make_iterator(self.config, dataset)
+        try:
+            while True:
+                dataset.epoch.value = iterator.epoch
+                yield concat_examples(iterator.next(), self.device)
+        finally:
+            iterator.finalize()

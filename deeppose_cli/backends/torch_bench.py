@@ -1,0 +1,100 @@
+"""What ``deeppose benchmark`` times in PyTorch: the training step and data path that
+``torch_backend.train`` runs, and the same network written with bare ``torch.nn`` ops.
+
+The harness only wraps the backend's own functions (``train_step``, ``make_loader``,
+``device_batches``), so a benchmark figure is the figure of real training.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..pipeline import epoch_order
+from ..training import TrainConfig
+from ..weights import feature_map_size, layer_sizes
+from .torch_backend import (build_optimizer, device_batches, make_loader, resolve_device,
+                            train_step)
+from .torch_model import AlexNetRegressor, pose_loss, pose_loss_explicit
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def bare_alexnet(num_joints: int, input_size: int, width: float) -> nn.Sequential:
+    """The regressor's network from stock ``torch.nn`` layers, no project code: the baseline
+    that shows our model and step add no hidden overhead."""
+    (c1, c2, c3, c4, c5), fc_units = layer_sizes(width)
+    side = feature_map_size(input_size)
+    return nn.Sequential(
+        nn.Conv2d(3, c1, 11, stride=4), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c3, c4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c4, c5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Flatten(),
+        nn.Linear(c5 * side * side, fc_units), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(fc_units, fc_units), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(fc_units, 2 * num_joints))
+
+
+class Harness:
+    """One model + optimizer on one device, with the step and forward pass to time.
+
+    ``bare=True`` swaps in :func:`bare_alexnet`, ``F.mse_loss`` and a hand-written
+    zero_grad/backward/step; otherwise the step is ``torch_backend.train_step`` with the
+    project's model and loss (``config.explicit_backward`` picks the loss implementation).
+    """
+
+    framework = "pytorch"
+
+    def __init__(self, config: TrainConfig, num_joints: int, bare: bool = False):
+        self.config = config
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        self.bare = bare
+        if bare:
+            self.model = bare_alexnet(num_joints, config.input_size, config.width)
+        else:
+            self.model = AlexNetRegressor(num_joints, config.input_size, config.width)
+        self.model.to(self.device).train()
+        self.optimizer = build_optimizer(config, self.model)
+        self.loss_fn = pose_loss_explicit if config.explicit_backward else pose_loss
+
+    def batch(self, images: np.ndarray, joints: np.ndarray, visible: np.ndarray) -> Batch:
+        return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
+                     for a in (images, joints, visible))
+
+    def step(self, batch: Batch) -> None:
+        x, joints, visible = batch
+        if self.bare:
+            loss = F.mse_loss(self.model(x), joints.reshape(len(x), -1))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        else:
+            train_step(self.model, self.loss_fn, self.optimizer, x, joints, visible,
+                       self.config.use_visibility)
+
+    def forward(self, batch: Batch) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            self.model(batch[0])
+        self.model.train()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def pipeline(self, dataset) -> Iterator[Batch]:
+        """Device batches through the training loop's own loader, epoch after epoch."""
+        epoch = 0
+        while True:
+            dataset.epoch.value = epoch
+            order = epoch_order(len(dataset), self.config.seed, epoch)
+            yield from device_batches(make_loader(dataset, order, self.config, self.device),
+                                      self.device)
+            epoch += 1
