@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -424,7 +424,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for row in result.get("overhead", []):
         values.append(("model_vs_bare", row["framework"], row["ratio"]))
     for row in result.get("cascade", []):
-        values.append(("cascade_vs_forward_sum", f"{row['framework']}, {row['stages']} stages",
+        stages = f"{row['stages']} stage{'s' if row['stages'] > 1 else ''}"
+        values.append(("cascade_vs_forward_sum", f"{row['framework']}, {stages}",
                        row["ratio"]))
     if result.get("cli"):
         values.append(("help_vs_import", "cli", result["cli"]["ratio"]))
@@ -454,14 +455,14 @@ def load_sample_image(index: str | None) -> tuple[np.ndarray, np.ndarray]:
 def run_benchmark(settings: BenchmarkSettings,
                   log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Every section of the benchmark in this process; returns the JSON-ready result."""
+    from .training import backend_for
+
     settings.validate()
     result: dict[str, Any] = {"format": FORMAT, "version": 1,
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                               "settings": asdict(settings), "environment": environment(),
                               "compute": [], "forward": [], "overhead": [], "pipeline": [],
                               "cascade": [], "cli": None}
-    from .training import backend_for
-
     for framework in settings.frameworks:
         backend_for(framework).check_device(settings.device)
     if "pipeline" in settings.sections and not settings.index:
