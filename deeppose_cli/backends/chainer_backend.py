@@ -105,6 +105,15 @@ def train_step(model: AlexNetRegressor, loss_fn: Callable, optimizer: "chainer.O
     return value
 
 
+def next_batch(iterator, dataset) -> list:
+    """The iterator's next batch, with the dataset's shared epoch set first: augmentation
+    randomness is keyed by the epoch, and forked workers see the value too."""
+    shared_epoch = getattr(dataset, "epoch", None)
+    if shared_epoch is not None:
+        shared_epoch.value = iterator.epoch
+    return iterator.next()
+
+
 class PoseUpdater(chainer.training.updaters.StandardUpdater):
     """One optimizer step per batch, with the loss checked before the weights change.
 
@@ -128,11 +137,7 @@ class PoseUpdater(chainer.training.updaters.StandardUpdater):
         iterator = self.get_iterator("main")
         optimizer = self.get_optimizer("main")
         model = optimizer.target
-        shared_epoch = getattr(self.dataset, "epoch", None)
-        if shared_epoch is not None:
-            # Augmentation randomness is keyed by the epoch; forked workers see this value too.
-            shared_epoch.value = iterator.epoch
-        batch = iterator.next()
+        batch = next_batch(iterator, self.dataset)
         images, joints, visible = concat_examples(batch, self.input_device)
         value = train_step(model, self.loss_fn, optimizer, images, joints, visible,
                            self.use_visibility,
@@ -208,11 +213,15 @@ class Validation(chainer.training.Extension):
         self.last = metrics
 
 
-def make_optimizer(config: TrainConfig) -> "chainer.Optimizer":
+def make_optimizer(config: TrainConfig, model: "chainer.Link") -> "chainer.Optimizer":
+    """The recipe's optimizer set up on ``model``, with its weight decay as a hook."""
     if config.optimizer == "Adam":
         optimizer = chainer.optimizers.Adam(alpha=config.lr)
     else:
         optimizer = chainer.optimizers.MomentumSGD(lr=config.lr, momentum=config.momentum)
+    optimizer.setup(model)
+    if config.weight_decay > 0:
+        optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
     return optimizer
 
 
@@ -246,10 +255,7 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
     num_joints = int(np.shape(train_set[0][1])[0])
     model = AlexNetRegressor(num_joints, config.input_size, config.width)
     model.to_device(device)
-    optimizer = make_optimizer(config)
-    optimizer.setup(model)
-    if config.weight_decay > 0:
-        optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
+    optimizer = make_optimizer(config, model)
 
     plan = IterationPlan.make(len(train_set), config.batch_size, config.epochs,
                               config.max_iterations)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..training import TrainConfig
 from ..weights import feature_map_size, layer_sizes
-from .chainer_backend import make_optimizer, get_device, make_iterator, train_step
+from .chainer_backend import get_device, make_iterator, make_optimizer, next_batch, train_step
 from .chainer_compat import import_chainer
 from .chainer_model import AlexNetRegressor, pose_loss, pose_loss_explicit
 
@@ -63,10 +63,7 @@ class Harness:
         else:
             self.model = AlexNetRegressor(num_joints, config.input_size, config.width)
         self.model.to_device(self.device)
-        self.optimizer = make_optimizer(config)
-        self.optimizer.setup(self.model)
-        if config.weight_decay > 0:
-            self.optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
+        self.optimizer = make_optimizer(config, self.model)
         self.loss_fn = pose_loss_explicit if config.explicit_backward else pose_loss
 
     def batch(self, images: np.ndarray, joints: np.ndarray, visible: np.ndarray):
@@ -98,7 +95,6 @@ class Harness:
         iterator = make_iterator(self.config, dataset)
         try:
             while True:
-                dataset.epoch.value = iterator.epoch
-                yield concat_examples(iterator.next(), self.device)
+                yield concat_examples(next_batch(iterator, dataset), self.device)
         finally:
             iterator.finalize()

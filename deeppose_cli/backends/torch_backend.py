@@ -81,13 +81,17 @@ def collate(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
                  for a in (images, joints, visible))
 
 
-def make_loader(dataset, order: np.ndarray, config: TrainConfig,
-                device: torch.device) -> DataLoader:
-    """A loader over ``order`` (this epoch's remaining indices, already shuffled).
+def make_loader(dataset, config: TrainConfig, device: torch.device, epoch: int,
+                skip_batches: int = 0) -> DataLoader:
+    """A loader over epoch ``epoch``'s shuffled order, after its first ``skip_batches``
+    batches (a resumed run has done those), with the dataset's shared epoch set so the
+    augmentation draws are this epoch's.
 
     It gets its own generator so creating it never draws from the global torch RNG: that RNG
     drives dropout and must advance identically in resumed and uninterrupted runs.
     """
+    order = epoch_order(len(dataset), config.seed, epoch)[skip_batches * config.batch_size:]
+    dataset.epoch.value = epoch
     return DataLoader(dataset, batch_size=config.batch_size, sampler=order.tolist(),
                       num_workers=config.workers, collate_fn=collate, drop_last=False,
                       pin_memory=device.type == "cuda",
@@ -253,10 +257,7 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
         while iteration < plan.total_iterations:
             epoch = plan.epoch_of(iteration + 1)
             done_in_epoch = iteration - epoch * plan.iterations_per_epoch
-            order = epoch_order(len(train_set), config.seed, epoch)
-            train_set.epoch.value = epoch
-            loader = make_loader(train_set, order[done_in_epoch * config.batch_size:],
-                                 config, device)
+            loader = make_loader(train_set, config, device, epoch, done_in_epoch)
             last = min((epoch + 1) * plan.iterations_per_epoch, plan.total_iterations)
             start = time.perf_counter()
             iteration, images = train_one_epoch(model, loss_fn, optimizer, loader, device,

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..pipeline import epoch_order
 from ..training import TrainConfig
 from ..weights import feature_map_size, layer_sizes
 from .torch_backend import (build_optimizer, device_batches, make_loader, resolve_device,
@@ -93,8 +92,6 @@ class Harness:
         """Device batches through the training loop's own loader, epoch after epoch."""
         epoch = 0
         while True:
-            dataset.epoch.value = epoch
-            order = epoch_order(len(dataset), self.config.seed, epoch)
-            yield from device_batches(make_loader(dataset, order, self.config, self.device),
+            yield from device_batches(make_loader(dataset, self.config, self.device, epoch),
                                       self.device)
             epoch += 1
