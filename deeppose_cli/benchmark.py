@@ -71,8 +71,24 @@ class Timing:
     def to_json(self) -> dict[str, Any]:
         q1, q3 = np.percentile(self.seconds, [25, 75])
         return {"median": self.median, "q1": float(q1), "q3": float(q3),
-                "min": float(min(self.seconds)), "max": float(max(self.seconds)),
+                "min": self.best, "max": float(max(self.seconds)),
                 "repeats": len(self.seconds), "seconds": [float(s) for s in self.seconds]}
+
+
+def interleaved(blocks: Sequence[Callable[[], Any]], rounds: int, sync: Callable[[], None]
+                ) -> list[list[float]]:
+    """Time each callable once per round, alternating (ABAB...), so a machine that slows
+    down or speeds up during the run affects every candidate alike. ``sync`` runs once
+    before the first call and after every call: each clock reading sees finished work."""
+    seconds: list[list[float]] = [[] for _ in blocks]
+    sync()
+    for _ in range(rounds):
+        for k, fn in enumerate(blocks):
+            start = time.perf_counter()
+            fn()
+            sync()
+            seconds[k].append(time.perf_counter() - start)
+    return seconds
 
 
 def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int,
@@ -81,14 +97,7 @@ def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int,
     reading the clock, so GPU work is counted)."""
     for _ in range(warmup):
         fn()
-    sync()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        seconds.append(time.perf_counter() - start)
-    return Timing(seconds)
+    return Timing(interleaved([fn], repeats, sync)[0])
 
 
 def images_per_second(batch_size: int, seconds: float) -> float:
@@ -206,21 +215,6 @@ def compute_section(settings: BenchmarkSettings, framework: str,
     return train_rows, forward_rows
 
 
-def interleaved(blocks: Sequence[Callable[[], Any]], rounds: int, sync: Callable[[], None]
-                ) -> list[list[float]]:
-    """Time each callable once per round, alternating (ABAB...), so a machine that slows
-    down or speeds up during the run affects every candidate alike."""
-    seconds: list[list[float]] = [[] for _ in blocks]
-    for _ in range(rounds):
-        for k, fn in enumerate(blocks):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            seconds[k].append(time.perf_counter() - start)
-    return seconds
-
-
 def overhead_section(settings: BenchmarkSettings, framework: str,
                      log: Callable[[str], None]) -> dict:
     """The project's training step against bare framework ops for the same network."""
@@ -310,7 +304,7 @@ def _random_model_files(settings: BenchmarkSettings, framework: str, directory: 
                         stages: int) -> list[Path]:
     """Model files of random weights (timing does not depend on them), written and read
     through the backend's own model-file functions as a trained cascade would be."""
-    from .training import backend_for
+    from .training import MODEL_SUFFIX, backend_for
     from .weights import parameter_shapes
 
     rng = np.random.default_rng(settings.seed)
@@ -320,7 +314,7 @@ def _random_model_files(settings: BenchmarkSettings, framework: str, directory: 
     for stage in range(1, stages + 1):
         params = {name: (rng.standard_normal(shape) * 0.01).astype(np.float32)
                   for name, shape in parameter_shapes(**meta).items()}
-        path = directory / f"stage{stage}-{framework}{'.pt' if framework == 'pytorch' else '.npz'}"
+        path = directory / f"stage{stage}-{framework}{MODEL_SUFFIX[framework]}"
         backend_for(framework).write_model(params, meta, path)
         paths.append(path)
     return paths

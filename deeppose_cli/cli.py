@@ -522,6 +522,13 @@ def _print_benchmark(result: dict) -> None:
 
     out = console()
 
+    def framework_table(title: str, *numeric_columns: str) -> Table:
+        table = Table(title=title)
+        table.add_column("framework")
+        for name in numeric_columns:
+            table.add_column(name, justify="right")
+        return table
+
     def ms(timing: dict) -> str:
         return f"{timing['median'] * 1e3:.1f} (±{(timing['q3'] - timing['q1']) * 5e2:.1f})"
 
@@ -548,10 +555,9 @@ def _print_benchmark(result: dict) -> None:
             table.add_row(*cells)
         out.print(table)
     if result["overhead"]:
-        table = Table(title="Training step: project model vs bare framework ops "
-                            "(images/s from the best step)")
-        for name in ("framework", "batch", "model", "bare ops", "ratio", "ratio of medians"):
-            table.add_column(name, justify="left" if name == "framework" else "right")
+        table = framework_table("Training step: project model vs bare framework ops "
+                                "(images/s from the best step)",
+                                "batch", "model", "bare ops", "ratio", "ratio of medians")
         for r in result["overhead"]:
             table.add_row(r["framework"], str(r["batch_size"]),
                           f"{r['model_images_per_second']:.1f}",
@@ -559,10 +565,9 @@ def _print_benchmark(result: dict) -> None:
                           f"{r['ratio_of_medians']:.3f}")
         out.print(table)
     if result["pipeline"]:
-        table = Table(title="Training throughput on real images (images/s from the best step)")
-        for name in ("framework", "batch", "workers", "end to end", "compute only",
-                     "loader only", "efficiency", "of medians"):
-            table.add_column(name, justify="left" if name == "framework" else "right")
+        table = framework_table("Training throughput on real images (images/s from the best "
+                                "step)", "batch", "workers", "end to end", "compute only",
+                                "loader only", "efficiency", "of medians")
         for r in result["pipeline"]:
             table.add_row(r["framework"], str(r["batch_size"]), str(r["workers"]),
                           f"{r['end_to_end_images_per_second']:.1f}",
@@ -571,10 +576,9 @@ def _print_benchmark(result: dict) -> None:
                           f"{r['efficiency_of_medians']:.3f}")
         out.print(table)
     if result["cascade"]:
-        table = Table(title="Predict one image: cascade latency vs its raw forward passes (ms)")
-        for name in ("framework", "stages", "predict (median)", "predict (best)",
-                     "forward passes (best)", "ratio", "of medians"):
-            table.add_column(name, justify="left" if name == "framework" else "right")
+        table = framework_table("Predict one image: cascade latency vs its raw forward passes "
+                                "(ms)", "stages", "predict (median)", "predict (best)",
+                                "forward passes (best)", "ratio", "of medians")
         for r in result["cascade"]:
             table.add_row(r["framework"], str(r["stages"]), ms(r["latency"]),
                           f"{r['latency']['min'] * 1e3:.1f}",
