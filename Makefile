@@ -1,5 +1,7 @@
 # `make test` and `make demo` work on a fresh machine: they create .venv when it is missing.
+# Another interpreter: make install VENV=.venv312 PYTHON=python3.12 (then test, demo, smoke).
 VENV ?= .venv
+PYTHON ?= python3
 PY := $(VENV)/bin/python
 # pip reads PIP_CONSTRAINT (old pip) or PIP_BUILD_CONSTRAINT (new pip) for chainer's
 # sdist build; both point at the same pins so torch is never upgraded either.
@@ -7,10 +9,10 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_BUILD_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test demo clean
+.PHONY: install test demo smoke clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
@@ -21,6 +23,10 @@ test: install
 
 demo: install
 	DEEPPOSE=$(VENV)/bin/deeppose bash examples/demo.sh
+
+# A minute-long end-to-end check of the installed CLI (both frameworks), e.g. on another Python.
+smoke: install
+	DEEPPOSE=$(VENV)/bin/deeppose bash examples/smoke.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

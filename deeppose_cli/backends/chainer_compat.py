@@ -6,12 +6,19 @@ were removed in NumPy 2.0. ``import_chainer`` puts these two aliases back before
 first import, and hides the two deprecation warnings its environment check raises on every
 import (``pkg_resources`` and ``numpy.distutils``), which say nothing about the user's run.
 
+That check (``chainer/_environment_check.py``) also does ``import numpy.distutils.system_info``
+and, on macOS only, calls its ``get_info('blas_opt')`` to warn about Accelerate. NumPy has no
+``numpy.distutils`` on Python >= 3.12, so ``import chainer`` fails there with
+ModuleNotFoundError. Where the real module cannot be imported, a stand-in whose ``get_info``
+finds no BLAS is registered instead (the check then passes, as on Linux).
+
 Every module that needs Chainer calls ``chainer = import_chainer()`` (or imports this module
 before ``import chainer``), so the shim is applied exactly once, in one place.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from types import ModuleType
 
@@ -34,9 +41,32 @@ def _restore_numpy_aliases() -> None:
             np.float = float
 
 
+def _provide_numpy_distutils() -> None:
+    """Register a ``numpy.distutils.system_info`` stand-in where the real one is missing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated where it still exists
+            import numpy.distutils.system_info  # noqa: F401
+        return
+    except ImportError:
+        pass
+    doc = "Stand-in for Chainer 7's environment check (deeppose_cli.backends.chainer_compat)."
+    distutils = ModuleType("numpy.distutils", doc)
+    system_info = ModuleType("numpy.distutils.system_info", doc)
+    system_info.get_info = lambda name, notfound_action=0: {}  # numpy's "nothing found"
+    distutils.system_info = system_info
+    np.distutils = distutils
+    sys.modules.update({distutils.__name__: distutils, system_info.__name__: system_info})
+
+
+def _apply_shims() -> None:
+    _restore_numpy_aliases()
+    _provide_numpy_distutils()
+
+
 def import_chainer() -> ModuleType:
     """Return the ``chainer`` module, importing it on NumPy 2 without errors or noise."""
-    _restore_numpy_aliases()
+    _apply_shims()
     with warnings.catch_warnings():
         # Raised by chainer._environment_check on every import; neither is actionable.
         warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
@@ -49,4 +79,4 @@ def import_chainer() -> ModuleType:
 
 
 # Importing this module is enough to make a following plain ``import chainer`` work.
-_restore_numpy_aliases()
+_apply_shims()
