@@ -233,18 +233,43 @@ def make_iterator(config: TrainConfig, dataset):
 
 
 def _load_snapshot(path: Path, trainer) -> None:
+    """Restore a training snapshot without ever unpickling: ``chainer.serializers.load_npz``
+    opens files with ``allow_pickle=True``, so an object array in a shared run directory
+    would run code. Snapshots hold only numeric arrays; one that needs pickle is refused."""
     try:
-        chainer.serializers.load_npz(str(path), trainer)
-    except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile,
+        with np.load(str(path), allow_pickle=False) as npz:
+            chainer.serializers.NpzDeserializer(npz).load(trainer)
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+            raise DeepPoseError(f"cannot resume from {path}: it holds Python objects (pickled "
+                                "data), which are never loaded from a file") from None
+        raise DeepPoseError(f"cannot resume from {path}: not a checkpoint of this recipe or "
+                            f"corrupt ({str(e).splitlines()[0] if str(e) else 'ValueError'})"
+                            ) from None
+    except (KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile,
             zlib.error) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DeepPoseError(f"cannot resume from {path}: not a checkpoint of this recipe or "
                             f"corrupt ({reason})") from None
 
 
+def build_model(config: TrainConfig, num_joints: int,
+                init_params: dict[str, np.ndarray] | None = None) -> AlexNetRegressor:
+    """The stage's network, freshly initialized or with ``init_params`` (``--init``)."""
+    model = AlexNetRegressor(num_joints, config.input_size, config.width)
+    if init_params is not None:
+        try:
+            load_numpy_params(model, init_params)
+        except DeepPoseError as e:
+            raise DeepPoseError(f"--init {config.init} does not fit this network (input size "
+                                f"{config.input_size}, width {config.width}): {e}") from None
+    return model
+
+
 def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
           torso_pair: Sequence[int] | None, resume: bool = False,
-          show_progress: bool = True) -> dict[str, Any]:
+          show_progress: bool = True,
+          init_params: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Train an ``AlexNetRegressor`` on samples ``(image CHW, joints (J, 2), visible (J,))``.
 
     Writes snapshots to ``run.checkpoint_path`` and the final model to ``run.model_path``;
