@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .annotations import PoseRecord
+from .errors import DeepPoseError
 from .geometry import denormalize_pose, joint_boxes, torso_diameter
 from .pipeline import Augmentation, load_image, make_sample, to_network_input
 
@@ -31,6 +32,22 @@ class StageModel:
     regress: Regressor
     input_size: int
     sigma: float | None = None
+
+
+def flip_averaged(stage: StageModel, flip_permutation: Sequence[int]) -> StageModel:
+    """The same stage predicting each crop twice, as it is and mirrored (its joints mirrored
+    back and their left/right labels swapped), and averaging: test-time flipping, which the
+    flip augmentation makes the network's second, nearly independent opinion."""
+    perm = list(flip_permutation)
+
+    def regress(images: np.ndarray) -> np.ndarray:
+        plain = np.asarray(stage.regress(images))
+        mirrored = np.asarray(stage.regress(np.ascontiguousarray(images[..., ::-1])))
+        mirrored = mirrored[:, perm].copy()
+        mirrored[..., 0] = -mirrored[..., 0]
+        return (plain + mirrored) / 2.0
+
+    return StageModel(stage.stage, stage.framework, regress, stage.input_size, stage.sigma)
 
 
 def safe_diameter(joints: np.ndarray, torso_pair: Sequence[int], box: np.ndarray) -> np.ndarray:
@@ -96,18 +113,46 @@ def run_cascade_on_records(stages: Sequence[StageModel], records: Sequence[PoseR
 
 @dataclass
 class DisplacementStatistics:
-    """Per-joint normal distribution of (prediction - truth) / torso diameter."""
+    """Per-joint displacements (prediction - truth) / torso diameter of the previous stages:
+    their mean and covariance (the paper's normal distribution) and the measured vectors
+    themselves (``samples``), so training can also draw from the real, heavy-tailed
+    distribution instead of a normal whose covariance its outliers inflate."""
 
     mean: np.ndarray  # (J, 2)
     cov: np.ndarray   # (J, 2, 2)
     count: np.ndarray  # (J,) joints measured
+    samples: list[np.ndarray] | None = None  # per joint (count_j, 2)
 
     def to_json(self) -> dict:
-        return {"mean": self.mean.tolist(), "cov": self.cov.tolist(), "count": self.count.tolist()}
+        out = {"mean": self.mean.tolist(), "cov": self.cov.tolist(), "count": self.count.tolist()}
+        if self.samples is not None:
+            out["samples"] = [np.round(s, 4).tolist() for s in self.samples]
+        return out
 
     @classmethod
     def from_json(cls, obj: dict) -> "DisplacementStatistics":
-        return cls(np.asarray(obj["mean"]), np.asarray(obj["cov"]), np.asarray(obj["count"]))
+        samples = obj.get("samples")
+        if samples is not None:
+            samples = [np.asarray(s, dtype=np.float64).reshape(-1, 2) for s in samples]
+        return cls(np.asarray(obj["mean"]), np.asarray(obj["cov"]), np.asarray(obj["count"]),
+                   samples)
+
+    def draw(self, joint: int, rng: np.random.Generator, sampling: str) -> np.ndarray:
+        """One displacement of ``joint``: from the normal (``"normal"``) or one of the
+        measured vectors (``"empirical"``; the normal where none were measured)."""
+        if sampling == "empirical" and self.samples is not None and len(self.samples[joint]):
+            return self.samples[joint][rng.integers(len(self.samples[joint]))]
+        return rng.multivariate_normal(self.mean[joint], self.cov[joint])
+
+    @classmethod
+    def zero(cls, num_joints: int) -> "DisplacementStatistics":
+        """No displacement: boxes centred exactly on the true joints."""
+        return cls(np.zeros((num_joints, 2)), np.zeros((num_joints, 2, 2)),
+                   np.zeros(num_joints, dtype=int), [np.zeros((1, 2))] * num_joints)
+
+    def rms(self) -> np.ndarray:
+        """Per joint root-mean-square displacement, in torso diameters."""
+        return np.sqrt((self.mean ** 2).sum(-1) + np.trace(self.cov, axis1=-2, axis2=-1))
 
 
 def record_diameters(records: Sequence[PoseRecord], torso_pair: Sequence[int]) -> np.ndarray:
@@ -132,25 +177,38 @@ def displacement_statistics(pred: np.ndarray, gt: np.ndarray, visible: np.ndarra
     mean = np.zeros((num_joints, 2))
     cov = np.tile(np.eye(2) * 1e-4, (num_joints, 1, 1))
     count = visible.sum(axis=0)
+    samples = [d[visible[:, j], j] for j in range(num_joints)]
     for j in range(num_joints):
         dj = d[visible[:, j], j]
         if len(dj) >= 1:
             mean[j] = dj.mean(axis=0)
         if len(dj) >= 2:
             cov[j] = np.cov(dj, rowvar=False) + np.eye(2) * 1e-6
-    return DisplacementStatistics(mean, cov, count)
+    return DisplacementStatistics(mean, cov, count, samples)
+
+
+# Which outputs a refinement crop trains: only the joint it is centred on (DeepPose), or also
+# every other labelled joint that lies inside the crop.
+REFINE_JOINTS = ("own", "all")
+# How a simulated displacement is drawn: from the per-joint normal (DeepPose) or by
+# resampling the measured displacements.
+DISPLACEMENT_SAMPLING = ("normal", "empirical")
 
 
 class RefinementDataset:
     """Simulated stage-s samples: item k is (record, joint i, draw) with a box of side
     ``sigma * diam`` centred at ``truth_i + d * diam``, d ~ N(mean_i, cov_i); the target is
-    every joint in that box's normalized coordinates but only joint i is marked visible, so
-    only joint i's output is trained. Draws depend on (seed, epoch, k) only."""
+    every joint in that box's normalized coordinates. With ``train_joints="own"`` only joint i
+    is marked visible, so only joint i's output is trained (the paper's setting); with
+    ``"all"`` the other labelled joints inside the crop train their outputs too, which gives
+    every output many more examples of its joint seen off-centre, at the price of training it
+    on crops centred elsewhere. Draws depend on (seed, epoch, k) only."""
 
     def __init__(self, records: Sequence[PoseRecord], stats: DisplacementStatistics,
                  sigma: float, input_size: int, flip_permutation: Sequence[int],
                  torso_pair: Sequence[int], aug: Augmentation | None = None, seed: int = 0,
-                 samples_per_image: int = 1):
+                 samples_per_image: int = 1, train_joints: str = "own",
+                 sampling: str = "normal"):
         from .pipeline import SharedEpoch
 
         self.source_records = list(records)
@@ -160,6 +218,14 @@ class RefinementDataset:
         self.flip_permutation = list(flip_permutation)
         self.aug = aug or Augmentation.none()
         self.seed = int(seed)
+        if train_joints not in REFINE_JOINTS:
+            raise DeepPoseError(f"refine_joints must be one of {', '.join(REFINE_JOINTS)}, "
+                                f"got {train_joints!r}")
+        self.train_joints = train_joints
+        if sampling not in DISPLACEMENT_SAMPLING:
+            raise DeepPoseError(f"displacement_sampling must be one of "
+                                f"{', '.join(DISPLACEMENT_SAMPLING)}, got {sampling!r}")
+        self.sampling = sampling
         self.diameters = record_diameters(self.source_records, torso_pair)
         self.items = [(r, j) for r, rec in enumerate(self.source_records)
                       for j in np.flatnonzero(rec.visible)] * int(samples_per_image)
@@ -168,10 +234,25 @@ class RefinementDataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def joint_of(self, k: int) -> int:
+        """The joint whose refinement item ``k`` trains."""
+        return int(self.items[k][1])
+
+    def centred(self) -> "RefinementDataset":
+        """The same items with boxes centred on the true joints (no displacement, no
+        augmentation): how precise the stage is when the previous one was exactly right."""
+        import copy
+
+        other = copy.copy(self)
+        other.stats = DisplacementStatistics.zero(len(self.stats.mean))
+        other.aug = Augmentation.none()
+        other.epoch = type(self.epoch)()
+        return other
+
     def box(self, k: int, epoch: int) -> np.ndarray:
         r, j = self.items[k]
         rng = np.random.default_rng([self.seed, epoch, k, 1])
-        d = rng.multivariate_normal(self.stats.mean[j], self.stats.cov[j])
+        d = self.stats.draw(j, rng, self.sampling)
         centre = self.source_records[r].joints[j] + d * self.diameters[r]
         side = self.sigma * self.diameters[r]
         return np.array([centre[0], centre[1], side, side])
@@ -179,11 +260,52 @@ class RefinementDataset:
     def get(self, k: int, epoch: int = 0):
         r, j = self.items[k]
         record = self.source_records[r]
-        mask = np.zeros(len(record.joints), dtype=np.float32)
-        mask[j] = 1.0
         rng = np.random.default_rng([self.seed, epoch, k, 2])
-        return make_sample(load_image(record.image), self.box(k, epoch), record.joints, mask,
-                           self.input_size, self.aug, rng, self.flip_permutation)
+        if self.train_joints == "own":
+            mask = np.zeros(len(record.joints), dtype=np.float32)
+            mask[j] = 1.0
+            return make_sample(load_image(record.image), self.box(k, epoch), record.joints,
+                               mask, self.input_size, self.aug, rng, self.flip_permutation)
+        # "all": the crop's joint is marked 2 so it can be told apart after a flip's label swap
+        mask = np.asarray(record.visible, dtype=np.float32).copy()
+        mask[j] = 2.0
+        x, target, marks = make_sample(load_image(record.image), self.box(k, epoch),
+                                       record.joints, mask, self.input_size, self.aug, rng,
+                                       self.flip_permutation)
+        inside = (np.abs(target) <= 0.5).all(axis=-1)
+        visible = np.where(marks == 2.0, 1.0, np.where(inside & (marks > 0), 1.0, 0.0))
+        return x, target, visible.astype(np.float32)
 
     def __getitem__(self, k: int):
         return self.get(int(k), self.epoch.value)
+
+
+def refinement_errors(pred: np.ndarray, target: np.ndarray, joints: np.ndarray,
+                      sigma: float) -> dict[str, float]:
+    """How a refinement stage did on its own crops, in torso diameters.
+
+    ``pred`` and ``target`` (N, J, 2) in the crops' normalized coordinates, ``joints`` (N,)
+    the joint each crop refines. The box side is ``sigma`` torso diameters, so a normalized
+    distance times ``sigma`` is a distance in diameters. The no-refinement baseline keeps the
+    box centre, i.e. predicts 0: a stage is useful only where ``err`` is below ``err_none``.
+    """
+    n = np.arange(len(joints))
+    own_pred = np.asarray(pred)[n, joints]
+    own_target = np.asarray(target)[n, joints]
+    err = np.linalg.norm(own_pred - own_target, axis=-1) * sigma
+    err_none = np.linalg.norm(own_target, axis=-1) * sigma
+    return {"err": float(err.mean()), "err_none": float(err_none.mean()),
+            "closer": float((err < err_none).mean())}
+
+
+def moved_closer(previous: np.ndarray, refined: np.ndarray, gt: np.ndarray,
+                 visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per joint, the fraction of visible joints a refinement stage moved closer to the truth
+    and the fraction it moved farther away (the rest did not move)."""
+    before = np.linalg.norm(np.asarray(previous) - gt, axis=-1)
+    after = np.linalg.norm(np.asarray(refined) - gt, axis=-1)
+    visible = np.asarray(visible, dtype=bool)
+    count = np.maximum(visible.sum(axis=0), 1)
+    closer = ((after < before) & visible).sum(axis=0) / count
+    farther = ((after > before) & visible).sum(axis=0) / count
+    return closer, farther

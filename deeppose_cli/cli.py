@@ -213,12 +213,41 @@ def _index_dir(state: ChainState, root: str | None, dataset: str) -> Path:
 @click.option("--input-size", type=click.IntRange(67), help="Crop side in pixels (recipe: 227).")
 @click.option("--width", type=click.FloatRange(0, min_open=True),
               help="AlexNet channel multiplier (recipe: 1.0).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
+              help="Dropout ratio after fc6 and fc7 while training.")
+@click.option("--batch-norm/--no-batch-norm", default=None,
+              help="Batch normalization after each convolution (recipe: on).")
 @click.option("--sigma", type=click.FloatRange(0, min_open=True),
               help="Stage >= 2: refinement box side in torso diameters.")
 @click.option("--previous", type=click.Path(file_okay=False),
               help="Stage >= 2: run directory of stage N-1 (default: the latest one).")
 @click.option("--samples-per-image", type=click.IntRange(1),
               help="Stage >= 2: simulated boxes per joint and image, per epoch.")
+@click.option("--loss", type=click.Choice(["l2", "l1"]),
+              help="Pose loss: squared error (DeepPose) or absolute error.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "step"]),
+              help="Learning-rate schedule after the warm-up.")
+@click.option("--lr-warmup", type=click.IntRange(0), help="Linear warm-up iterations.")
+@click.option("--lr-final-ratio", type=click.FloatRange(0, 1),
+              help="cosine: final learning rate as a fraction of --lr.")
+@click.option("--rotation", type=click.FloatRange(0, 180), help="Augmentation: max rotation, degrees.")
+@click.option("--jitter-scale", type=click.FloatRange(0), help="Augmentation: log-scale jitter.")
+@click.option("--jitter-translation", type=click.FloatRange(0),
+              help="Augmentation: shift, fraction of the box side.")
+@click.option("--colour-noise", type=click.FloatRange(0), help="Augmentation: colour gain/shift.")
+@click.option("--occlusion", type=click.FloatRange(0, 1),
+              help="Augmentation: probability of one random erased rectangle.")
+@click.option("--outside-joints", type=click.Choice(["drop", "keep"]),
+              help="Joints augmentation moves out of the crop: not trained on (drop) or kept.")
+@click.option("--init", help="Start from these weights: a run directory or model file of either "
+              "framework, or 'previous' (stage >= 2: the stage it refines).")
+@click.option("--displacement-source", type=click.Choice(["train", "val"]),
+              help="Stage >= 2: split whose predictions give the displacement statistics.")
+@click.option("--displacement-sampling", type=click.Choice(["normal", "empirical"]),
+              help="Stage >= 2: draw simulated displacements from the fitted normal or the "
+              "measured ones.")
+@click.option("--refine-joints", type=click.Choice(["own", "all"]),
+              help="Stage >= 2: train only the crop's own joint, or every joint inside it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_obj
 def train_stage(state: ChainState, stage: int, framework: str | None, dataset: str | None,
@@ -228,7 +257,8 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
     """Train cascade stage STAGE (1: person crops; 2+: refine the previous stage)."""
     from .manifests import load_stage_recipe
     from .runs import latest_run
-    from .training import RunDirectory, TrainConfig, train_stage as run_training
+    from .training import (RunDirectory, TrainConfig, inherit_architecture,
+                           train_stage as run_training)
 
     import json
 
@@ -258,7 +288,10 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
             previous = str(state.run_dir)
         else:
             previous = str(latest_run(dataset=dataset, stage=stage - 1))
-    recipe.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    recipe.update(given)
+    if stage >= 2 and not resume:
+        recipe = inherit_architecture(recipe, RunDirectory(previous).meta(), given)
     if no_visibility:
         recipe["use_visibility"] = False
     config = TrainConfig.from_recipe(recipe, stage=stage, framework=framework, dataset=dataset,
@@ -273,6 +306,57 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
     out_console.print(f"run directory: {run.path} (model {run.model_path.name}, log "
                       f"{run.log_path.name}, loss curve loss.png)")
     state.run_dir, state.framework, state.dataset = run.path, framework, dataset
+
+
+@main.command("show-augmentation")
+@click.option("--dataset", type=click.Choice(DATASETS),
+              help="Dataset whose training index to sample (default: from the chain, else lsp).")
+@click.option("--root", type=click.Path(file_okay=False), help="Data root of --dataset.")
+@click.option("--index", "index_file", type=click.Path(dir_okay=False),
+              help="Index file to sample (overrides --dataset's training index).")
+@click.option("--count", type=click.IntRange(1, 256), default=32, show_default=True,
+              help="Number of samples in the grid.")
+@click.option("--epoch", type=click.IntRange(0), default=0, show_default=True,
+              help="Draw the augmentation of this epoch.")
+@click.option("--seed", type=int, help="Recipe seed (default: the recipe's).")
+@click.option("--input-size", type=click.IntRange(67), help="Crop side in pixels.")
+@click.option("--rotation", type=click.FloatRange(0, 180))
+@click.option("--jitter-scale", type=click.FloatRange(0))
+@click.option("--jitter-translation", type=click.FloatRange(0))
+@click.option("--colour-noise", type=click.FloatRange(0))
+@click.option("--occlusion", type=click.FloatRange(0, 1))
+@click.option("--outside-joints", type=click.Choice(["drop", "keep"]))
+@click.option("--out", type=click.Path(dir_okay=False), default="augmentation.png",
+              show_default=True, help="PNG to write.")
+@click.pass_obj
+def show_augmentation(state: ChainState, dataset: str | None, root: str | None,
+                      index_file: str | None, count: int, epoch: int, out: str,
+                      **overrides) -> None:
+    """Write a PNG grid of augmented stage-1 training samples with their target joints
+    (hollow rings: labelled joints the sample does not train on)."""
+    from .drawing import augmentation_grid
+    from .files import atomic_write
+    from .manifests import load_dataset_manifest, load_stage_recipe
+    from .training import augmentation_preview_dataset
+
+    dataset = dataset or state.dataset or "lsp"
+    if index_file is None:
+        index_file = str(_index_dir(state, root, dataset) / "train.jsonl")
+    recipe = load_stage_recipe(1)
+    recipe.update({k: v for k, v in overrides.items() if v is not None})
+    manifest = load_dataset_manifest(dataset)
+    samples = augmentation_preview_dataset(Path(index_file), recipe, manifest)
+    grid = augmentation_grid(samples, range(min(count, len(samples))), epoch, manifest.skeleton)
+
+    import cv2
+
+    def write(tmp: Path) -> None:
+        ok, data = cv2.imencode(".png", grid)
+        tmp.write_bytes(data.tobytes())
+
+    atomic_write(Path(out), write)
+    console().print(f"{min(count, len(samples))} augmented samples of {index_file} "
+                    f"(epoch {epoch}): {out}")
 
 
 def _default_eval_index(run_dir: Path) -> Path:
@@ -302,18 +386,20 @@ def _default_eval_index(run_dir: Path) -> Path:
 @click.option("--save-predictions", type=click.Path(dir_okay=False),
               help="Per-image predictions (default RUN_DIR/eval/predictions.json).")
 @click.option("--stages", type=click.IntRange(1), help="Evaluate stages 1..K only.")
+@click.option("--flip-test", is_flag=True,
+              help="Average each crop's prediction with its mirror image's.")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_obj
 def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
              json_out: str | None, plot: str | None, save_predictions: str | None,
-             stages: int | None, device: str) -> None:
+             stages: int | None, flip_test: bool, device: str) -> None:
     """PCP and PDJ of every cascade stage beside the mean-pose baseline."""
     from .annotations import read_index
-    from .cascade import run_cascade_on_records
+    from .cascade import flip_averaged, run_cascade_on_records
     from .evaluation import (evaluate_predictions, metrics_json, plot_pdj,
-                             predictions_json, write_json)
+                             predictions_json, refinement_reports, write_json)
     from .manifests import load_dataset_manifest
-    from .runs import latest_run, load_cascade
+    from .runs import chain_dirs, latest_run, load_cascade
     from .training import RunDirectory
 
     run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
@@ -322,17 +408,25 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     records = read_index(index_path)
     cascade, meta = load_cascade(run_dir, device, stages)
     manifest = load_dataset_manifest(meta["dataset"])
+    if flip_test:
+        cascade = [flip_averaged(stage, manifest.flip_permutation) for stage in cascade]
     per_stage = run_cascade_on_records(cascade, records, manifest.torso_diameter)
     rows = evaluate_predictions(per_stage, meta["mean_pose"], records, manifest)
+    stage_dirs = [d for d, _ in chain_dirs(run_dir)][:len(cascade)]
+    refinements = refinement_reports(stage_dirs, cascade, per_stage, records, manifest)
     eval_dir = Path(run_dir) / "eval"
     json_path = Path(json_out) if json_out else eval_dir / "metrics.json"
     plot_path = Path(plot) if plot else eval_dir / "pdj.png"
     pred_path = Path(save_predictions) if save_predictions else eval_dir / "predictions.json"
-    write_json(json_path, metrics_json(rows, manifest, {"run": str(run_dir), "index": str(index_path),
-                                                        "images": len(records)}))
+    write_json(json_path, metrics_json(rows, manifest, {
+        "run": str(run_dir), "index": str(index_path), "images": len(records),
+        "flip_test": flip_test,
+        "refinement": [r.to_json(manifest.joint_names) for r in refinements]}))
     plot_pdj(rows, plot_path, f"{meta['dataset']}: {index_path.name} ({len(records)} images)")
     write_json(pred_path, predictions_json(records, per_stage, manifest.joint_names))
     _print_evaluation(rows, manifest, f"{run_dir} on {index_path} ({len(records)} images)")
+    if refinements:
+        _print_refinements(refinements, manifest)
     console().print(f"metrics: {json_path}\nPDJ curves: {plot_path}\npredictions: {pred_path}")
     state.run_dir = Path(run_dir)
 
@@ -371,6 +465,33 @@ def _print_evaluation(rows, manifest, title: str) -> None:
     out.print(joints)
 
 
+def _print_refinements(reports, manifest) -> None:
+    """Per refinement stage: how often it moved each joint closer / farther, and its error on
+    its own crops (torso diameters) beside not refining."""
+    from rich.table import Table
+
+    out = console()
+    crops = Table(title="refinement stages on their own crops (error in torso diameters)")
+    for column in ("stage", "simulated boxes", "no refinement", "moved closer",
+                   "boxes centred on truth"):
+        crops.add_column(column, justify="right")
+    for r in reports:
+        c = r.crops
+        crops.add_row(str(r.stage), *(f"{c[k]:.3f}" if k in c else "-"
+                                      for k in ("err", "err_none", "closer", "err_centred")))
+    moved = Table(title="refinement on the cascade's predictions: joints moved closer / farther")
+    moved.add_column("joint")
+    for r in reports:
+        moved.add_column(f"stage {r.stage}", justify="right")
+    for j, name in enumerate(manifest.joint_names):
+        moved.add_row(name, *(f"{100 * r.closer[j]:.0f}% / {100 * r.farther[j]:.0f}%"
+                              for r in reports))
+    moved.add_row("mean", *(f"{100 * r.closer.mean():.0f}% / {100 * r.farther.mean():.0f}%"
+                            for r in reports))
+    out.print(crops)
+    out.print(moved)
+
+
 def _parse_bbox(text: str | None):
     if text is None:
         return None
@@ -393,11 +514,13 @@ def _parse_bbox(text: str | None):
               show_default=True, help="Where --draw writes images.")
 @click.option("--json", "as_json", is_flag=True, help="Print COCO-keypoint-like JSON.")
 @click.option("--stages", type=click.IntRange(1), help="Run stages 1..K only.")
+@click.option("--flip-test", is_flag=True,
+              help="Average each crop's prediction with its mirror image's.")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_obj
 def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
             bbox: str | None, draw: bool, out_dir: str, as_json: bool, stages: int | None,
-            device: str) -> None:
+            flip_test: bool, device: str) -> None:
     """Predict joints on IMAGE files with a trained cascade."""
     import json
 
@@ -408,7 +531,8 @@ def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
 
     run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
     results, failures = predict_images(run_dir, [Path(p) for p in images], box,
-                                       Path(out_dir) if draw else None, stages, device)
+                                       Path(out_dir) if draw else None, stages, device,
+                                       flip_test)
     out = console()
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=2))

@@ -29,3 +29,56 @@ def draw_pose(image_bgr: np.ndarray, joints: np.ndarray, skeleton: Sequence[Limb
         cv2.circle(out, p, radius, (255, 255, 255), -1, cv2.LINE_AA)
         cv2.circle(out, p, radius, (0, 0, 0), 1, cv2.LINE_AA)
     return out
+
+
+def sample_picture(image_chw: np.ndarray, normalized: np.ndarray, visible: np.ndarray,
+                   skeleton: Sequence[Limb]) -> np.ndarray:
+    """A network input as a BGR uint8 picture with its target joints drawn where the loss
+    expects them: limbs between visible joints, a filled dot per visible joint and a hollow
+    grey ring for a labelled joint the sample does not train on (e.g. pushed out of the crop)."""
+    import cv2
+
+    from .geometry import normalized_to_crop_pixels
+    from .pipeline import IMAGE_MEAN, IMAGE_STD
+
+    rgb = np.asarray(image_chw, dtype=np.float32).transpose(1, 2, 0) * IMAGE_STD + IMAGE_MEAN
+    picture = cv2.cvtColor(np.clip(rgb * 255.0, 0, 255).round().astype(np.uint8),
+                           cv2.COLOR_RGB2BGR)
+    size = picture.shape[0]
+    pts = normalized_to_crop_pixels(normalized, size)
+    shown = np.asarray(visible) > 0
+    for limb in skeleton:
+        a, b = limb.joints
+        if shown[a] and shown[b]:
+            cv2.line(picture, tuple(int(round(v)) for v in pts[a]),
+                     tuple(int(round(v)) for v in pts[b]),
+                     SIDE_COLOURS.get(limb.side, (0, 200, 0)), 1, cv2.LINE_AA)
+    for p, on in zip(pts, shown):
+        centre = tuple(int(round(v)) for v in p)
+        if on:
+            cv2.circle(picture, centre, 2, (255, 255, 255), -1, cv2.LINE_AA)
+        else:
+            cv2.circle(picture, centre, 3, (160, 160, 160), 1, cv2.LINE_AA)
+    return picture
+
+
+def picture_grid(pictures: Sequence[np.ndarray], columns: int, gap: int = 2) -> np.ndarray:
+    """Equal-size pictures tiled row by row on a white background."""
+    size_y, size_x = pictures[0].shape[:2]
+    rows = -(-len(pictures) // columns)
+    grid = np.full((rows * (size_y + gap) - gap, columns * (size_x + gap) - gap, 3), 255,
+                   dtype=np.uint8)
+    for k, picture in enumerate(pictures):
+        r, c = divmod(k, columns)
+        grid[r * (size_y + gap):r * (size_y + gap) + size_y,
+             c * (size_x + gap):c * (size_x + gap) + size_x] = picture
+    return grid
+
+
+def augmentation_grid(dataset, indices: Sequence[int], epoch: int, skeleton: Sequence[Limb],
+                      columns: int = 8) -> np.ndarray:
+    """Training samples ``indices`` of ``dataset`` exactly as epoch ``epoch`` draws them,
+    tiled with their target joints: what the network is trained on, for checking a recipe's
+    augmentation by eye."""
+    pictures = [sample_picture(*dataset.get(int(i), epoch), skeleton) for i in indices]
+    return picture_grid(pictures, min(columns, len(pictures)))

@@ -122,3 +122,58 @@ def predictions_json(records: Sequence[PoseRecord], per_stage: Sequence[np.ndarr
             "stages": stages,
         })
     return out
+
+
+@dataclass
+class RefinementReport:
+    """What one refinement stage did on an index file.
+
+    On the cascade's real predictions: per joint, the fraction of visible joints it moved
+    closer to the truth and the fraction it moved farther away. On its own crops (boxes drawn
+    from its displacement statistics, and boxes centred on the truth): its error in torso
+    diameters beside keeping the box centre (``err_none``), i.e. not refining at all.
+    """
+
+    stage: int
+    closer: np.ndarray    # (J,)
+    farther: np.ndarray   # (J,)
+    crops: dict[str, float]  # err, err_none, closer, err_centred, loss; empty without statistics
+
+    def to_json(self, joint_names: Sequence[str]) -> dict[str, Any]:
+        return {"stage": self.stage,
+                "moved_closer": dict(zip(joint_names, self.closer.round(4).tolist())),
+                "moved_farther": dict(zip(joint_names, self.farther.round(4).tolist())),
+                "moved_closer_mean": float(self.closer.mean()),
+                "moved_farther_mean": float(self.farther.mean()),
+                "crops": self.crops}
+
+
+def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[np.ndarray],
+                       records: Sequence[PoseRecord], manifest: DatasetManifest,
+                       batch_size: int = 64) -> list[RefinementReport]:
+    """A :class:`RefinementReport` for each stage >= 2 of a cascade; ``stage_dirs`` are the
+    run directories of stages 1..S (for each stage's ``displacement.json``)."""
+    from .cascade import DisplacementStatistics, RefinementDataset, moved_closer
+    from .pipeline import Augmentation
+    from .training import validate
+
+    gt = np.stack([r.joints for r in records])
+    visible = np.stack([r.visible for r in records])
+    reports = []
+    for k in range(1, len(cascade)):
+        closer, farther = moved_closer(per_stage[k - 1], per_stage[k], gt, visible)
+        crops: dict[str, float] = {}
+        stats_path = Path(stage_dirs[k]) / "displacement.json"
+        if stats_path.is_file():
+            stage = cascade[k]
+            stats = DisplacementStatistics.from_json(json.loads(stats_path.read_text()))
+            recipe_path = Path(stage_dirs[k]) / "recipe.json"
+            recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+            crops_set = RefinementDataset(records, stats, stage.sigma, stage.input_size,
+                                          manifest.flip_permutation, manifest.torso_diameter,
+                                          Augmentation.none(),
+                                          sampling=recipe.get("displacement_sampling", "normal"))
+            crops = {key: float(v) for key, v in
+                     validate(stage.regress, crops_set, batch_size).items()}
+        reports.append(RefinementReport(k + 1, closer, farther, crops))
+    return reports

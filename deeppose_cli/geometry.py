@@ -70,6 +70,46 @@ def crop_matrix(box: Box, size: int, flip: bool = False) -> np.ndarray:
     return np.array([[sx, 0.0, half - cx * sx], [0.0, sy, half - cy * sy]])
 
 
+def augmented_crop_matrix(box: Box, size: int, flip: bool = False,
+                          rotation: float = 0.0) -> np.ndarray:
+    """:func:`crop_matrix` followed by a rotation of ``rotation`` degrees (counter-clockwise
+    on screen) about the crop centre, then the optional mirror: still one 2x3 affine map, so
+    an augmented crop costs one warp and joints follow exactly the same map."""
+    matrix = crop_matrix(box, size, False)
+    if rotation:
+        half = (size - 1) / 2.0
+        theta = np.deg2rad(rotation)
+        c, s = np.cos(theta), np.sin(theta)
+        # y points down in images: (c, s; -s, c) turns content counter-clockwise on screen.
+        rot = np.array([[c, s, half - c * half - s * half], [-s, c, half + s * half - c * half]])
+        matrix = compose_affine(rot, matrix)
+    if flip:
+        mirror = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0]])
+        matrix = compose_affine(mirror, matrix)
+    return matrix
+
+
+def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """The 2x3 affine map ``outer(inner(p))``."""
+    full = np.vstack([inner, [0.0, 0.0, 1.0]])
+    return (np.vstack([outer, [0.0, 0.0, 1.0]]) @ full)[:2]
+
+
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Points (..., 2) mapped by a 2x3 affine matrix."""
+    points = np.asarray(points, dtype=np.float64)
+    return points @ np.asarray(matrix)[:, :2].T + np.asarray(matrix)[:, 2]
+
+
+def warp_crop(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` x ``size`` crop that ``matrix`` (image -> crop pixels) describes; outside
+    the image is black."""
+    import cv2
+
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
 def crop_and_resize(image: np.ndarray, box: Box, size: int, flip: bool = False) -> np.ndarray:
     """Crop ``box`` out of ``image`` and resize it to ``size`` x ``size`` with one affine warp.
 

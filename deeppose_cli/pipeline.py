@@ -17,20 +17,38 @@ import numpy as np
 
 from .annotations import PoseRecord
 from .errors import DeepPoseError
-from .geometry import crop_and_resize, flip_normalized, normalize_pose
+from .geometry import (apply_affine, augmented_crop_matrix, crop_and_resize,
+                       crop_pixels_to_normalized, flip_normalized, normalize_pose, warp_crop)
 
 IMAGE_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGE_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
+OUTSIDE_JOINTS = ("drop", "keep")
+
+
 @dataclass(frozen=True)
 class Augmentation:
-    """Training-time randomness. ``Augmentation.none()`` is the evaluation setting."""
+    """Training-time randomness. ``Augmentation.none()`` is the evaluation setting.
+
+    Everything geometric (translation, scale, rotation, flip) is one affine map from image to
+    crop pixels: the crop is one warp and the joints go through the same map, so they stay on
+    their pixels whatever is drawn.
+
+    ``outside_joints`` says what happens to a visible joint that the augmentation moves out of
+    the crop: ``drop`` (the default of stage 1) marks it not visible for that sample, so the
+    network is never asked to place a joint it cannot see; ``keep`` trains on it anyway (the
+    refinement stages, whose boxes are centred on wrong predictions and must learn to move
+    towards a joint just outside).
+    """
 
     jitter_translation: float = 0.05  # box centre moved by up to this fraction of its side
     jitter_scale: float = 0.1         # box side scaled by exp(uniform(-s, s))
     flip: bool = True
     colour_noise: float = 0.1         # per-channel gain 1 + uniform(-c, c), plus a shift
+    rotation: float = 0.0             # degrees: uniform(-r, r) about the crop centre
+    occlusion: float = 0.0            # probability of one random erased rectangle
+    outside_joints: str = "keep"
 
     @classmethod
     def none(cls) -> "Augmentation":
@@ -38,7 +56,16 @@ class Augmentation:
 
     @classmethod
     def from_recipe(cls, recipe: dict) -> "Augmentation":
-        return cls(**{k: type(v)(recipe[k]) for k, v in asdict(cls()).items() if k in recipe})
+        aug = cls(**{k: type(v)(recipe[k]) for k, v in asdict(cls()).items() if k in recipe})
+        if aug.outside_joints not in OUTSIDE_JOINTS:
+            raise DeepPoseError(f"outside_joints must be one of {', '.join(OUTSIDE_JOINTS)}, "
+                                f"got {aug.outside_joints!r}")
+        return aug
+
+
+# Random erasing: area fraction and aspect ratio of the rectangle (Zhong et al. 2020).
+OCCLUSION_AREA = (0.02, 0.2)
+OCCLUSION_ASPECT = (0.3, 3.3)
 
 
 def load_image(path) -> np.ndarray:
@@ -88,25 +115,58 @@ def jitter_box(box: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> 
 def make_sample(image: np.ndarray, box: np.ndarray, joints: np.ndarray, visible: np.ndarray,
                 input_size: int, aug: Augmentation, rng: np.random.Generator,
                 flip_permutation: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Crop ``box`` (jittered), normalize the joints to it, maybe flip, add colour noise.
+    """Crop ``box`` (jittered, rotated, maybe mirrored) in one warp, map the joints through
+    the same affine map into the crop's normalized coordinates, add colour noise and maybe
+    erase a rectangle.
 
     Shared by every cascade stage: stage 1 passes the person box, later stages a box around
-    one joint. The random draws come in a fixed order (jitter, flip, gain, shift), so a
-    sample depends only on the generator's seed.
+    one joint. The random draws come in a fixed order (jitter, flip, gain, shift, rotation,
+    occlusion), each only when its augmentation is on, so a sample depends only on the
+    generator's seed and recipes without rotation or occlusion draw what they always drew.
     """
     box = jitter_box(box, aug, rng) if (aug.jitter_translation or aug.jitter_scale) else box
-    normalized = normalize_pose(joints, box)
     visible = np.asarray(visible, dtype=np.float32)
     flip = bool(aug.flip and rng.random() < 0.5)
-    if flip:
-        normalized, visible = flip_normalized(normalized, visible, flip_permutation)
-    crop = crop_and_resize(image, box, input_size, flip=flip)
     gain = shift = None
     if aug.colour_noise:
         gain = 1.0 + rng.uniform(-aug.colour_noise, aug.colour_noise, 3)
         shift = rng.uniform(-aug.colour_noise, aug.colour_noise, 3)
+    angle = float(rng.uniform(-aug.rotation, aug.rotation)) if aug.rotation else 0.0
+    if angle:
+        matrix = augmented_crop_matrix(box, input_size, flip, angle)
+        crop = warp_crop(image, matrix, input_size)
+        normalized = crop_pixels_to_normalized(apply_affine(matrix, joints), input_size)
+        if flip:  # the map already mirrored the coordinates; the labels swap sides too
+            normalized = normalized[list(flip_permutation)]
+            visible = visible[list(flip_permutation)]
+    else:  # the same map without rotation, in the closed form evaluation uses
+        normalized = normalize_pose(joints, box)
+        if flip:
+            normalized, visible = flip_normalized(normalized, visible, flip_permutation)
+        crop = crop_and_resize(image, box, input_size, flip=flip)
+    if aug.occlusion and rng.random() < aug.occlusion:
+        crop = erase_rectangle(crop, rng)
+    if aug.outside_joints == "drop":
+        inside = (np.abs(normalized) <= 0.5).all(axis=-1)
+        visible = np.where(inside, visible, 0.0)
     x = to_network_input(crop, gain, shift)
     return x, normalized.astype(np.float32), visible.astype(np.float32)
+
+
+def erase_rectangle(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``crop`` with one random rectangle filled with the mean colour (0 after
+    normalization): joints under it keep their labels, so the network learns to place
+    occluded joints from context."""
+    size_y, size_x = crop.shape[:2]
+    area = rng.uniform(*OCCLUSION_AREA) * size_x * size_y
+    aspect = np.exp(rng.uniform(*np.log(OCCLUSION_ASPECT)))
+    w = int(min(size_x, round(np.sqrt(area * aspect))))
+    h = int(min(size_y, round(np.sqrt(area / aspect))))
+    x0 = int(rng.integers(0, size_x - w + 1))
+    y0 = int(rng.integers(0, size_y - h + 1))
+    out = crop.copy()
+    out[y0:y0 + h, x0:x0 + w] = np.round(IMAGE_MEAN * 255).astype(np.uint8)
+    return out
 
 
 class SharedEpoch:

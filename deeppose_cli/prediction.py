@@ -41,7 +41,8 @@ def _read_bgr(path: Path) -> np.ndarray:
 
 
 def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] | None,
-                   draw_dir: Path | None, stages: int | None = None, device: str = "cpu"
+                   draw_dir: Path | None, stages: int | None = None, device: str = "cpu",
+                   flip_test: bool = False
                    ) -> tuple[list[ImagePrediction], list[tuple[Path, str]]]:
     """Predictions for every readable image, and (path, reason) for the others.
 
@@ -58,6 +59,10 @@ def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] |
 
     cascade, meta = load_cascade(run_dir, device, stages)
     manifest = load_dataset_manifest(meta["dataset"])
+    if flip_test:
+        from .cascade import flip_averaged
+
+        cascade = [flip_averaged(stage, manifest.flip_permutation) for stage in cascade]
     results, failures = [], []
     for path in paths:
         try:

@@ -103,7 +103,7 @@ def copy_chain(previous_dir: Path, run: RunDirectory) -> list[dict[str, Any]]:
             raise DeepPoseError(f"--previous {source}: that training did not finish")
         target = target_root / f"stage{meta['stage']}"
         target.mkdir(parents=True)
-        for name in ("run.json", "recipe.json", meta["model_file"]):
+        for name in ("run.json", "recipe.json", "displacement.json", meta["model_file"]):
             if (source / name).is_file():
                 shutil.copy2(source / name, target / name)
         child = RunDirectory(target)
@@ -155,3 +155,32 @@ def convert_run(source: Path, framework: str, out: Path) -> Path:
         new_meta["chain"] = new_chain
     RunDirectory(out).write_json("run.json", new_meta)
     return out
+
+
+def model_file_framework(path: Path) -> str:
+    """``chainer`` for a NumPy ``.npz`` (a zip of ``.npy`` members), else ``pytorch``: the
+    one place that tells the two model formats apart by content, not by name."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return "pytorch"
+    return "chainer" if names and all(n.endswith(".npy") for n in names) else "pytorch"
+
+
+def initial_parameters(source: Path | str) -> dict[str, Any]:
+    """The canonical parameters (``{"conv1/W": array, ...}``) of ``--init SOURCE``: a run
+    directory (its final model, checksum verified) or a model file of either framework."""
+    source = Path(source)
+    if source.is_dir():
+        run = RunDirectory(source)
+        meta = run.meta()
+        if not meta.get("complete"):
+            raise DeepPoseError(f"--init {source}: that training did not finish")
+        path = _verified_model(run, meta, meta.get("model_sha256"))
+        return backend_for(meta["framework"]).read_params(path)
+    if not source.is_file():
+        raise DeepPoseError(f"--init {source}: no such run directory or model file")
+    return backend_for(model_file_framework(source)).read_params(source)

@@ -21,6 +21,9 @@ from .files import atomic_write, atomic_write_text, sha256_of
 from .errors import DeepPoseError
 
 FRAMEWORKS = ("chainer", "pytorch")
+# Where a refinement stage's displacement statistics come from: the previous stages'
+# predictions on the training split (which they have seen) or on the validation split.
+DISPLACEMENT_SOURCES = ("train", "val")
 MODEL_SUFFIX = {"pytorch": ".pt", "chainer": ".npz"}
 
 
@@ -39,6 +42,8 @@ class TrainConfig:
     val_index: str | None = None
     input_size: int = 227
     width: float = 1.0
+    batch_norm: bool = False
+    dropout: float = 0.5
     optimizer: str = "MomentumSGD"
     lr: float = 0.0005
     momentum: float = 0.9
@@ -50,15 +55,26 @@ class TrainConfig:
     device: str = "cpu"
     workers: int = 0
     explicit_backward: bool = False
+    loss: str = "l2"
     use_visibility: bool = True
     checkpoint_every: int = 500
     jitter_translation: float = 0.05
     jitter_scale: float = 0.1
     flip: bool = True
     colour_noise: float = 0.1
+    rotation: float = 0.0
+    occlusion: float = 0.0
+    outside_joints: str = "keep"
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
+    lr_final_ratio: float = 0.01
     sigma: float | None = None
     samples_per_image: int = 1
+    displacement_source: str = "train"
+    refine_joints: str = "own"
+    displacement_sampling: str = "normal"
     previous: str | None = None
+    init: str | None = None
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any], **required: Any) -> "TrainConfig":
@@ -84,6 +100,26 @@ class TrainConfig:
             raise DeepPoseError("max-iterations must be at least 1")
         if self.stage >= 2 and not (self.sigma and self.sigma > 0):
             raise DeepPoseError("sigma must be positive for refinement stages")
+        from .losses import check_norm
+
+        check_norm(self.loss)
+        if self.displacement_source not in DISPLACEMENT_SOURCES:
+            raise DeepPoseError(f"displacement-source must be one of "
+                                f"{', '.join(DISPLACEMENT_SOURCES)}, got {self.displacement_source!r}")
+        if self.displacement_sampling not in ("normal", "empirical"):
+            raise DeepPoseError("displacement-sampling must be normal or empirical, got "
+                                f"{self.displacement_sampling!r}")
+        if self.refine_joints not in ("own", "all"):
+            raise DeepPoseError(f"refine-joints must be own or all, got {self.refine_joints!r}")
+        if not 0 <= self.dropout < 1:
+            raise DeepPoseError("dropout must be at least 0 and below 1")
+        if not 0 <= self.occlusion <= 1:
+            raise DeepPoseError("occlusion is a probability: between 0 and 1")
+        from .pipeline import Augmentation
+        from .schedules import LearningRateSchedule
+
+        Augmentation.from_recipe(self.to_json())
+        LearningRateSchedule(self.lr, 1, self.lr_schedule, self.lr_warmup, self.lr_final_ratio)
         parse_device(self.device)
 
     def to_json(self) -> dict[str, Any]:
@@ -216,8 +252,10 @@ class TrainingReporter:
     """Progress bars, the JSONL log and the NaN guard, shared by both backends."""
 
     def __init__(self, run: RunDirectory, plan: IterationPlan, batch_size: int,
-                 log_every: int = 10, show_progress: bool = True):
+                 log_every: int = 10, show_progress: bool = True,
+                 schedule: Callable[[int], float] | None = None):
         self.run = run
+        self.schedule = schedule
         self.plan = plan
         self.batch_size = batch_size
         self.log_every = log_every
@@ -274,6 +312,7 @@ class TrainingReporter:
             self.run.append_log({
                 "iteration": iteration, "epoch": epoch + 1,
                 "loss": float(np.mean(self._window)),
+                **({"lr": self.schedule(iteration)} if self.schedule else {}),
                 "elapsed": round(now - self._start, 3),
                 "images_per_second": round(self.images_per_second, 2),
             })
@@ -285,7 +324,7 @@ class TrainingReporter:
                   "elapsed": round(time.perf_counter() - self._start, 3)}
         record.update({f"val_{k}": v for k, v in metrics.items()})
         self.run.append_log(record)
-        text = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        text = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         self._progress.console.print(f"[bold]validation[/] iteration {iteration}: {text}")
 
 
@@ -300,27 +339,51 @@ def masked_squared_error(pred: np.ndarray, target: np.ndarray,
 
 def validate(predict_normalized: Callable[[np.ndarray], np.ndarray], dataset,
              batch_size: int, torso_pair: Sequence[int] | None = None) -> dict[str, float]:
-    """Validation loss of a regressor (normalized-coordinates in, (N, J, 2) out) on a
-    dataset of samples, and PDJ@0.2 in image pixels when the dataset has person boxes."""
+    """Validation metrics of a regressor (normalized-coordinates in, (N, J, 2) out).
+
+    Always the loss. A stage-1 dataset (person boxes, no flips) adds PDJ@0.2 in image pixels.
+    A refinement dataset adds the stage's error in torso diameters at the simulated
+    displacements (``err``) beside keeping the box centre (``err_none``), the fraction of
+    crops it moved closer (``closer``), and its error on crops centred on the true joints
+    (``err_centred``): the precision it can give when the previous stage was right.
+    """
     from .geometry import denormalize_pose
     from .metrics import pdj
 
+    loss, pred, target = _predict_dataset(predict_normalized, dataset, batch_size)
+    metrics = {"loss": loss}
+    records = getattr(dataset, "records", None)
+    if records is not None and torso_pair is not None and not dataset.aug.flip:
+        boxes = np.stack([r.box for r in records])
+        pred_px = denormalize_pose(pred, boxes)
+        gt = np.stack([r.joints for r in records])
+        vis = np.stack([r.visible for r in records])
+        metrics["pdj@0.2"] = pdj(pred_px, gt, vis, torso_pair).at(0.2)[0]
+    if hasattr(dataset, "joint_of") and len(dataset):
+        from .cascade import refinement_errors
+
+        joints = np.array([dataset.joint_of(k) for k in range(len(dataset))])
+        metrics.update(refinement_errors(pred, target, joints, dataset.sigma))
+        centred = dataset.centred()
+        _, pred_c, target_c = _predict_dataset(predict_normalized, centred, batch_size)
+        metrics["err_centred"] = refinement_errors(pred_c, target_c, joints,
+                                                   dataset.sigma)["err"]
+    return metrics
+
+
+def _predict_dataset(predict_normalized, dataset, batch_size: int):
+    """(masked mean squared error, predictions, targets) over a whole dataset."""
     total, count = 0.0, 0.0
-    preds = []
+    preds, targets = [], []
     for images, target, visible in batches(dataset, range(len(dataset)), batch_size):
         pred = np.asarray(predict_normalized(images)).reshape(target.shape)
         s, c = masked_squared_error(pred, target, visible)
         total, count = total + s, count + c
         preds.append(pred)
-    metrics = {"loss": total / max(count, 1.0)}
-    records = getattr(dataset, "records", None)
-    if records is not None and torso_pair is not None and not dataset.aug.flip:
-        boxes = np.stack([r.box for r in records])
-        pred_px = denormalize_pose(np.concatenate(preds), boxes)
-        gt = np.stack([r.joints for r in records])
-        vis = np.stack([r.visible for r in records])
-        metrics["pdj@0.2"] = pdj(pred_px, gt, vis, torso_pair).at(0.2)[0]
-    return metrics
+        targets.append(target)
+    if not preds:
+        return float("nan"), np.zeros((0, 0, 2)), np.zeros((0, 0, 2))
+    return total / max(count, 1.0), np.concatenate(preds), np.concatenate(targets)
 
 
 def batches(dataset, order: Iterable[int], batch_size: int):
@@ -364,6 +427,29 @@ def stage1_datasets(config: TrainConfig, manifest):
     return train_set, val_set
 
 
+def inherit_architecture(recipe: dict[str, Any], previous_meta: dict[str, Any],
+                         given: dict[str, Any]) -> dict[str, Any]:
+    """A refinement recipe that starts from the previous stage's weights (``init =
+    "previous"``) takes that stage's network (input size, width, batch norm) unless the
+    command line set them: the weights only fit the network they were trained in."""
+    if recipe.get("init") != "previous":
+        return recipe
+    previous = {"batch_norm": False, **previous_meta}  # runs from before batch norm had none
+    inherited = {key: previous[key] for key in ("input_size", "width", "batch_norm")
+                 if key in previous and key not in given}
+    return {**recipe, **inherited}
+
+
+def augmentation_preview_dataset(index_file: Path, recipe: dict[str, Any], manifest):
+    """Stage-1 training samples of ``index_file`` augmented as ``recipe`` says."""
+    from .annotations import read_index
+    from .pipeline import Augmentation, PoseDataset
+
+    return PoseDataset(read_index(Path(index_file)), int(recipe["input_size"]),
+                       manifest.flip_permutation, Augmentation.from_recipe(recipe),
+                       seed=int(recipe.get("seed", 0)))
+
+
 def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
     return {
         "format": "deeppose-run",
@@ -374,6 +460,7 @@ def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
         "joint_names": list(manifest.joint_names),
         "input_size": config.input_size,
         "width": config.width,
+        "batch_norm": config.batch_norm,
         "model_file": f"model{MODEL_SUFFIX[config.framework]}",
         "complete": False,
     }
@@ -410,6 +497,7 @@ def train_stage1(config: TrainConfig, resume: bool = False,
 
     manifest = load_dataset_manifest(config.dataset)
     train_set, val_set = stage1_datasets(config, manifest)
+    init_params = init_parameters(config, resume)
     run = prepare_run(config, resume)
     records = train_set.records
     normalized = normalize_pose(np.stack([r.joints for r in records]),
@@ -418,11 +506,42 @@ def train_stage1(config: TrainConfig, resume: bool = False,
     meta["mean_pose"] = mean_normalized_pose(
         normalized, np.stack([r.visible for r in records])).round(6).tolist()
     meta["torso_pair"] = list(manifest.torso_diameter)
-    return run_backend(config, train_set, val_set, run, meta, manifest, resume, show_progress)
+    return run_backend(config, train_set, val_set, run, meta, manifest, resume, show_progress,
+                       init_params)
+
+
+def init_parameters(config: TrainConfig, resume: bool) -> dict[str, np.ndarray] | None:
+    """The weights of ``--init`` (read before the run directory is touched), or None; a
+    resumed run's checkpoint already holds its weights."""
+    if not config.init or resume:
+        return None
+    from .runs import initial_parameters
+
+    if config.init == "previous":  # a refinement stage starting from the stage it refines
+        if not config.previous:
+            raise DeepPoseError("--init previous needs a previous stage (stage 2 or later)")
+        return initial_parameters(config.previous)
+    return initial_parameters(config.init)
+
+
+def apply_init_parameters(load: Callable[[Any, dict], None], model: Any, config: TrainConfig,
+                          init_params: dict[str, np.ndarray] | None) -> None:
+    """Load ``--init`` weights into a backend's fresh model with ``load`` (its
+    ``load_numpy_params``), or say in one line why they do not fit."""
+    if init_params is None:
+        return
+    try:
+        load(model, init_params)
+    except DeepPoseError as e:
+        raise DeepPoseError(f"--init {config.init} does not fit this network (input size "
+                            f"{config.input_size}, width {config.width}, batch norm "
+                            f"{config.batch_norm}): {e}") from None
 
 
 def run_backend(config: TrainConfig, train_set, val_set, run: RunDirectory, meta: dict[str, Any],
-                manifest, resume: bool, show_progress: bool) -> tuple[RunDirectory, dict[str, Any]]:
+                manifest, resume: bool, show_progress: bool,
+                init_params: dict[str, np.ndarray] | None = None
+                ) -> tuple[RunDirectory, dict[str, Any]]:
     """Hand the datasets to the framework's backend, then mark the run complete.
 
     run.json is written before training (so a crashed run is recognisable) and again with
@@ -431,7 +550,7 @@ def run_backend(config: TrainConfig, train_set, val_set, run: RunDirectory, meta
     run.write_json("run.json", meta)
     summary = backend_for(config.framework).train(
         config, train_set, val_set, run, torso_pair=manifest.torso_diameter, resume=resume,
-        show_progress=show_progress)
+        show_progress=show_progress, init_params=init_params)
     meta["complete"] = True
     meta["model_sha256"] = sha256_of(run.model_path)
     run.write_json("run.json", meta)
@@ -450,8 +569,11 @@ def refinement_datasets(config: TrainConfig, manifest, stats, train_records, val
                   flip_permutation=manifest.flip_permutation,
                   torso_pair=manifest.torso_diameter, seed=config.seed)
     train_set = RefinementDataset(train_records, aug=aug,
-                                  samples_per_image=config.samples_per_image, **common)
-    val_set = RefinementDataset(val_records, **common) if val_records else None
+                                  samples_per_image=config.samples_per_image,
+                                  train_joints=config.refine_joints,
+                                  sampling=config.displacement_sampling, **common)
+    val_set = (RefinementDataset(val_records, sampling=config.displacement_sampling, **common)
+               if val_records else None)
     return train_set, val_set
 
 
@@ -460,10 +582,9 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
     """Train stage ``config.stage`` >= 2 on top of the run ``config.previous`` (stages
     1..N-1, of either framework)."""
     from .annotations import read_index
-    from .cascade import (DisplacementStatistics, displacement_statistics,
-                          record_diameters, run_cascade_on_records)
+    from .cascade import DisplacementStatistics
     from .manifests import load_dataset_manifest
-    from .runs import copy_chain, load_cascade
+    from .runs import copy_chain
 
     if not config.previous:
         raise DeepPoseError(f"stage {config.stage} needs --previous RUN_DIR of stage {config.stage - 1}")
@@ -475,19 +596,23 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
     manifest = load_dataset_manifest(config.dataset)
     train_records = read_index(Path(config.train_index))
     val_records = read_index(Path(config.val_index)) if config.val_index else []
+    if config.displacement_source == "val" and not val_records:
+        raise DeepPoseError("--displacement-source val needs a validation index (--val FILE)")
+    init_params = init_parameters(config, resume)
     run = prepare_run(config, resume)
 
     stats_path = run.path / "displacement.json"
     if resume and stats_path.is_file():
         stats = DisplacementStatistics.from_json(json.loads(stats_path.read_text()))
     else:
-        stages, _ = load_cascade(previous, config.device)
-        predictions = run_cascade_on_records(stages, train_records, manifest.torso_diameter)[-1]
-        stats = displacement_statistics(
-            predictions, np.stack([r.joints for r in train_records]),
-            np.stack([r.visible for r in train_records]),
-            record_diameters(train_records, manifest.torso_diameter))
-        run.write_json("displacement.json", stats.to_json())
+        source_records, source_index = ((val_records, config.val_index)
+                                        if config.displacement_source == "val"
+                                        else (train_records, config.train_index))
+        stats = measure_displacements(previous, source_records, manifest, config.device)
+        run.write_json("displacement.json", {
+            **stats.to_json(), "source": config.displacement_source,
+            "index": str(source_index), "images": len(source_records),
+            "rms": stats.rms().round(4).tolist()})
 
     meta = base_meta(config, manifest)
     meta.update({"sigma": config.sigma, "torso_pair": list(manifest.torso_diameter),
@@ -495,7 +620,21 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
     first = RunDirectory(run.path / meta["chain"][0]["dir"]).meta()
     meta["mean_pose"] = first["mean_pose"]
     train_set, val_set = refinement_datasets(config, manifest, stats, train_records, val_records)
-    return run_backend(config, train_set, val_set, run, meta, manifest, resume, show_progress)
+    return run_backend(config, train_set, val_set, run, meta, manifest, resume, show_progress,
+                       init_params)
+
+
+def measure_displacements(previous: Path, records, manifest, device: str):
+    """Displacement statistics of the cascade ``previous`` (stages 1..N-1) on ``records``."""
+    from .cascade import displacement_statistics, record_diameters, run_cascade_on_records
+    from .runs import load_cascade
+
+    stages, _ = load_cascade(previous, device)
+    predictions = run_cascade_on_records(stages, records, manifest.torso_diameter)[-1]
+    return displacement_statistics(
+        predictions, np.stack([r.joints for r in records]),
+        np.stack([r.visible for r in records]),
+        record_diameters(records, manifest.torso_diameter))
 
 
 def train_stage(config: TrainConfig, resume: bool = False, show_progress: bool = True

@@ -20,6 +20,18 @@ from .errors import DeepPoseError
 
 LAYER_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 PARAMETER_NAMES: tuple[str, ...] = tuple(f"{layer}/{p}" for layer in LAYER_NAMES for p in ("W", "b"))
+# The batch-normalized variant (``batch_norm=True``) normalizes each convolution's output
+# before its ReLU: bn<k> follows conv<k>. Its four arrays per layer use Chainer's names; the
+# running statistics are part of the model (inference uses them), so they travel too.
+BN_LAYERS: tuple[str, ...] = ("bn1", "bn2", "bn3", "bn4", "bn5")
+BN_ARRAYS: tuple[str, ...] = ("gamma", "beta", "avg_mean", "avg_var")
+BN_EPS = 1e-5       # both frameworks: Chainer's default is 2e-5, torch's 1e-5
+BN_DECAY = 0.9      # running statistics: 0.9 * old + 0.1 * batch (torch momentum 0.1)
+
+
+def parameter_names(batch_norm: bool = False) -> tuple[str, ...]:
+    """Canonical names of every array of the model, in order."""
+    return tuple(parameter_shapes(1, MIN_INPUT_SIZE, 1.0, batch_norm))
 
 # AlexNet as in DeepPose: (name, output channels at width 1, kernel, stride, pad, max-pool 3/2 after).
 CONV_LAYERS: tuple[tuple[str, int, int, int, int, bool], ...] = (
@@ -62,8 +74,10 @@ def feature_map_size(input_size: int) -> int:
     return size
 
 
-def parameter_shapes(num_joints: int = 14, input_size: int = 227, width: float = 1.0) -> dict[str, tuple[int, ...]]:
-    """Shape of every parameter of ``AlexNetRegressor(num_joints, input_size, width)``, in order."""
+def parameter_shapes(num_joints: int = 14, input_size: int = 227, width: float = 1.0,
+                     batch_norm: bool = False) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter of ``AlexNetRegressor(num_joints, input_size, width,
+    batch_norm)``, in order."""
     if num_joints < 1:
         raise DeepPoseError(f"num_joints must be at least 1, got {num_joints}")
     shapes: dict[str, tuple[int, ...]] = {}
@@ -72,6 +86,9 @@ def parameter_shapes(num_joints: int = 14, input_size: int = 227, width: float =
         out_channels = scale_width(channels, width)
         shapes[f"{name}/W"] = (out_channels, in_channels, ksize, ksize)
         shapes[f"{name}/b"] = (out_channels,)
+        if batch_norm:
+            bn = "bn" + name[len("conv"):]
+            shapes.update({f"{bn}/{array}": (out_channels,) for array in BN_ARRAYS})
         in_channels = out_channels
     fc_units = scale_width(FC_UNITS, width)
     in_features = in_channels * feature_map_size(input_size) ** 2
@@ -103,3 +120,13 @@ def check_parameters(params: Mapping[str, object], expected_shapes: Mapping[str,
         kind = getattr(getattr(value, "dtype", None), "kind", None) or np.asarray(value).dtype.kind
         if kind not in "fiu":
             raise DeepPoseError(f"parameters do not match the model: {name!r} holds dtype kind {kind!r}, not real numbers")
+
+
+ARCHITECTURE_KEYS = ("num_joints", "input_size", "width", "batch_norm")
+
+
+def architecture(meta: Mapping[str, object]) -> dict[str, object]:
+    """The constructor arguments of the regressor described by ``meta`` (a run.json, a model
+    file's metadata): ``batch_norm`` defaults to False, as in models written before it existed."""
+    return {"num_joints": int(meta["num_joints"]), "input_size": int(meta["input_size"]),
+            "width": float(meta["width"]), "batch_norm": bool(meta.get("batch_norm", False))}

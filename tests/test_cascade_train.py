@@ -19,7 +19,7 @@ from deeppose_cli.metrics import pdj
 from deeppose_cli.runs import convert_run, load_cascade
 from deeppose_cli.training import RunDirectory, train_stage
 
-from conftest import tiny_config
+from conftest import CALIBRATED, tiny_config
 
 TORSO = (9, 2)
 # Stage 1 as calibrated in test_train_torch.py (PDJ@0.2 ~0.5 against the mean pose's ~0.31).
@@ -37,6 +37,7 @@ def refinement_config(framework, index_dir, out, previous, stage=2, **overrides)
     from deeppose_cli.training import TrainConfig
 
     recipe = load_stage_recipe(stage)
+    recipe.update(CALIBRATED)
     recipe.update(overrides)
     return TrainConfig.from_recipe(recipe, stage=stage, framework=framework, dataset="synthetic",
                                    train_index=str(index_dir / "train.jsonl"),

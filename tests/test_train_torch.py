@@ -175,9 +175,9 @@ def test_resumed_run_ends_with_identical_weights(small_index, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_index, tmp_path, monkeypatch):
     calls, pose_loss = [], tb.pose_loss
 
-    def loss_turning_nan(pred, target, visible, use_visibility=True):
+    def loss_turning_nan(pred, target, visible, use_visibility=True, norm="l2"):
         calls.append(1)
-        loss = pose_loss(pred, target, visible, use_visibility)
+        loss = pose_loss(pred, target, visible, use_visibility, norm)
         return loss * float("nan") if len(calls) == 5 else loss
 
     monkeypatch.setattr(tb, "pose_loss", loss_turning_nan)

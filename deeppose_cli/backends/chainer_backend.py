@@ -25,9 +25,11 @@ import numpy as np
 
 from ..errors import DeepPoseError
 from ..files import atomic_write
+from ..schedules import schedule_from_config
 from ..training import (IterationPlan, RunDirectory, TrainConfig, TrainingReporter,
-                        parse_device, validate)
-from ..weights import PARAMETER_NAMES, check_parameters, parameter_shapes
+                        apply_init_parameters, parse_device, validate)
+from ..weights import (ARCHITECTURE_KEYS, PARAMETER_NAMES, architecture, check_parameters,
+                       parameter_names, parameter_shapes)
 from .chainer_compat import import_chainer
 
 chainer = import_chainer()
@@ -41,7 +43,7 @@ from .chainer_model import (AlexNetRegressor, load_numpy_params, pose_loss,  # n
 
 MODEL_FORMAT = "deeppose-model"
 FRAMEWORK = "chainer"
-META_KEYS = ("num_joints", "input_size", "width")
+META_KEYS = ("num_joints", "input_size", "width")  # required; batch_norm defaults to False
 PREDICT_BATCH = 64
 
 
@@ -213,6 +215,33 @@ class Validation(chainer.training.Extension):
         self.last = metrics
 
 
+class LearningRateSchedule(chainer.training.Extension):
+    """Sets the optimizer's step size from the framework-free schedule before every update.
+
+    Called after each update (and once when training starts or resumes) with the *next*
+    iteration's value, so the step of iteration i uses ``schedule(i)`` exactly as in PyTorch.
+    Adam's step size is ``alpha`` in Chainer, MomentumSGD's ``lr``.
+    """
+
+    trigger = 1, "iteration"
+    priority = chainer.training.PRIORITY_WRITER + 1  # before the validation and snapshot
+
+    def __init__(self, schedule: Callable[[int], float]):
+        self.schedule = schedule
+
+    def _apply(self, trainer) -> None:
+        optimizer = trainer.updater.get_optimizer("main")
+        value = self.schedule(trainer.updater.iteration + 1)
+        setattr(optimizer, "alpha" if isinstance(optimizer, chainer.optimizers.Adam) else "lr",
+                value)
+
+    def initialize(self, trainer) -> None:
+        self._apply(trainer)
+
+    def __call__(self, trainer) -> None:
+        self._apply(trainer)
+
+
 def make_optimizer(config: TrainConfig, model: "chainer.Link") -> "chainer.Optimizer":
     """The recipe's optimizer set up on ``model``, with its weight decay as a hook."""
     if config.optimizer == "Adam":
@@ -256,13 +285,9 @@ def _load_snapshot(path: Path, trainer) -> None:
 def build_model(config: TrainConfig, num_joints: int,
                 init_params: dict[str, np.ndarray] | None = None) -> AlexNetRegressor:
     """The stage's network, freshly initialized or with ``init_params`` (``--init``)."""
-    model = AlexNetRegressor(num_joints, config.input_size, config.width)
-    if init_params is not None:
-        try:
-            load_numpy_params(model, init_params)
-        except DeepPoseError as e:
-            raise DeepPoseError(f"--init {config.init} does not fit this network (input size "
-                                f"{config.input_size}, width {config.width}): {e}") from None
+    model = AlexNetRegressor(num_joints, config.input_size, config.width, config.batch_norm,
+                             config.dropout)
+    apply_init_parameters(load_numpy_params, model, config, init_params)
     return model
 
 
@@ -278,19 +303,23 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
     device = get_device(config.device)
     np.random.seed(config.seed)  # chainer's initializers, dropout and shuffling use it
     num_joints = int(np.shape(train_set[0][1])[0])
-    model = AlexNetRegressor(num_joints, config.input_size, config.width)
+    model = build_model(config, num_joints, init_params)
     model.to_device(device)
     optimizer = make_optimizer(config, model)
 
     plan = IterationPlan.make(len(train_set), config.batch_size, config.epochs,
                               config.max_iterations)
-    loss_fn = pose_loss_explicit if config.explicit_backward else pose_loss
-    with TrainingReporter(run, plan, config.batch_size, show_progress=show_progress) as reporter:
+    loss_fn = functools.partial(pose_loss_explicit if config.explicit_backward else pose_loss,
+                                norm=config.loss)
+    schedule = schedule_from_config(config, plan.total_iterations)
+    with TrainingReporter(run, plan, config.batch_size, show_progress=show_progress,
+                          schedule=schedule) as reporter:
         iterator = make_iterator(config, train_set)
         updater = PoseUpdater(iterator, optimizer, device, train_set, reporter, loss_fn,
                               config.use_visibility)
         trainer = chainer.training.Trainer(updater, StopAt(plan.total_iterations),
                                            out=str(run.path))
+        trainer.extend(LearningRateSchedule(schedule), name="lr_schedule")
         validation = None
         if val_set is not None and len(val_set) > 0:
             validation = Validation(_predictor(model, device), val_set, config.batch_size,
@@ -315,7 +344,8 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
         finally:
             iterator.finalize()  # stops MultiprocessIterator's workers on every path
 
-    meta = {"num_joints": num_joints, "input_size": config.input_size, "width": config.width}
+    meta = {"num_joints": num_joints, "input_size": config.input_size, "width": config.width,
+            "batch_norm": config.batch_norm}
     params = to_numpy_params(model)
     atomic_write(run.model_path, lambda tmp: write_model(params, meta, tmp))
     seconds = updater.train_seconds
@@ -338,12 +368,14 @@ def write_model(params: dict[str, np.ndarray], meta: dict, path: Path) -> None:
     """
     spec = _architecture(meta, Path(path))
     check_parameters(params, parameter_shapes(**spec))
-    arrays = {name: np.asarray(params[name], dtype=np.float32) for name in PARAMETER_NAMES}
+    arrays = {name: np.asarray(params[name], dtype=np.float32)
+              for name in parameter_names(spec["batch_norm"])}
     arrays["deeppose_format"] = np.array(MODEL_FORMAT)
     arrays["deeppose_framework"] = np.array(FRAMEWORK)
     arrays["num_joints"] = np.array(spec["num_joints"], dtype=np.int64)
     arrays["input_size"] = np.array(spec["input_size"], dtype=np.int64)
     arrays["width"] = np.array(spec["width"], dtype=np.float64)
+    arrays["batch_norm"] = np.array(spec["batch_norm"])
     # A file object: np.savez would append ".npz" to a path that lacks it.
     with open(path, "wb") as f:
         np.savez_compressed(f, **arrays)
@@ -364,8 +396,11 @@ def load_regressor(model_path: Path, meta: dict,
     model_path = Path(model_path)
     chainer_device = get_device(device)
     params, file_meta = _read_model(model_path)
-    spec = _architecture({**file_meta, **{k: meta[k] for k in META_KEYS if k in meta}},
+    spec = _architecture({**file_meta, **{k: meta[k] for k in ARCHITECTURE_KEYS if k in meta}},
                          model_path)
+    if spec["batch_norm"] != bool(file_meta.get("batch_norm", False)):
+        raise DeepPoseError(f"{model_path} has batch_norm {bool(file_meta.get('batch_norm'))}, "
+                            f"but its run.json says {spec['batch_norm']}")
     state = np.random.get_state()  # building the model draws initial weights; leave no trace
     try:
         model = AlexNetRegressor(**spec)
@@ -384,8 +419,7 @@ def _architecture(meta: dict, path: Path) -> dict[str, Any]:
     if missing:
         raise DeepPoseError(f"{path}: architecture unknown (no {', '.join(missing)} in the "
                             "run metadata or the model file)")
-    return {"num_joints": int(meta["num_joints"]), "input_size": int(meta["input_size"]),
-            "width": float(meta["width"])}
+    return architecture(meta)
 
 
 def _read_model(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -406,16 +440,18 @@ def _read_model(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if not any(name in arrays for name in PARAMETER_NAMES):
         raise DeepPoseError(f"{path} is not a deeppose Chainer model (no conv1/W ... fc8/b "
                             "parameters)")
-    file_meta = {k: _scalar(arrays[k]) for k in META_KEYS if k in arrays}
+    file_meta = {k: _scalar(arrays[k]) for k in ARCHITECTURE_KEYS if k in arrays}
+    # Files written before batch_norm existed say nothing; their arrays tell.
+    file_meta.setdefault("batch_norm", "bn1/gamma" in arrays)
+    names = parameter_names(bool(file_meta["batch_norm"]))
     try:
-        if len(file_meta) == len(META_KEYS):
+        if all(k in file_meta for k in META_KEYS):
             check_parameters(arrays, parameter_shapes(**_architecture(file_meta, path)))
         else:
-            check_parameters(arrays, {name: np.shape(arrays.get(name, ()))
-                                      for name in PARAMETER_NAMES})
+            check_parameters(arrays, {name: np.shape(arrays.get(name, ())) for name in names})
     except DeepPoseError as e:
         raise DeepPoseError(f"{path}: {e}") from None
-    params = {name: np.asarray(arrays[name], dtype=np.float32) for name in PARAMETER_NAMES}
+    params = {name: np.asarray(arrays[name], dtype=np.float32) for name in names}
     return params, file_meta
 
 

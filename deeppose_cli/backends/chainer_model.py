@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..weights import LAYER_NAMES, check_parameters, feature_map_size, layer_sizes
+from ..losses import check_norm
+from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, check_parameters, feature_map_size,
+                       layer_sizes, parameter_names)
 from .chainer_compat import import_chainer
 
 chainer = import_chainer()
@@ -27,14 +29,18 @@ class AlexNetRegressor(chainer.Chain):
 
     ``width`` scales every channel count and the fc6/fc7 sizes, so tests and demos can run a
     tiny variant; ``input_size`` is the side of the square crop and fixes fc6's input size.
-    Dropout follows ``chainer.config.train``.
+    Dropout and batch normalization (``batch_norm``: after each convolution, before its ReLU)
+    follow ``chainer.config.train``.
     """
 
-    def __init__(self, num_joints: int = 14, input_size: int = 227, width: float = 1.0):
+    def __init__(self, num_joints: int = 14, input_size: int = 227, width: float = 1.0,
+                 batch_norm: bool = False, dropout: float = 0.5):
         super().__init__()
+        self.dropout = float(dropout)  # fc6/fc7, training only; not part of the weights
         self.num_joints = num_joints
         self.input_size = input_size
         self.width = width
+        self.batch_norm = bool(batch_norm)
         (c1, c2, c3, c4, c5), fc_units = layer_sizes(width)
         side = feature_map_size(input_size)
         with self.init_scope():
@@ -43,22 +49,33 @@ class AlexNetRegressor(chainer.Chain):
             self.conv3 = L.Convolution2D(c2, c3, ksize=3, pad=1)
             self.conv4 = L.Convolution2D(c3, c4, ksize=3, pad=1)
             self.conv5 = L.Convolution2D(c4, c5, ksize=3, pad=1)
+            if self.batch_norm:
+                for name, channels in zip(BN_LAYERS, (c1, c2, c3, c4, c5)):
+                    setattr(self, name, L.BatchNormalization(channels, decay=BN_DECAY,
+                                                             eps=BN_EPS))
             # Sizes given explicitly (no lazy init), so the parameters exist before the first call.
             self.fc6 = L.Linear(c5 * side * side, fc_units)
             self.fc7 = L.Linear(fc_units, fc_units)
             # Start every prediction near 0, the box centre, instead of at a random pose.
             self.fc8 = L.Linear(fc_units, 2 * num_joints, initialW=chainer.initializers.Normal(1e-3))
 
+    def _conv(self, k: int, h):
+        """conv<k>, its batch normalization if any, then ReLU."""
+        h = getattr(self, f"conv{k}")(h)
+        if self.batch_norm:
+            h = getattr(self, f"bn{k}")(h)
+        return F.relu(h)
+
     def forward(self, x):
         """``x``: (N, 3, input_size, input_size) float32 -> (N, 2 * num_joints)."""
         # cover_all=False floors the pooled size like torch; Chainer's default would round up.
-        h = F.max_pooling_2d(F.relu(self.conv1(x)), 3, 2, cover_all=False)
-        h = F.max_pooling_2d(F.relu(self.conv2(h)), 3, 2, cover_all=False)
-        h = F.relu(self.conv3(h))
-        h = F.relu(self.conv4(h))
-        h = F.max_pooling_2d(F.relu(self.conv5(h)), 3, 2, cover_all=False)
-        h = F.dropout(F.relu(self.fc6(h)), 0.5)  # Linear flattens (N, C, H, W) row-major like torch
-        h = F.dropout(F.relu(self.fc7(h)), 0.5)
+        h = F.max_pooling_2d(self._conv(1, x), 3, 2, cover_all=False)
+        h = F.max_pooling_2d(self._conv(2, h), 3, 2, cover_all=False)
+        h = self._conv(3, h)
+        h = self._conv(4, h)
+        h = F.max_pooling_2d(self._conv(5, h), 3, 2, cover_all=False)
+        h = F.dropout(F.relu(self.fc6(h)), self.dropout)  # Linear flattens (N, C, H, W) row-major like torch
+        h = F.dropout(F.relu(self.fc7(h)), self.dropout)
         return self.fc8(h)
 
 
@@ -78,8 +95,10 @@ def _mask_and_denominator(visible, dtype, use_visibility: bool):
     return mask, denom
 
 
-def pose_loss(pred, target, visible, use_visibility: bool = True) -> chainer.Variable:
-    """Mean over visible joints of the squared 2-D distance between prediction and target.
+def pose_loss(pred, target, visible, use_visibility: bool = True,
+              norm: str = "l2") -> chainer.Variable:
+    """Mean over visible joints of the squared 2-D distance (``norm="l2"``) or of the sum of
+    absolute coordinate errors (``norm="l1"``) between prediction and target.
 
     ``pred`` (N, 2J), ``target`` (N, J, 2) (arrays or Variables), ``visible`` (N, J) of 0/1::
 
@@ -98,6 +117,9 @@ def pose_loss(pred, target, visible, use_visibility: bool = True) -> chainer.Var
     # where(), not just mask * diff: an unlabelled joint may carry NaN coordinates.
     diff = F.where(counts, diff, xp.zeros(diff.shape, diff.dtype))
     weights = xp.broadcast_to(mask[..., None], diff.shape)
+    check_norm(norm)
+    if norm == "l1":
+        return F.sum(F.absolute(diff) * weights) / denom
     return F.sum(diff * diff * weights) / denom
 
 
@@ -108,8 +130,10 @@ class PoseLossFunction(chainer.FunctionNode):
     gets none). ``backward`` is built from Chainer functions, so it is differentiable again.
     """
 
-    def __init__(self, use_visibility: bool = True):
+    def __init__(self, use_visibility: bool = True, norm: str = "l2"):
+        check_norm(norm)
         self.use_visibility = use_visibility
+        self.norm = norm
 
     def forward(self, inputs):
         pred, target, visible = inputs
@@ -118,7 +142,10 @@ class PoseLossFunction(chainer.FunctionNode):
         n, j = mask.shape
         counts = mask[..., None] > 0
         diff = xp.where(counts, pred.reshape(n, j, 2) - target.astype(pred.dtype, copy=False), pred.dtype.type(0))
-        loss = (mask[..., None] * diff * diff).sum() / pred.dtype.type(denom)
+        if self.norm == "l1":
+            loss = (mask[..., None] * xp.abs(diff)).sum() / pred.dtype.type(denom)
+        else:
+            loss = (mask[..., None] * diff * diff).sum() / pred.dtype.type(denom)
         self.retain_inputs((0, 1))
         self._mask, self._denom = mask, denom
         return xp.asarray(loss, dtype=pred.dtype),
@@ -132,8 +159,13 @@ class PoseLossFunction(chainer.FunctionNode):
         diff = F.reshape(pred, (n, j, 2)) - F.cast(target, pred.dtype)
         counts = xp.broadcast_to(mask[..., None] > 0, diff.shape)
         diff = F.where(counts, diff, xp.zeros(diff.shape, diff.dtype))
-        scale = xp.broadcast_to(mask[..., None] * pred.dtype.type(2.0 / denom), diff.shape)
-        grad_diff = F.broadcast_to(grad_loss, diff.shape) * diff * scale
+        if self.norm == "l1":  # d|d|/dd = sign(d), 0 at 0 like F.absolute
+            scale = xp.broadcast_to(mask[..., None] * pred.dtype.type(1.0 / denom), diff.shape)
+            slope = xp.sign(diff.array).astype(diff.dtype)
+            grad_diff = F.broadcast_to(grad_loss, diff.shape) * slope * scale
+        else:
+            scale = xp.broadcast_to(mask[..., None] * pred.dtype.type(2.0 / denom), diff.shape)
+            grad_diff = F.broadcast_to(grad_loss, diff.shape) * diff * scale
         grads = []
         for index in indexes:
             if index == 0:
@@ -145,24 +177,29 @@ class PoseLossFunction(chainer.FunctionNode):
         return tuple(grads)
 
 
-def pose_loss_explicit(pred, target, visible, use_visibility: bool = True) -> chainer.Variable:
+def pose_loss_explicit(pred, target, visible, use_visibility: bool = True,
+                       norm: str = "l2") -> chainer.Variable:
     """Same value and gradient as ``pose_loss``, through ``PoseLossFunction``'s hand-written backward."""
-    (loss,) = PoseLossFunction(use_visibility).apply((pred, target, visible))
+    (loss,) = PoseLossFunction(use_visibility, norm).apply((pred, target, visible))
     return loss
 
 
 # ----------------------------------------------------------------------------- weights
 
 
+def _array_of(model: AlexNetRegressor, name: str):
+    """The array behind a canonical name: a parameter's ``.array`` or a batch-norm statistic."""
+    layer, key = name.split("/")
+    value = getattr(getattr(model, layer), key)
+    return value.array if isinstance(value, chainer.Variable) else value
+
+
 def to_numpy_params(model: AlexNetRegressor) -> dict[str, np.ndarray]:
-    """The model's parameters as ``{"conv1/W": array, ...}`` float32 NumPy copies (also from a GPU)."""
-    params = {}
-    for name in LAYER_NAMES:
-        layer = getattr(model, name)
-        for key in ("W", "b"):
-            array = backend.CpuDevice().send(getattr(layer, key).array)
-            params[f"{name}/{key}"] = np.array(array, dtype=np.float32, copy=True)
-    return params
+    """The model's parameters (and batch-norm statistics) as ``{"conv1/W": array, ...}``
+    float32 NumPy copies (also from a GPU)."""
+    cpu = backend.CpuDevice()
+    return {name: np.array(cpu.send(_array_of(model, name)), dtype=np.float32, copy=True)
+            for name in parameter_names(model.batch_norm)}
 
 
 def load_numpy_params(model: AlexNetRegressor, params: dict[str, np.ndarray]) -> None:
@@ -170,11 +207,9 @@ def load_numpy_params(model: AlexNetRegressor, params: dict[str, np.ndarray]) ->
 
     Raises ``DeepPoseError`` (before changing anything) on a missing key or a wrong shape.
     """
-    expected = {f"{name}/{key}": getattr(getattr(model, name), key).shape for name in LAYER_NAMES for key in ("W", "b")}
-    check_parameters(params, expected)
-    for name in LAYER_NAMES:
-        layer = getattr(model, name)
-        for key in ("W", "b"):
-            param = getattr(layer, key)
-            value = np.asarray(params[f"{name}/{key}"], dtype=param.dtype)
-            param.array[...] = param.device.send(value)
+    names = parameter_names(model.batch_norm)
+    check_parameters(params, {name: _array_of(model, name).shape for name in names})
+    for name in names:
+        target = _array_of(model, name)
+        xp = backend.get_array_module(target)
+        target[...] = xp.asarray(np.asarray(params[name], dtype=target.dtype))

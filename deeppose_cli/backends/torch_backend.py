@@ -11,7 +11,7 @@ Two file formats, both loadable with ``torch.load(..., weights_only=True)``:
   "model", "optimizer", "iteration", "torch_rng_state", "config"}``, rewritten atomically
   every ``checkpoint_every`` iterations so ``--resume`` continues exactly where it stopped;
 * model (``model.pt``): ``{"format": "deeppose-model", "framework": "pytorch", "num_joints",
-  "input_size", "width", "params": {"conv1/W": tensor, ...}}``, the canonical parameter
+  "input_size", "width", "batch_norm", "params": {"conv1/W": tensor, ...}}``, the canonical parameter
   names of ``deeppose_cli.weights`` so ``deeppose convert`` can move it to Chainer.
 """
 
@@ -31,9 +31,10 @@ from torch.utils.data import DataLoader
 from ..errors import DeepPoseError
 from ..files import atomic_write
 from ..pipeline import epoch_order
+from ..schedules import LearningRateSchedule, schedule_from_config
 from ..training import (IterationPlan, RunDirectory, TrainConfig, TrainingReporter,
-                        parse_device, validate)
-from ..weights import check_parameters, parameter_shapes
+                        apply_init_parameters, parse_device, validate)
+from ..weights import ARCHITECTURE_KEYS, architecture, check_parameters, parameter_shapes
 from .torch_model import (AlexNetRegressor, load_numpy_params, pose_loss, pose_loss_explicit,
                           to_numpy_params)
 
@@ -133,8 +134,8 @@ def load_checkpoint(run: RunDirectory, model: torch.nn.Module,
         raise DeepPoseError(f"{path} is a {checkpoint.get('framework')} checkpoint; "
                             f"resume it with --framework {checkpoint.get('framework')}")
     saved = checkpoint.get("config") or {}
-    for key in ("input_size", "width"):
-        if key in saved and saved[key] != getattr(config, key):
+    for key in ("input_size", "width", "batch_norm"):
+        if saved.get(key, False) != getattr(config, key):
             raise DeepPoseError(f"{path} was trained with {key} {saved[key]}, but this run "
                                 f"has {key} {getattr(config, key)}: resume with the same recipe")
     try:
@@ -174,11 +175,6 @@ def predictor(model: AlexNetRegressor, device: torch.device
     return predict
 
 
-def evaluate(model: AlexNetRegressor, val_set, batch_size: int, torso_pair: Sequence[int],
-             device: torch.device) -> dict[str, float]:
-    return validate(predictor(model, device), val_set, batch_size, torso_pair)
-
-
 def device_batches(loader: DataLoader, device: torch.device):
     """The loader's batches moved to ``device`` (asynchronously from pinned memory on CUDA)."""
     for batch in loader:
@@ -200,10 +196,16 @@ def train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: torch.optim.O
     return value
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Apply the framework-free schedule's value for the coming step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train_one_epoch(model: AlexNetRegressor, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
                     loader: DataLoader, device: torch.device, config: TrainConfig,
                     reporter: TrainingReporter, run: RunDirectory, first_iteration: int,
-                    last_iteration: int) -> tuple[int, int]:
+                    last_iteration: int, schedule: LearningRateSchedule) -> tuple[int, int]:
     """Train on ``loader`` from iteration ``first_iteration + 1`` up to ``last_iteration``.
 
     The loss is reported before the step, so a NaN stops training before it reaches the
@@ -213,6 +215,7 @@ def train_one_epoch(model: AlexNetRegressor, loss_fn: LossFn, optimizer: torch.o
     iteration, images = first_iteration, 0
     for x, joints, visible in device_batches(loader, device):
         iteration += 1
+        set_learning_rate(optimizer, schedule(iteration))
         train_step(model, loss_fn, optimizer, x, joints, visible, config.use_visibility,
                    functools.partial(reporter.iteration, iteration))
         images += len(x)
@@ -223,8 +226,18 @@ def train_one_epoch(model: AlexNetRegressor, loss_fn: LossFn, optimizer: torch.o
     return iteration, images
 
 
+def build_model(config: TrainConfig, num_joints: int,
+                init_params: dict[str, np.ndarray] | None = None) -> AlexNetRegressor:
+    """The stage's network, freshly initialized or with ``init_params`` (``--init``)."""
+    model = AlexNetRegressor(num_joints, config.input_size, config.width, config.batch_norm,
+                             config.dropout)
+    apply_init_parameters(load_numpy_params, model, config, init_params)
+    return model
+
+
 def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
-          torso_pair, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
+          torso_pair, resume: bool = False, show_progress: bool = True,
+          init_params: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Train one stage and write ``run.model_path``; returns a summary of the run.
 
     With a fixed seed, CPU and ``workers=0``, a run interrupted at any iteration and resumed
@@ -236,11 +249,13 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
     if len(train_set) == 0:
         raise DeepPoseError("the training set is empty")
     torch.manual_seed(config.seed)
-    model = AlexNetRegressor(num_joints_of(train_set), config.input_size, config.width).to(device)
+    model = build_model(config, num_joints_of(train_set), init_params).to(device)
     optimizer = build_optimizer(config, model)
-    loss_fn = pose_loss_explicit if config.explicit_backward else pose_loss
+    loss_fn = functools.partial(pose_loss_explicit if config.explicit_backward else pose_loss,
+                                norm=config.loss)
     plan = IterationPlan.make(len(train_set), config.batch_size, config.epochs,
                               config.max_iterations)
+    schedule = schedule_from_config(config, plan.total_iterations)
 
     iteration = 0
     if resume:
@@ -252,7 +267,8 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
 
     metrics: dict[str, float] = {}
     train_seconds, train_images = 0.0, 0
-    with TrainingReporter(run, plan, config.batch_size, show_progress=show_progress) as reporter:
+    with TrainingReporter(run, plan, config.batch_size, show_progress=show_progress,
+                          schedule=schedule) as reporter:
         reporter.start(iteration)
         while iteration < plan.total_iterations:
             epoch = plan.epoch_of(iteration + 1)
@@ -261,14 +277,16 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
             last = min((epoch + 1) * plan.iterations_per_epoch, plan.total_iterations)
             start = time.perf_counter()
             iteration, images = train_one_epoch(model, loss_fn, optimizer, loader, device,
-                                                config, reporter, run, iteration, last)
+                                                config, reporter, run, iteration, last, schedule)
             train_seconds += time.perf_counter() - start
             train_images += images
             if val_set is not None:
-                metrics = evaluate(model, val_set, config.batch_size, torso_pair, device)
+                metrics = validate(predictor(model, device), val_set, config.batch_size,
+                                      torso_pair)
                 reporter.validation(iteration, metrics)
         if val_set is not None and not metrics:  # resumed at the end: still report the model
-            metrics = evaluate(model, val_set, config.batch_size, torso_pair, device)
+            metrics = validate(predictor(model, device), val_set, config.batch_size,
+                                  torso_pair)
             reporter.validation(iteration, metrics)
     save_checkpoint(run, model, optimizer, iteration, config)
     write_model(to_numpy_params(model), model_meta(model), run.model_path)
@@ -286,13 +304,14 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
 
 
 def model_meta(model: AlexNetRegressor) -> dict[str, Any]:
-    return {"num_joints": model.num_joints, "input_size": model.input_size, "width": model.width}
+    return {"num_joints": model.num_joints, "input_size": model.input_size, "width": model.width,
+            "batch_norm": model.batch_norm}
 
 
 def write_model(params: dict[str, np.ndarray], meta: dict, path: Path) -> None:
     """Save canonical parameters as a ``.pt`` model file (atomically)."""
-    shapes = parameter_shapes(int(meta["num_joints"]), int(meta["input_size"]),
-                              float(meta["width"]))
+    spec = architecture(meta)
+    shapes = parameter_shapes(**spec)
     check_parameters(params, shapes)
     obj = {
         "format": MODEL_FORMAT,
@@ -300,6 +319,7 @@ def write_model(params: dict[str, np.ndarray], meta: dict, path: Path) -> None:
         "num_joints": int(meta["num_joints"]),
         "input_size": int(meta["input_size"]),
         "width": float(meta["width"]),
+        "batch_norm": spec["batch_norm"],
         "params": {name: torch.from_numpy(np.array(params[name], dtype=np.float32))
                    for name in shapes},
     }
@@ -360,8 +380,7 @@ def _params_of(obj: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
         if not isinstance(value, torch.Tensor):
             raise DeepPoseError(f"model file {path} is truncated or corrupt ({name!r})")
         params[name] = value.detach().cpu().numpy().astype(np.float32, copy=True)
-    check_parameters(params, parameter_shapes(int(obj["num_joints"]), int(obj["input_size"]),
-                                              float(obj["width"])))
+    check_parameters(params, parameter_shapes(**architecture(obj)))
     return params
 
 
@@ -376,12 +395,13 @@ def load_regressor(model_path: Path, meta: dict, device: str = "cpu"
     joints. ``meta`` is the run's ``run.json``; the file must agree with it."""
     torch_device = resolve_device(device)
     obj = _load_model_file(Path(model_path))
-    for key in ("num_joints", "input_size", "width"):
-        if key in meta and float(obj[key]) != float(meta[key]):
-            raise DeepPoseError(f"{model_path} has {key} {obj[key]}, but its run.json says"
-                                f" {meta[key]}")
-    model = AlexNetRegressor(int(meta["num_joints"]), int(meta["input_size"]),
-                             float(meta["width"]))
+    in_file = architecture(obj)
+    in_run = architecture({**obj, **meta})  # run.json's values where it has them
+    for key in ARCHITECTURE_KEYS:
+        if in_file[key] != in_run[key]:
+            raise DeepPoseError(f"{model_path} has {key} {in_file[key]}, but its run.json says"
+                                f" {in_run[key]}")
+    model = AlexNetRegressor(**in_file)
     load_numpy_params(model, _params_of(obj, Path(model_path)))
     return predictor(model.to(torch_device).eval(), torch_device)
 
