@@ -178,8 +178,7 @@ def displacement_statistics(pred: np.ndarray, gt: np.ndarray, visible: np.ndarra
     cov = np.tile(np.eye(2) * 1e-4, (num_joints, 1, 1))
     count = visible.sum(axis=0)
     samples = [d[visible[:, j], j] for j in range(num_joints)]
-    for j in range(num_joints):
-        dj = d[visible[:, j], j]
+    for j, dj in enumerate(samples):
         if len(dj) >= 1:
             mean[j] = dj.mean(axis=0)
         if len(dj) >= 2:

@@ -183,6 +183,28 @@ def _index_dir(state: ChainState, root: str | None, dataset: str) -> Path:
     return data_root(root, state) / dataset / "index"
 
 
+def augmentation_options(command):
+    """The recipe's augmentation keys as options (train-stage and show-augmentation)."""
+    options = [
+        click.option("--rotation", type=click.FloatRange(0, 180),
+                     help="Augmentation: max rotation, degrees."),
+        click.option("--jitter-scale", type=click.FloatRange(0),
+                     help="Augmentation: log-scale jitter."),
+        click.option("--jitter-translation", type=click.FloatRange(0),
+                     help="Augmentation: shift, fraction of the box side."),
+        click.option("--colour-noise", type=click.FloatRange(0),
+                     help="Augmentation: colour gain/shift."),
+        click.option("--occlusion", type=click.FloatRange(0, 1),
+                     help="Augmentation: probability of one random erased rectangle."),
+        click.option("--outside-joints", type=click.Choice(["drop", "keep"]),
+                     help="Joints augmentation moves out of the crop: not trained on (drop) "
+                     "or kept."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("train-stage")
 @click.argument("stage", type=click.IntRange(1, 9))
 @click.option("--framework", type=click.Choice(["chainer", "pytorch"]),
@@ -230,15 +252,7 @@ def _index_dir(state: ChainState, root: str | None, dataset: str) -> Path:
 @click.option("--lr-warmup", type=click.IntRange(0), help="Linear warm-up iterations.")
 @click.option("--lr-final-ratio", type=click.FloatRange(0, 1),
               help="cosine: final learning rate as a fraction of --lr.")
-@click.option("--rotation", type=click.FloatRange(0, 180), help="Augmentation: max rotation, degrees.")
-@click.option("--jitter-scale", type=click.FloatRange(0), help="Augmentation: log-scale jitter.")
-@click.option("--jitter-translation", type=click.FloatRange(0),
-              help="Augmentation: shift, fraction of the box side.")
-@click.option("--colour-noise", type=click.FloatRange(0), help="Augmentation: colour gain/shift.")
-@click.option("--occlusion", type=click.FloatRange(0, 1),
-              help="Augmentation: probability of one random erased rectangle.")
-@click.option("--outside-joints", type=click.Choice(["drop", "keep"]),
-              help="Joints augmentation moves out of the crop: not trained on (drop) or kept.")
+@augmentation_options
 @click.option("--init", help="Start from these weights: a run directory or model file of either "
               "framework, or 'previous' (stage >= 2: the stage it refines).")
 @click.option("--displacement-source", type=click.Choice(["train", "val"]),
@@ -320,12 +334,7 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
               help="Draw the augmentation of this epoch.")
 @click.option("--seed", type=int, help="Recipe seed (default: the recipe's).")
 @click.option("--input-size", type=click.IntRange(67), help="Crop side in pixels.")
-@click.option("--rotation", type=click.FloatRange(0, 180))
-@click.option("--jitter-scale", type=click.FloatRange(0))
-@click.option("--jitter-translation", type=click.FloatRange(0))
-@click.option("--colour-noise", type=click.FloatRange(0))
-@click.option("--occlusion", type=click.FloatRange(0, 1))
-@click.option("--outside-joints", type=click.Choice(["drop", "keep"]))
+@augmentation_options
 @click.option("--out", type=click.Path(dir_okay=False), default="augmentation.png",
               show_default=True, help="PNG to write.")
 @click.pass_obj

@@ -1,10 +1,12 @@
-"""Writing files so that an interruption never leaves half of one, and checksumming them."""
+"""Writing files so that an interruption never leaves half of one, checksumming them, and
+telling the model formats apart by content."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -36,3 +38,14 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_npz(path: Path) -> bool:
+    """A NumPy ``.npz`` (what Chainer saves) is a zip of ``.npy`` members; a torch file is a
+    zip too, but of pickles and raw storages."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return bool(names) and all(name.endswith(".npy") for name in names)

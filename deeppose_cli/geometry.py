@@ -116,11 +116,7 @@ def crop_and_resize(image: np.ndarray, box: Box, size: int, flip: bool = False) 
     Outside the image is filled with zeros (black), as DeepPose's crops near borders are.
     ``flip=True`` gives the mirrored crop, the image counterpart of :func:`flip_normalized`.
     """
-    import cv2
-
-    matrix = crop_matrix(box, size, flip)
-    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return warp_crop(image, crop_matrix(box, size, flip), size)
 
 
 def normalized_to_crop_pixels(normalized: np.ndarray, size: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .cascade import StageModel
 from .errors import DeepPoseError
-from .files import atomic_write, sha256_of
+from .files import atomic_write, is_npz, sha256_of
 from .training import RunDirectory, backend_for
 
 RUNS_ROOT = Path("runs")
@@ -158,16 +158,9 @@ def convert_run(source: Path, framework: str, out: Path) -> Path:
 
 
 def model_file_framework(path: Path) -> str:
-    """``chainer`` for a NumPy ``.npz`` (a zip of ``.npy`` members), else ``pytorch``: the
-    one place that tells the two model formats apart by content, not by name."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return "pytorch"
-    return "chainer" if names and all(n.endswith(".npy") for n in names) else "pytorch"
+    """``chainer`` for a NumPy ``.npz``, else ``pytorch``: a model file's framework told by
+    its content, not its name."""
+    return "chainer" if is_npz(path) else "pytorch"
 
 
 def initial_parameters(source: Path | str) -> dict[str, Any]:

@@ -106,11 +106,15 @@ class TrainConfig:
         if self.displacement_source not in DISPLACEMENT_SOURCES:
             raise DeepPoseError(f"displacement-source must be one of "
                                 f"{', '.join(DISPLACEMENT_SOURCES)}, got {self.displacement_source!r}")
-        if self.displacement_sampling not in ("normal", "empirical"):
-            raise DeepPoseError("displacement-sampling must be normal or empirical, got "
+        from .cascade import DISPLACEMENT_SAMPLING, REFINE_JOINTS
+
+        if self.displacement_sampling not in DISPLACEMENT_SAMPLING:
+            raise DeepPoseError(f"displacement-sampling must be one of "
+                                f"{', '.join(DISPLACEMENT_SAMPLING)}, got "
                                 f"{self.displacement_sampling!r}")
-        if self.refine_joints not in ("own", "all"):
-            raise DeepPoseError(f"refine-joints must be own or all, got {self.refine_joints!r}")
+        if self.refine_joints not in REFINE_JOINTS:
+            raise DeepPoseError(f"refine-joints must be one of {', '.join(REFINE_JOINTS)}, "
+                                f"got {self.refine_joints!r}")
         if not 0 <= self.dropout < 1:
             raise DeepPoseError("dropout must be at least 0 and below 1")
         if not 0 <= self.occlusion <= 1:

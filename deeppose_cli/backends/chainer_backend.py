@@ -398,8 +398,8 @@ def load_regressor(model_path: Path, meta: dict,
     params, file_meta = _read_model(model_path)
     spec = _architecture({**file_meta, **{k: meta[k] for k in ARCHITECTURE_KEYS if k in meta}},
                          model_path)
-    if spec["batch_norm"] != bool(file_meta.get("batch_norm", False)):
-        raise DeepPoseError(f"{model_path} has batch_norm {bool(file_meta.get('batch_norm'))}, "
+    if spec["batch_norm"] != bool(file_meta["batch_norm"]):  # _read_model always sets it
+        raise DeepPoseError(f"{model_path} has batch_norm {bool(file_meta['batch_norm'])}, "
                             f"but its run.json says {spec['batch_norm']}")
     state = np.random.get_state()  # building the model draws initial weights; leave no trace
     try:

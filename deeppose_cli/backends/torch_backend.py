@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import pickle
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import DeepPoseError
-from ..files import atomic_write
+from ..files import atomic_write, is_npz
 from ..pipeline import epoch_order
 from ..schedules import LearningRateSchedule, schedule_from_config
 from ..training import (IterationPlan, RunDirectory, TrainConfig, TrainingReporter,
@@ -326,17 +325,6 @@ def write_model(params: dict[str, np.ndarray], meta: dict, path: Path) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
-def _is_npz(path: Path) -> bool:
-    """A NumPy ``.npz`` (what Chainer saves) is a zip of ``.npy`` members; a torch file is a
-    zip too, but of pickles and raw storages."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return bool(names) and all(name.endswith(".npy") for name in names)
-
-
 def _torch_load(path: Path, what: str) -> Any:
     """``torch.load(weights_only=True)`` with every failure turned into a one-line error."""
     path = Path(path)
@@ -344,7 +332,7 @@ def _torch_load(path: Path, what: str) -> Any:
         raise DeepPoseError(f"{what} file {path} does not exist")
     if not path.is_file():
         raise DeepPoseError(f"{what} file {path} is not a file")
-    if _is_npz(path):
+    if is_npz(path):
         raise DeepPoseError(f"{path} is a Chainer model (.npz), not a PyTorch one: convert it"
                             " with `deeppose convert` or use --framework chainer")
     try:
