@@ -1,10 +1,13 @@
 """``deeppose fetch``: download, verify and unpack a dataset archive, or render the synthetic one.
 
 The dataset directory ``ROOT/<name>`` only ever appears complete: archives are downloaded to
-``ROOT/downloads/<file>.partial`` (resumable with an HTTP Range request), checked against the
-manifest's size and sha256, unpacked into a temporary directory inside ROOT and renamed into
-place with a ``.deeppose-complete.json`` marker. A failure at any step removes the temporary
-directory and leaves the previous dataset (if any) untouched.
+``ROOT/downloads/<file>.partial`` (resumable with an HTTP Range request guarded by If-Range, so
+a file that changed on the server is fetched again rather than spliced), checked for a zip
+signature and against the manifest's size and sha256, unpacked within a size bound into a
+temporary directory inside ROOT and renamed into place with a ``.deeppose-complete.json``
+marker. Only then does the ``.partial`` file take its final name, so a final name in
+``downloads/`` always means an archive that was verified and extracted once. A failure at any
+step removes the temporary directory and leaves the previous dataset (if any) untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import http.client
 import json
+import math
 import os
 import re
 import shutil
@@ -39,10 +43,16 @@ CHUNK_SIZE = 1 << 16
 MARKER_NAME = ".deeppose-complete.json"
 #: Environment variable naming the default data root.
 DATA_ROOT_ENV = "DEEPPOSE_DATA"
+#: Most bytes an archive may unpack to when its manifest sets no ``max_extracted_bytes``.
+DEFAULT_MAX_EXTRACTED_BYTES = 8 << 30
+#: Environment variable that raises (or lowers) the extraction bound, in GiB.
+MAX_EXTRACT_ENV = "DEEPPOSE_MAX_EXTRACT_GIB"
 
 _USER_AGENT = "deeppose-fetch/1"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # a first member, or an empty archive
+_HTML_STARTS = (b"<!doctype", b"<html", b"<head", b"<body", b"<?xml", b"<!--")
 
 
 @dataclass
@@ -72,12 +82,15 @@ def fetch_dataset(
     sha256: str | None = None,
     force: bool = False,
     progress: bool = True,
+    max_extract_bytes: int | None = None,
 ) -> FetchResult:
     """Make ``root/<manifest.name>`` hold the complete dataset, doing only the work still needed.
 
     ``url`` replaces the manifest's mirrors; ``archive`` is a local copy used instead of the
     network; ``sha256`` is the checksum to accept (overriding the manifest's, e.g. for a copy
-    obtained elsewhere); ``force`` fetches again even when a complete copy is present.
+    obtained elsewhere); ``force`` fetches again even when a complete copy is present;
+    ``max_extract_bytes`` bounds what the archive may unpack to (default:
+    ``$DEEPPOSE_MAX_EXTRACT_GIB``, else the manifest's ``max_extracted_bytes``, else 8 GiB).
     """
     root = Path(root)
     dataset_dir = root / manifest.name
@@ -95,6 +108,7 @@ def fetch_dataset(
             message=f"{dataset_dir} is already complete{when}; pass --force to fetch it again.",
         )
 
+    limit = _extraction_limit(manifest, max_extract_bytes)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -102,9 +116,19 @@ def fetch_dataset(
 
     if archive is not None:
         archive_path = Path(archive)
-        checked = _check_archive(manifest, archive_path, pinned_sha256, source_is_user_file=True)
-        _install(manifest, dataset_dir, source=str(archive_path), archive_path=archive_path,
-                 sha256=checked.sha256, size=checked.size)
+        try:
+            checked = _check_archive(manifest, archive_path, pinned_sha256,
+                                     source_is_user_file=True)
+            _install(manifest, dataset_dir, source=str(archive_path), archive_path=archive_path,
+                     sha256=checked.sha256, size=checked.size, limit=limit)
+        except _BadArchive as e:
+            if not e.unusable:
+                raise
+            raise DeepPoseError(
+                f"{_sentence(str(e))} It was given with --archive, so it cannot be downloaded "
+                f"again: replace that file, or leave out --archive to download the dataset "
+                f"(with --force if a complete copy is already there)."
+            ) from None
         return _archive_result(dataset_dir, "extracted from archive", archive_path, checked,
                                f"Extracted {archive_path}")
 
@@ -122,23 +146,41 @@ def fetch_dataset(
     final_path = downloads / filename
     partial_path = downloads / f"{filename}.partial"
 
+    discarded = ""
     if final_path.is_file() and not force:
-        checked = _check_archive(manifest, final_path, pinned_sha256, source_is_user_file=False)
-        _install(manifest, dataset_dir, source=str(final_path), archive_path=final_path,
-                 sha256=checked.sha256, size=checked.size)
-        return _archive_result(dataset_dir, "extracted from archive", final_path, checked,
-                               f"Extracted the earlier download {final_path}")
+        try:
+            checked = _check_archive(manifest, final_path, pinned_sha256,
+                                     source_is_user_file=False)
+            _install(manifest, dataset_dir, source=str(final_path), archive_path=final_path,
+                     sha256=checked.sha256, size=checked.size, limit=limit)
+            return _archive_result(dataset_dir, "extracted from archive", final_path, checked,
+                                   f"Extracted the earlier download {final_path}")
+        except _BadArchive as e:
+            if not e.unusable:
+                raise
+            # Not the archive (an old tool's leftover, a web page, a damaged copy): never
+            # let it block every later fetch; it can always be downloaded again.
+            final_path.unlink(missing_ok=True)
+            discarded = (f"The earlier download {final_path} was unusable ({e.reason}) "
+                         f"and was deleted. ")
 
-    downloads.mkdir(parents=True, exist_ok=True)
-    if force and partial_path.exists():
-        partial_path.unlink()  # --force means a fresh copy, not the remains of an old one
-    used_url = _download_from_mirrors(urls, partial_path, progress=progress)
-    checked = _check_archive(manifest, partial_path, pinned_sha256, source_is_user_file=False)
-    os.replace(partial_path, final_path)
-    _install(manifest, dataset_dir, source=used_url, archive_path=final_path,
-             sha256=checked.sha256, size=checked.size)
+    try:
+        downloads.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DeepPoseError(f"cannot create {downloads}: {e.strerror or e}") from None
+    if force:
+        _discard_partial(partial_path)  # --force means a fresh copy, not the remains of an old one
+    try:
+        used_url, checked = _download_and_install(
+            manifest, urls, partial_path, final_path, dataset_dir, pinned_sha256,
+            limit=limit, progress=progress)
+    except DeepPoseError as e:
+        if discarded:
+            text = str(e)
+            raise DeepPoseError(f"{discarded}{text[:1].upper()}{text[1:]}", e.exit_code) from None
+        raise
     return _archive_result(dataset_dir, "downloaded", final_path, checked,
-                           f"Downloaded {used_url} and extracted it")
+                           f"{discarded}Downloaded {used_url} and extracted it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +225,25 @@ def _write_marker(directory: Path, **fields: Any) -> None:
 # Verification
 
 
+class _BadArchive(DeepPoseError):
+    """The file is not a usable copy of the archive.
+
+    ``unusable`` marks files that can never work (not a zip, a web page, corrupt, hostile,
+    missing the annotations): a cached download of that kind is deleted and fetched again.
+    A size or checksum mismatch is not ``unusable``: the file may be fine and the expected
+    value wrong, so it is kept for the user to judge. ``cut_short`` marks failures that a file
+    which is merely incomplete would also show (no zip directory at its end, too few bytes).
+    ``reason`` is a short phrase for combined messages.
+    """
+
+    def __init__(self, message: str, reason: str, *, unusable: bool = True,
+                 cut_short: bool = False):
+        super().__init__(message)
+        self.reason = reason
+        self.unusable = unusable
+        self.cut_short = cut_short
+
+
 def _normalise_sha256(value: str) -> str:
     digest = value.strip().lower()
     if not _SHA256_RE.match(digest):
@@ -190,42 +251,83 @@ def _normalise_sha256(value: str) -> str:
     return digest
 
 
+def _looks_like_html(head: bytes, content_type: str = "") -> bool:
+    """Whether a body is a web page (an error or landing page served with status 200)."""
+    if content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
+        return True
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return start.startswith(_HTML_STARTS)
+
+
+def _signature_problem(head: bytes, content_type: str = "") -> str | None:
+    """None when ``head`` starts like a zip archive, else a short description of what it is."""
+    if head.startswith(_ZIP_SIGNATURES):
+        return None
+    if not head:
+        return "an empty file"
+    if _looks_like_html(head, content_type):
+        return "a web page, not the archive"
+    return "not a valid zip archive (it does not start with a zip signature)"
+
+
 def _check_archive(manifest: DatasetManifest, path: Path, pinned_sha256: str | None, *,
                    source_is_user_file: bool) -> _CheckedArchive:
-    """Compare ``path`` with the expected size and sha256; on mismatch raise and keep the file.
+    """Check ``path``'s zip signature, that its directory reads, and its expected size and sha256.
 
     A checksum given by the user (``pinned_sha256``) replaces the manifest's size and sha256,
-    which describe only the official archive.
+    which describe only the official archive. Failures raise ``_BadArchive`` and keep the file.
     """
     if not path.exists():
         raise DeepPoseError(f"archive {path} does not exist")
     if not path.is_file():
         raise DeepPoseError(f"archive {path} is not a file")
     size = path.stat().st_size
-    actual = sha256_of(path)
-    official = _normalise_manifest_sha256(manifest)
-    expected = pinned_sha256 or official
 
     if source_is_user_file:
         label = str(path)
         keep = ""
-        accept = f"; if you trust this copy, accept it with --sha256 {actual}"
     else:
         label = f"the downloaded {path.name.removesuffix('.partial')}"
         keep = f" (kept for inspection at {path}; delete it to download again)"
-        accept = ""
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise DeepPoseError(f"cannot read {path}: {e.strerror or e}") from None
+    problem = _signature_problem(head)
+    if problem is not None:
+        raise _BadArchive(f"{label} is {problem}{keep}.", problem)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.infolist()
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        # A zip's directory is at its end, so a cut-short download fails here.
+        reason = f"not a valid zip archive ({_one_line(e)})"
+        raise _BadArchive(f"{label} is {reason}{keep}.", reason, cut_short=True) from None
+    except OSError as e:
+        raise DeepPoseError(f"cannot read {path}: {e.strerror or e}") from None
+
+    actual = sha256_of(path)
+    official = _normalise_manifest_sha256(manifest)
+    expected = pinned_sha256 or official
+    accept = f"; if you trust this copy, accept it with --sha256 {actual}" \
+        if source_is_user_file else ""
 
     expected_size = int(manifest.archive.get("size", 0) or 0)
     if pinned_sha256 is None and expected_size > 0 and size != expected_size:
-        raise DeepPoseError(
+        raise _BadArchive(
             f"{label} has the wrong size: expected {expected_size} bytes, got {size} "
-            f"(sha256 {actual}){keep}{accept}"
+            f"(sha256 {actual}){keep}{accept}",
+            f"{size} bytes instead of {expected_size}", unusable=False,
+            cut_short=size < expected_size,
         )
     if expected and actual != expected:
         which = "--sha256" if pinned_sha256 else f"the official checksum of {manifest.name}"
-        raise DeepPoseError(
+        raise _BadArchive(
             f"{label} does not match {which}: expected sha256 {expected}, got {actual}"
-            f"{keep}{accept if not pinned_sha256 else ''}"
+            f"{keep}{accept if not pinned_sha256 else ''}",
+            "wrong sha256", unusable=False,
         )
     return _CheckedArchive(sha256=actual, size=size, checksum_known=bool(expected))
 
@@ -236,6 +338,39 @@ def _normalise_manifest_sha256(manifest: DatasetManifest) -> str:
         where = manifest.path or manifest.name
         raise DeepPoseError(f"{where}: archive.sha256 must be 64 hexadecimal digits")
     return value
+
+
+def _extraction_limit(manifest: DatasetManifest, override: int | None) -> int:
+    """The most bytes the archive may unpack to: argument, environment, manifest, default."""
+    if override is not None:
+        if int(override) <= 0:
+            raise DeepPoseError(f"the extraction limit must be positive, got {override}")
+        return int(override)
+    env = os.environ.get(MAX_EXTRACT_ENV, "").strip()
+    if env:
+        try:
+            gib = float(env)
+        except ValueError:
+            gib = 0.0
+        if not (gib > 0 and math.isfinite(gib)):
+            raise DeepPoseError(f"${MAX_EXTRACT_ENV} must be a positive number of GiB, "
+                                f"got {env!r}")
+        return int(gib * (1 << 30))
+    value = manifest.archive.get("max_extracted_bytes", 0) or 0
+    if value:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            where = manifest.path or manifest.name
+            raise DeepPoseError(f"{where}: archive.max_extracted_bytes must be a positive "
+                                f"number of bytes")
+        return value
+    return DEFAULT_MAX_EXTRACTED_BYTES
+
+
+def _human_bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,27 +390,129 @@ class _DownloadFailed(Exception):
     """One mirror failed; the message is a short reason for the combined error."""
 
 
+@dataclass
+class _Downloaded:
+    """How a download ended: whether it continued earlier bytes and whether its length was known."""
+
+    resumed: bool
+    length_known: bool
+
+
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _download_from_mirrors(urls: list[str], partial_path: Path, *, progress: bool) -> str:
-    """Download into ``partial_path`` from the first mirror that works; return its URL."""
+def _sentence(text: str) -> str:
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
+def _state_path(partial_path: Path) -> Path:
+    """Beside ``<file>.partial``: the URL and validators that a resume must match."""
+    return partial_path.with_name(partial_path.name + ".json")
+
+
+def _read_state(partial_path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(_state_path(partial_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_state(partial_path: Path, url: str, headers: Any, length: int | None) -> None:
+    state = {
+        "url": url,
+        "etag": headers.get("ETag") if headers is not None else None,
+        "last_modified": headers.get("Last-Modified") if headers is not None else None,
+        "length": length,
+    }
+    try:
+        _state_path(partial_path).write_text(json.dumps(state, indent=2) + "\n",
+                                             encoding="utf-8")
+    except OSError as e:
+        raise DeepPoseError(f"cannot write {_state_path(partial_path)}: "
+                            f"{e.strerror or e}") from None
+
+
+def _discard_partial(partial_path: Path) -> None:
+    partial_path.unlink(missing_ok=True)
+    _state_path(partial_path).unlink(missing_ok=True)
+
+
+def _if_range(state: dict[str, Any] | None) -> str | None:
+    """The If-Range value for a resume: a strong ETag, else Last-Modified (weak ETags may not)."""
+    if not state:
+        return None
+    etag = state.get("etag")
+    if isinstance(etag, str) and etag and not etag.startswith("W/"):
+        return etag
+    modified = state.get("last_modified")
+    return modified if isinstance(modified, str) and modified else None
+
+
+def _download_and_install(manifest: DatasetManifest, urls: list[str], partial_path: Path,
+                          final_path: Path, dataset_dir: Path, pinned_sha256: str | None, *,
+                          limit: int, progress: bool) -> tuple[str, _CheckedArchive]:
+    """Download from the first mirror whose file verifies and extracts; return its URL.
+
+    The ``.partial`` file takes its final name only after extraction succeeded. A mirror whose
+    complete file is unusable is dropped (its bytes discarded) and the next one tried; a file of
+    unknown length that looks cut short is kept for a resume.
+    """
     failures: list[str] = []
     for candidate in urls:
-        try:
-            _download(candidate, partial_path, progress=progress)
-            return candidate
-        except _DownloadFailed as e:
-            failures.append(f"{candidate} ({_one_line(e)})")
+        for attempt in range(2):  # a second attempt only after discarding spliced bytes
+            try:
+                got = _download(candidate, partial_path, progress=progress)
+            except _DownloadFailed as e:
+                failures.append(f"{candidate} ({_one_line(e)})")
+                break
+            try:
+                checked = _check_archive(manifest, partial_path, pinned_sha256,
+                                         source_is_user_file=False)
+                _install(manifest, dataset_dir, source=candidate, archive_path=partial_path,
+                         recorded_archive=final_path, sha256=checked.sha256, size=checked.size,
+                         limit=limit)
+            except _BadArchive as e:
+                if not got.length_known and e.cut_short:
+                    size = partial_path.stat().st_size if partial_path.exists() else 0
+                    raise DeepPoseError(
+                        f"the download of {final_path.name} from {candidate} stopped after "
+                        f"{size} bytes without the server saying how long the file is, and "
+                        f"those bytes are not a complete archive; run the same command again "
+                        f"to resume it, or delete {partial_path} to start over"
+                    ) from None
+                if not e.unusable:
+                    raise
+                _discard_partial(partial_path)
+                if got.resumed and attempt == 0:
+                    continue  # the earlier bytes were not this file's: once more from zero
+                failures.append(f"{candidate} (served {e.reason})")
+                break
+            try:
+                os.replace(partial_path, final_path)
+            except OSError as e:
+                raise DeepPoseError(f"cannot rename {partial_path} to {final_path}: "
+                                    f"{e.strerror or e}") from None
+            _state_path(partial_path).unlink(missing_ok=True)
+            return candidate, checked
+    raise _all_mirrors_failed(manifest, final_path.name, failures, partial_path)
+
+
+def _all_mirrors_failed(manifest: DatasetManifest, filename: str, failures: list[str],
+                        partial_path: Path) -> DeepPoseError:
+    """Every mirror failed: say where a copy can be had and how to hand it over."""
     tried = "; ".join(failures)
+    homepage = manifest.homepage
+    where = f"get it from {homepage}" if homepage else "get a copy elsewhere"
     resume = ""
     if partial_path.exists() and partial_path.stat().st_size > 0:
         resume = (f" The {partial_path.stat().st_size} bytes already in {partial_path} "
                   f"are resumed next time.")
-    raise DeepPoseError(
-        f"could not download {partial_path.name.removesuffix('.partial')} from {tried}; "
-        f"if this machine is offline, pass --archive FILE with a copy obtained elsewhere.{resume}"
+    return DeepPoseError(
+        f"could not download {filename} from {tried}. If no mirror works (or this machine is "
+        f"offline), {where} and run: deeppose fetch {manifest.name} --archive "
+        f"PATH/TO/{filename}{resume}"
     )
 
 
@@ -296,10 +533,12 @@ def _network_reason(error: BaseException) -> str:
     return _one_line(error) or type(error).__name__
 
 
-def _open(url: str, start: int):
+def _open(url: str, start: int, if_range: str | None = None):
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
     if start > 0:
         headers["Range"] = f"bytes={start}-"
+        if if_range:
+            headers["If-Range"] = if_range
     request = urllib.request.Request(url, headers=headers)
     return urllib.request.urlopen(request, timeout=SOCKET_TIMEOUT_S)
 
@@ -317,19 +556,32 @@ def _range_start(content_range: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _download(url: str, partial_path: Path, *, progress: bool) -> None:
-    """Fetch ``url`` into ``partial_path``, resuming what it holds when the server allows."""
+def _download(url: str, partial_path: Path, *, progress: bool) -> _Downloaded:
+    """Fetch ``url`` into ``partial_path``, resuming what it holds when that is safe.
+
+    Bytes left by another URL are never continued. A resume sends If-Range with the first
+    response's ETag or Last-Modified, so a server whose file changed answers with the whole new
+    file (200) instead of the tail of it.
+    """
     for _attempt in range(2):  # a second attempt only after discarding an unusable partial file
         start = partial_path.stat().st_size if partial_path.exists() else 0
+        state = _read_state(partial_path) if start > 0 else None
+        if start > 0 and state is not None and state.get("url") != url:
+            _discard_partial(partial_path)  # another mirror's bytes
+            start, state = 0, None
+        if start == 0:
+            _state_path(partial_path).unlink(missing_ok=True)
+        validator = _if_range(state)
         try:
-            response = _open(url, start)
+            response = _open(url, start, validator)
         except urllib.error.HTTPError as e:
             if e.code == 416 and start > 0:
                 total = _range_total(e.headers.get("Content-Range") if e.headers else None)
                 e.close()
                 if total is None or total == start:
-                    return  # the partial file already holds every byte
-                partial_path.unlink()  # longer than the remote file: not the same file
+                    # The partial file already holds every byte (as far as the server says).
+                    return _Downloaded(resumed=True, length_known=total is not None)
+                _discard_partial(partial_path)  # longer than the remote file: not the same file
                 continue
             raise _DownloadFailed(_network_reason(e)) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
@@ -337,20 +589,54 @@ def _download(url: str, partial_path: Path, *, progress: bool) -> None:
 
         with response:
             status = getattr(response, "status", 200)
+            content_range = response.headers.get("Content-Range")
+            length_header = response.headers.get("Content-Length")
+            remaining = int(length_header) if length_header and length_header.isdigit() else None
             if status == 206:
-                if _range_start(response.headers.get("Content-Range")) != start:
+                if _range_start(content_range) != start:
                     # The server answered some other range: start over.
-                    partial_path.unlink(missing_ok=True)
+                    _discard_partial(partial_path)
+                    continue
+                total = _range_total(content_range)
+                if total is None and remaining is not None:
+                    total = start + remaining
+                known = state.get("length") if state else None
+                if validator is None and known and total is not None and total != known:
+                    # No validator to guard the resume, and the size changed: a new file.
+                    _discard_partial(partial_path)
                     continue
                 offset = start
             else:
-                offset = 0  # the server ignored Range and sent the whole file
-            length_header = response.headers.get("Content-Length")
-            remaining = int(length_header) if length_header and length_header.isdigit() else None
-            total = offset + remaining if remaining is not None else None
-            _copy_response(response, partial_path, offset, total, progress=progress)
-        return
+                offset = 0  # the server ignored Range (or If-Range failed) and sent the whole file
+                total = remaining
+            head = b""
+            if offset == 0:
+                head = _read_head(response)
+                problem = _signature_problem(head, response.headers.get("Content-Type", ""))
+                if problem is not None:
+                    if start == 0:
+                        _discard_partial(partial_path)
+                    raise _DownloadFailed(
+                        "the server returned a web page, not the archive"
+                        if "web page" in problem else f"the server returned {problem}")
+                _write_state(partial_path, url, response.headers, total)
+            _copy_response(response, partial_path, offset, total, progress=progress, head=head)
+        return _Downloaded(resumed=offset > 0, length_known=total is not None)
     raise _DownloadFailed("the server's answers to a resumed download were inconsistent")
+
+
+def _read_head(response) -> bytes:
+    """The body's first bytes, enough to recognise a zip signature or a web page."""
+    head = b""
+    try:
+        while len(head) < 512:
+            chunk = response.read(512 - len(head))
+            if not chunk:
+                break
+            head += chunk
+    except (http.client.HTTPException, OSError, ValueError) as e:
+        raise _DownloadFailed(f"{_network_reason(e)} after {len(head)} bytes") from None
+    return head
 
 
 def _progress_bar(enabled: bool):
@@ -372,8 +658,8 @@ def _progress_bar(enabled: bool):
 
 
 def _copy_response(response, partial_path: Path, offset: int, total: int | None, *,
-                   progress: bool) -> None:
-    """Write the body at ``offset`` of ``partial_path``; raise if the body ends early."""
+                   progress: bool, head: bytes = b"") -> None:
+    """Write ``head``, then the body, at ``offset`` of ``partial_path``; raise if it ends early."""
     written = offset
     mode = "r+b" if offset > 0 else "wb"
     with _progress_bar(progress) as bar:
@@ -383,13 +669,16 @@ def _copy_response(response, partial_path: Path, offset: int, total: int | None,
             with open(partial_path, mode) as out:
                 out.seek(offset)
                 out.truncate()
+                chunk = head
                 while True:
-                    chunk = response.read(CHUNK_SIZE)
                     if not chunk:
-                        break
+                        chunk = response.read(CHUNK_SIZE)
+                        if not chunk:
+                            break
                     out.write(chunk)
                     written += len(chunk)
                     bar.update(task, completed=written)
+                    chunk = b""
         except (http.client.HTTPException, OSError, ValueError) as e:
             if isinstance(e, OSError) and e.filename == str(partial_path):
                 raise DeepPoseError(f"cannot write {partial_path}: {e.strerror or e}") from None
@@ -408,27 +697,48 @@ def _member_parts(info: zipfile.ZipInfo) -> list[str]:
     mode = info.external_attr >> 16
     kind = stat.S_IFMT(mode)
     if kind == stat.S_IFLNK:
-        raise DeepPoseError(f"archive member {name!r} is a symbolic link; refusing to extract")
+        raise _BadArchive(f"archive member {name!r} is a symbolic link; refusing to extract",
+                          "a symbolic link member")
     if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-        raise DeepPoseError(f"archive member {name!r} is not a regular file; refusing to extract")
+        raise _BadArchive(f"archive member {name!r} is not a regular file; refusing to extract",
+                          "a special-file member")
     if "\x00" in name:
-        raise DeepPoseError(f"archive member {name!r} has a NUL in its name; refusing to extract")
+        raise _BadArchive(f"archive member {name!r} has a NUL in its name; refusing to extract",
+                          "a member name with a NUL")
     if name.startswith(("/", "\\")) or _DRIVE_RE.match(name):
-        raise DeepPoseError(f"archive member {name!r} has an absolute path; refusing to extract")
+        raise _BadArchive(f"archive member {name!r} has an absolute path; refusing to extract",
+                          "a member with an absolute path")
     parts = [p for p in re.split(r"[/\\]", name) if p not in ("", ".")]
     if ".." in parts:
-        raise DeepPoseError(f"archive member {name!r} points outside the dataset directory; "
-                            f"refusing to extract")
+        raise _BadArchive(f"archive member {name!r} points outside the dataset directory; "
+                          f"refusing to extract", "a member outside the dataset directory")
     if any(_DRIVE_RE.match(p) for p in parts):
-        raise DeepPoseError(f"archive member {name!r} has a drive letter; refusing to extract")
+        raise _BadArchive(f"archive member {name!r} has a drive letter; refusing to extract",
+                          "a member with a drive letter")
     return parts
 
 
-def _extract_zip(archive_path: Path, target: Path, annotations: str) -> int:
+def _declared_size(members: list[tuple[zipfile.ZipInfo, list[str]]]) -> int:
+    """What the archive's directory says its files unpack to."""
+    return sum(info.file_size for info, _parts in members if not info.is_dir())
+
+
+def _too_big(archive_path: Path, amount: str, limit: int) -> DeepPoseError:
+    return DeepPoseError(
+        f"archive {archive_path} {amount}, more than the limit of {_human_bytes(limit)}; "
+        f"refusing to extract it (if the archive is trusted, allow more with "
+        f"--max-extract-gib or ${MAX_EXTRACT_ENV})"
+    )
+
+
+def _extract_zip(archive_path: Path, target: Path, annotations: str,
+                 limit: int = DEFAULT_MAX_EXTRACTED_BYTES) -> int:
     """Unpack ``archive_path`` into the empty directory ``target``; return the file count.
 
     Every member is checked before anything is written, and each destination is checked
     again against ``target`` after resolving, so a hostile archive writes nothing at all.
+    The sizes in the archive's directory must fit in ``limit``, and so must the bytes actually
+    written, counted as they stream, since a directory can understate them.
     """
     try:
         with zipfile.ZipFile(archive_path) as zf:
@@ -439,7 +749,11 @@ def _extract_zip(archive_path: Path, target: Path, annotations: str) -> int:
                     continue  # resource forks added by macOS's archiver
                 members.append((info, parts))
             if not members:
-                raise DeepPoseError(f"archive {archive_path} is empty")
+                raise _BadArchive(f"archive {archive_path} is empty", "an empty archive")
+
+            declared = _declared_size(members)
+            if declared > limit:
+                raise _too_big(archive_path, f"would unpack to {_human_bytes(declared)}", limit)
 
             at_root = any("/".join(parts) == annotations for _info, parts in members)
             top_levels = {parts[0] for _info, parts in members}
@@ -449,42 +763,83 @@ def _extract_zip(archive_path: Path, target: Path, annotations: str) -> int:
 
             target_resolved = target.resolve()
             count = 0
+            total = 0
             for info, parts in members:
                 relative = parts[1:] if strip else parts
                 if not relative:
                     continue
                 destination = target.joinpath(*relative)
                 if not destination.resolve().is_relative_to(target_resolved):
-                    raise DeepPoseError(f"archive member {info.filename!r} points outside the "
-                                        f"dataset directory; refusing to extract")
+                    raise _BadArchive(f"archive member {info.filename!r} points outside the "
+                                      f"dataset directory; refusing to extract",
+                                      "a member outside the dataset directory")
                 if info.is_dir():
                     destination.mkdir(parents=True, exist_ok=True)
                     continue
                 destination.parent.mkdir(parents=True, exist_ok=True)
+                written = 0
                 with zf.open(info) as source, open(destination, "xb") as out:
-                    shutil.copyfileobj(source, out, CHUNK_SIZE)
+                    while chunk := source.read(CHUNK_SIZE):
+                        written += len(chunk)
+                        total += len(chunk)
+                        if total > limit:
+                            raise _too_big(archive_path, "unpacks to more than its directory "
+                                           "declares", limit)
+                        if written > info.file_size:
+                            raise _BadArchive(
+                                f"archive member {info.filename!r} holds more than the "
+                                f"{info.file_size} bytes its header declares; refusing to "
+                                f"extract", "a member larger than declared")
+                        out.write(chunk)
                 count += 1
     except zipfile.BadZipFile as e:
-        raise DeepPoseError(f"{archive_path} is not a valid zip archive ({_one_line(e)})") from None
+        reason = f"not a valid zip archive ({_one_line(e)})"
+        raise _BadArchive(f"{archive_path} is {reason}", reason) from None
     except (zlib.error, EOFError) as e:
-        raise DeepPoseError(f"{archive_path} is corrupt ({_one_line(e)})") from None
+        reason = f"corrupt ({_one_line(e)})"
+        raise _BadArchive(f"{archive_path} is {reason}", reason) from None
     except NotImplementedError as e:
-        raise DeepPoseError(
-            f"{archive_path} uses an unsupported compression ({_one_line(e)})") from None
+        reason = f"an unsupported compression ({_one_line(e)})"
+        raise _BadArchive(f"{archive_path} uses {reason}", reason) from None
     except RuntimeError as e:  # encrypted members
-        raise DeepPoseError(f"cannot extract {archive_path}: {_one_line(e)}") from None
+        raise _BadArchive(f"cannot extract {archive_path}: {_one_line(e)}",
+                          "encrypted members") from None
     except FileExistsError as e:
-        raise DeepPoseError(f"archive {archive_path} holds {e.filename} twice") from None
+        raise _BadArchive(f"archive {archive_path} holds {e.filename} twice",
+                          "a member stored twice") from None
     except OSError as e:
         raise DeepPoseError(f"cannot extract {archive_path}: {e.strerror or e}") from None
 
     if annotations and not (target / annotations).is_file():
-        raise DeepPoseError(f"archive {archive_path} has no {annotations}; is it the right file?")
+        raise _BadArchive(f"archive {archive_path} has no {annotations}; is it the right file?",
+                          f"an archive without {annotations}")
     return count
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _new_temp_dir(dataset_dir: Path, purpose: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.{purpose}-", dir=dataset_dir.parent))
+    """A fresh directory beside ``dataset_dir``, with the mode ``mkdir`` would have given it.
+
+    ``mkdtemp`` creates it 0700 whatever the umask, which would lock a group out of a shared
+    dataset once it is renamed into place.
+    """
+    path = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.{purpose}-",
+                                 dir=dataset_dir.parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
 
 
 def _swap_into_place(staged: Path, dataset_dir: Path) -> None:
@@ -507,13 +862,19 @@ def _swap_into_place(staged: Path, dataset_dir: Path) -> None:
 
 
 def _install(manifest: DatasetManifest, dataset_dir: Path, *, source: str, archive_path: Path,
-             sha256: str, size: int) -> None:
-    """Extract a verified archive into a temporary directory, mark it complete and move it in."""
+             sha256: str, size: int, limit: int = DEFAULT_MAX_EXTRACTED_BYTES,
+             recorded_archive: Path | None = None) -> None:
+    """Extract a verified archive into a temporary directory, mark it complete and move it in.
+
+    ``recorded_archive`` is the name the marker gives the archive when it is extracted from
+    a ``.partial`` file that takes that name afterwards.
+    """
     staged = _new_temp_dir(dataset_dir, "tmp")
     try:
         annotations = str(manifest.archive.get("annotations", "") or "")
-        files = _extract_zip(archive_path, staged, annotations)
-        _write_marker(staged, dataset=manifest.name, source=source, archive=str(archive_path),
+        files = _extract_zip(archive_path, staged, annotations, limit)
+        _write_marker(staged, dataset=manifest.name, source=source,
+                      archive=str(recorded_archive or archive_path),
                       sha256=sha256, size=size, files=files)
         _swap_into_place(staged, dataset_dir)
     except BaseException:

@@ -84,6 +84,8 @@ class DatasetManifest:
     min_visible: int
     generator: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    #: Where the dataset is published: named when no mirror can deliver the archive.
+    homepage: str = ""
 
     @property
     def num_joints(self) -> int:
@@ -138,6 +140,7 @@ def load_dataset_manifest(name: str) -> DatasetManifest:
             min_visible=int(joints.get("min_visible", 1)),
             generator=raw.get("generator", {}),
             path=path,
+            homepage=str(raw.get("homepage", "") or ""),
         )
     except KeyError as e:
         raise DeepPoseError(f"{path}: manifest is missing key {e}") from None

@@ -6,12 +6,14 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import socket
 import stat
 import sys
 import threading
 import types
 import zipfile
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from deeppose_cli.fetch import FetchResult, default_data_root, fetch_dataset
 from deeppose_cli.manifests import load_dataset_manifest
 
 ARCHIVE_NAME = "lspet_dataset.zip"
+WEB_PAGE = b"<!DOCTYPE html>\n<html><head><title>Moved</title></head><body>Gone.</body></html>\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,13 +84,21 @@ def sha256_of(data: bytes) -> str:
 
 
 class ArchiveServer:
-    """Serves ``payload`` at ``/lspet_dataset.zip`` and records each request's Range header."""
+    """Serves ``payload`` at ``/lspet_dataset.zip`` and records each request's Range header.
+
+    ``/page/lspet_dataset.zip`` always answers 200 with a web page, as dead mirrors do.
+    """
 
     def __init__(self) -> None:
         self.payload = b""
         self.honour_range = True
         self.drop_next = False  # send the full Content-Length, half the body, then hang up
+        self.cut_next_without_length = False  # no Content-Length, half the body, hang up
+        self.web_page = False  # answer the archive's URL with a web page
+        self.validator: str | None = None  # "etag" or "last-modified": sent, and If-Range honoured
+        self.last_modified = formatdate(1_500_000_000, usegmt=True)
         self.ranges: list[str | None] = []
+        self.if_ranges: list[str | None] = []
         state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -97,10 +108,23 @@ class ArchiveServer:
             def do_GET(self) -> None:
                 range_header = self.headers.get("Range")
                 state.ranges.append(range_header)
-                if self.path != f"/{ARCHIVE_NAME}":
+                state.if_ranges.append(self.headers.get("If-Range"))
+                path = self.path.split("?", 1)[0]
+                if path == f"/page/{ARCHIVE_NAME}" or (path == f"/{ARCHIVE_NAME}"
+                                                         and state.web_page):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(WEB_PAGE)))
+                    self.end_headers()
+                    self.wfile.write(WEB_PAGE)
+                    return
+                if path != f"/{ARCHIVE_NAME}":
                     self.send_error(404)
                     return
                 data = state.payload
+                if_range = self.headers.get("If-Range")
+                if if_range is not None and if_range != state.current_validator():
+                    range_header = None  # the file changed: RFC 9110 says send all of it
                 if range_header and state.honour_range:
                     start = int(range_header.removeprefix("bytes=").rstrip("-"))
                     if start >= len(data):
@@ -116,6 +140,17 @@ class ArchiveServer:
                     body = data
                     self.send_response(200)
                 self.send_header("Content-Type", "application/zip")
+                if state.validator == "etag":
+                    self.send_header("ETag", state.current_validator())
+                elif state.validator == "last-modified":
+                    self.send_header("Last-Modified", state.current_validator())
+                if state.cut_next_without_length:
+                    state.cut_next_without_length = False
+                    self.end_headers()
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if state.drop_next:
@@ -131,10 +166,21 @@ class ArchiveServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)
 
+    def current_validator(self) -> str | None:
+        if self.validator == "etag":
+            return '"' + hashlib.sha256(self.payload).hexdigest()[:16] + '"'
+        if self.validator == "last-modified":
+            return self.last_modified
+        return None
+
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}/{ARCHIVE_NAME}"
+
+    @property
+    def web_page_url(self) -> str:
+        return self.url.replace(f"/{ARCHIVE_NAME}", f"/page/{ARCHIVE_NAME}")
 
     def __enter__(self) -> "ArchiveServer":
         self.thread.start()
@@ -362,6 +408,280 @@ def test_failed_force_keeps_the_previous_dataset(server, root, tmp_path):
     assert (root / "lspet" / fetch.MARKER_NAME).is_file()
     assert len(list((root / "lspet" / "images").iterdir())) == 3
     assert leftover_temp_dirs(root) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Downloads that must not get stuck
+
+
+def partial_of(root: Path) -> Path:
+    return root / "downloads" / f"{ARCHIVE_NAME}.partial"
+
+
+def test_web_page_is_refused_and_not_kept(server, root):
+    server.web_page = True
+    with pytest.raises(DeepPoseError) as failure:
+        fetch_dataset(lspet_with(urls=[server.url]), root, progress=False)
+    message = str(failure.value)
+    assert "web page, not the archive" in message
+    assert "\n" not in message
+    assert not (root / "downloads" / ARCHIVE_NAME).exists()
+    assert not partial_of(root).exists()
+    assert not (root / "lspet").exists()
+
+    server.web_page = False  # the next fetch downloads again instead of re-reading the page
+    result = fetch_dataset(lspet_with(urls=[server.url]), root, progress=False)
+    assert result.status == "downloaded"
+    assert result.archive.read_bytes() == server.payload
+    assert server.ranges == [None, None]
+
+
+def test_mirror_answering_with_a_web_page_is_skipped(server, root):
+    result = fetch_dataset(lspet_with(urls=[server.web_page_url, server.url]), root,
+                           progress=False)
+    assert result.status == "downloaded"
+    assert result.archive.read_bytes() == server.payload
+    assert json.loads((root / "lspet" / fetch.MARKER_NAME).read_text())["source"] == server.url
+
+
+def test_mirror_serving_an_unusable_archive_is_dropped(server, root, tmp_path):
+    with ArchiveServer() as wrong:
+        wrong.payload = build_zip(tmp_path / "wrong.zip", {"README.txt": b"not LSPET\n"})
+        result = fetch_dataset(lspet_with(urls=[wrong.url, server.url]), root, progress=False)
+    assert result.archive.read_bytes() == server.payload
+    assert json.loads((root / "lspet" / fetch.MARKER_NAME).read_text())["source"] == server.url
+    assert not partial_of(root).exists()
+
+
+def test_body_cut_without_content_length_is_resumed_not_accepted(server, root):
+    manifest = lspet_with(urls=[server.url])
+    half = len(server.payload) // 2
+    server.cut_next_without_length = True
+
+    with pytest.raises(DeepPoseError, match="resume") as failure:
+        fetch_dataset(manifest, root, progress=False)
+    assert "\n" not in str(failure.value)
+    assert partial_of(root).read_bytes() == server.payload[:half]
+    assert not (root / "downloads" / ARCHIVE_NAME).exists()
+    assert not (root / "lspet").exists()
+    assert leftover_temp_dirs(root) == []
+
+    result = fetch_dataset(manifest, root, progress=False)
+    assert server.ranges == [None, f"bytes={half}-"]
+    assert result.status == "downloaded"
+    assert result.archive.read_bytes() == server.payload
+    assert not partial_of(root).exists()
+    assert not partial_of(root).with_name(f"{ARCHIVE_NAME}.partial.json").exists()
+
+
+@pytest.mark.parametrize("cached", ["web page", "truncated zip", "garbage"])
+def test_unusable_cached_download_is_deleted_and_fetched_again(server, root, cached):
+    final = root / "downloads" / ARCHIVE_NAME
+    final.parent.mkdir(parents=True)
+    final.write_bytes({"web page": WEB_PAGE,
+                       "truncated zip": server.payload[: len(server.payload) // 2],
+                       "garbage": b"\x00" * 1000}[cached])
+
+    result = fetch_dataset(lspet_with(urls=[server.url]), root, progress=False)
+
+    assert result.status == "downloaded"
+    assert f"earlier download {final} was unusable" in result.message
+    assert final.read_bytes() == server.payload
+    assert (root / "lspet" / "joints.mat").is_file()
+    assert server.ranges == [None]
+
+
+def test_unusable_archive_option_says_it_cannot_be_fetched_again(tmp_path, root):
+    local = tmp_path / "page.zip"
+    local.write_bytes(WEB_PAGE)
+    with pytest.raises(DeepPoseError) as failure:
+        fetch_dataset(lspet_with(), root, archive=local, progress=False)
+    message = str(failure.value)
+    assert "web page" in message
+    assert "--archive" in message and "cannot be downloaded again" in message
+    assert "--force" in message
+    assert "\n" not in message
+    assert local.read_bytes() == WEB_PAGE  # the user's file is never deleted
+
+
+@pytest.mark.parametrize("validator", ["etag", "last-modified"])
+def test_resume_sends_if_range_from_the_first_response(server, root, validator):
+    server.validator = validator
+    server.drop_next = True
+    manifest = lspet_with(urls=[server.url])
+    with pytest.raises(DeepPoseError):
+        fetch_dataset(manifest, root, progress=False)
+    state = json.loads(partial_of(root).with_name(f"{ARCHIVE_NAME}.partial.json").read_text())
+    assert state["url"] == server.url
+
+    result = fetch_dataset(manifest, root, progress=False)
+
+    half = len(server.payload) // 2
+    assert server.ranges == [None, f"bytes={half}-"]
+    assert server.if_ranges == [None, server.current_validator()]
+    assert result.archive.read_bytes() == server.payload
+
+
+@pytest.mark.parametrize("validator", ["etag", "last-modified"])
+def test_changed_remote_file_restarts_instead_of_splicing(server, root, tmp_path, validator):
+    server.validator = validator
+    server.drop_next = True
+    manifest = lspet_with(urls=[server.url])
+    with pytest.raises(DeepPoseError):
+        fetch_dataset(manifest, root, progress=False)
+    old_validator = server.current_validator()
+
+    server.payload = build_zip(tmp_path / "served-v2.zip", lspet_members(num_images=5))
+    server.last_modified = formatdate(1_600_000_000, usegmt=True)
+    result = fetch_dataset(manifest, root, progress=False)
+
+    assert server.if_ranges[-1] == old_validator
+    assert result.archive.read_bytes() == server.payload
+    assert len(list((root / "lspet" / "images").iterdir())) == 5
+
+
+def test_stale_partial_is_not_spliced_onto_the_download(server, root):
+    partial = partial_of(root)
+    partial.parent.mkdir(parents=True)
+    stale = b"stale bytes from some other attempt"
+    partial.write_bytes(stale)
+
+    result = fetch_dataset(lspet_with(urls=[server.url]), root, progress=False)
+
+    assert server.ranges == [f"bytes={len(stale)}-", None]  # tried, found spliced, restarted
+    assert result.archive.read_bytes() == server.payload
+    assert not partial.exists()
+
+
+def test_partial_from_another_mirror_is_not_continued(server, root):
+    manifest = lspet_with(urls=[server.url])
+    server.drop_next = True
+    with pytest.raises(DeepPoseError):
+        fetch_dataset(manifest, root, progress=False)
+
+    other = server.url + "?mirror=2"
+    result = fetch_dataset(manifest, root, url=other, progress=False)
+
+    assert server.ranges == [None, None]
+    assert result.archive.read_bytes() == server.payload
+
+
+# --------------------------------------------------------------------------------------------
+# Mirrors
+
+
+def test_every_mirror_failing_says_where_to_get_the_archive(root):
+    from deeppose_cli.cli import fetch as fetch_command
+
+    dead = [closed_port_url(), closed_port_url()]
+    with pytest.raises(DeepPoseError) as failure:
+        fetch_dataset(lspet_with(urls=dead), root, progress=False)
+    message = str(failure.value)
+    assert all(url in message for url in dead)
+    assert load_dataset_manifest("lspet").homepage in message
+    assert f"deeppose fetch lspet --archive PATH/TO/{ARCHIVE_NAME}" in message
+    assert "\n" not in message
+    # The option named in the message is the command's real one.
+    assert "--archive" in {opt for param in fetch_command.params for opt in param.opts}
+
+
+@pytest.mark.parametrize("name", ["lsp", "lspet"])
+def test_manifests_list_mirrors_and_a_homepage(name):
+    manifest = load_dataset_manifest(name)
+    urls = manifest.archive["urls"]
+    assert manifest.homepage.startswith("http")
+    assert len(urls) >= 2 and len(set(urls)) == len(urls)
+    assert all(u.startswith(("http://", "https://")) for u in urls)
+    assert not any("comp.leeds.ac.uk" in u for u in urls)  # redirects to a web page
+    assert manifest.archive["filename"] == f"{name}_dataset.zip"
+    assert manifest.archive["max_extracted_bytes"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Decompression bombs
+
+
+def bomb_zip(path: Path, padding: int = 4 << 20) -> Path:
+    """A valid LSPET archive plus a zero-filled member that compresses to almost nothing."""
+    members = lspet_members()
+    members["padding.bin"] = bytes(padding)
+    build_zip(path, members)
+    assert path.stat().st_size < padding // 20
+    return path
+
+
+@pytest.mark.parametrize("bound_from", ["argument", "manifest", "environment"])
+def test_decompression_bomb_is_refused(tmp_path, root, monkeypatch, bound_from):
+    good = tmp_path / "good.zip"
+    build_zip(good, lspet_members())
+    fetch_dataset(lspet_with(), root, archive=good, progress=False)
+    bomb = bomb_zip(tmp_path / "bomb.zip")
+    manifest, kwargs = lspet_with(), {}
+    if bound_from == "argument":
+        kwargs["max_extract_bytes"] = 1 << 20
+    elif bound_from == "manifest":
+        manifest = lspet_with(max_extracted_bytes=1 << 20)
+    else:
+        monkeypatch.setenv("DEEPPOSE_MAX_EXTRACT_GIB", str(1 / 1024))
+
+    with pytest.raises(DeepPoseError) as failure:
+        fetch_dataset(manifest, root, archive=bomb, force=True, progress=False, **kwargs)
+
+    message = str(failure.value)
+    assert "would unpack to" in message and "refusing" in message
+    assert "DEEPPOSE_MAX_EXTRACT_GIB" in message
+    assert "\n" not in message
+    assert not (root / "lspet" / "padding.bin").exists()
+    assert len(list((root / "lspet" / "images").iterdir())) == 3  # the old copy is untouched
+    assert leftover_temp_dirs(root) == []
+
+
+def test_bound_counts_bytes_written_not_only_declared_sizes(tmp_path, root, monkeypatch):
+    # A directory that understates the sizes: extraction must still stop at the bound.
+    monkeypatch.setattr(fetch, "_declared_size", lambda members: 0)
+    with pytest.raises(DeepPoseError, match="refusing"):
+        fetch_dataset(lspet_with(), root, archive=bomb_zip(tmp_path / "bomb.zip"),
+                      max_extract_bytes=1 << 20, progress=False)
+    assert not (root / "lspet").exists()
+    assert leftover_temp_dirs(root) == []
+
+
+def test_directory_understating_a_member_is_refused(tmp_path, root):
+    bomb = bomb_zip(tmp_path / "bomb.zip")
+    data = bytearray(bomb.read_bytes())
+    # Rewrite the uncompressed size (offset 24) in padding.bin's central directory entry.
+    entry = data.index(b"PK\x01\x02")
+    while data[entry + 46:entry + 46 + int.from_bytes(data[entry + 28:entry + 30], "little")] \
+            != b"padding.bin":
+        entry = data.index(b"PK\x01\x02", entry + 4)
+    assert int.from_bytes(data[entry + 24:entry + 28], "little") == 4 << 20
+    data[entry + 24:entry + 28] = (100).to_bytes(4, "little")
+    bomb.write_bytes(bytes(data))
+
+    with pytest.raises(DeepPoseError):
+        fetch_dataset(lspet_with(), root, archive=bomb, max_extract_bytes=1 << 20,
+                      progress=False)
+    assert not (root / "lspet").exists()
+    assert leftover_temp_dirs(root) == []
+
+
+# --------------------------------------------------------------------------------------------
+# File modes
+
+
+@pytest.mark.parametrize("umask, expected", [(0o002, 0o775), (0o022, 0o755)],
+                         ids=["umask-002", "umask-022"])
+def test_dataset_directory_mode_follows_the_umask(tmp_path, root, umask, expected):
+    local = tmp_path / "copy.zip"
+    build_zip(local, lspet_members())
+    previous = os.umask(umask)
+    try:
+        fetch_dataset(lspet_with(), root, archive=local, progress=False)
+        forced = fetch_dataset(lspet_with(), root, archive=local, force=True, progress=False)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(forced.dataset_dir.stat().st_mode) == expected
+    assert stat.S_IMODE((forced.dataset_dir / "images").stat().st_mode) == expected
 
 
 # --------------------------------------------------------------------------------------------
