@@ -69,8 +69,13 @@ def read_joints_mat(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
 
     try:
         raw = scipy.io.loadmat(str(path))["joints"]
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
+    except KeyError:
+        raise DeepPoseError(f"{path}: no variable `joints` in the file") from None
+    except (OSError, ValueError, TypeError, NotImplementedError) as e:
         raise DeepPoseError(f"cannot read annotations {path}: {e}") from None
+    if not np.issubdtype(np.asarray(raw).dtype, np.number) and np.asarray(raw).dtype != bool:
+        raise DeepPoseError(f"{path}: `joints` must hold numbers, found "
+                            f"{np.asarray(raw).dtype.name} values")
     raw = np.asarray(raw, dtype=np.float64)
     if fmt == "lsp":
         if raw.ndim != 3 or raw.shape[0] != 3:
@@ -137,19 +142,23 @@ class IndexReport:
 
 
 def _image_size(path: Path) -> tuple[int, int] | str:
-    """(width, height) of a decodable image, or the reason it is unusable."""
-    import cv2
+    """(width, height) of a decodable, complete image, or the reason it is unusable."""
+    from .images import ImageError, read_bgr, truncation_reason
 
     if not path.is_file():
         return "missing image"
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        return "unreadable image"
+    try:
+        image = read_bgr(path)
+        truncated = truncation_reason(path)
+    except ImageError as e:
+        return e.reason
+    if truncated:
+        return truncated
     return image.shape[1], image.shape[0]
 
 
 def write_index(path: Path, records: Iterable[PoseRecord]) -> None:
-    lines = [json.dumps(r.to_json(path.parent)) for r in records]
+    lines = [json.dumps(r.to_json(path.parent), allow_nan=False) for r in records]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
@@ -184,13 +193,18 @@ def build_index(manifest: DatasetManifest, dataset_dir: Path, *, val_fraction: f
         reason = None
         if isinstance(size, str):
             reason = size
+        elif not np.isfinite(joints[n - 1][vis]).all():
+            reason = "non-finite joint coordinates"
         elif int(vis.sum()) < manifest.min_visible:
             reason = f"fewer than {manifest.min_visible} visible joints"
         if reason:
             skipped.append({"id": path.stem, "image": str(path), "reason": reason})
             continue
-        records[n] = PoseRecord(id=path.stem, image=path, joints=joints[n - 1], visible=vis,
-                                box=person_box(joints[n - 1], vis, box_margin),
+        # An invisible joint's coordinates are ignored; a NaN there must not make the index
+        # invalid JSON.
+        pose = np.where(np.isfinite(joints[n - 1]), joints[n - 1], 0.0)
+        records[n] = PoseRecord(id=path.stem, image=path, joints=pose, visible=vis,
+                                box=person_box(pose, vis, box_margin),
                                 width=size[0], height=size[1])
 
     splits = split_ids(manifest, list(records), val_fraction, seed)
@@ -206,50 +220,101 @@ def build_index(manifest: DatasetManifest, dataset_dir: Path, *, val_fraction: f
     return IndexReport(index_dir=index_dir, counts=counts, skipped=skipped)
 
 
-def _record_from_json(obj: dict, index_dir: Path, where: str) -> PoseRecord:
+def _record_from_json(obj: dict, index_dir: Path, num_joints: int | None,
+                      check_images: bool) -> PoseRecord:
+    """One index line as a :class:`PoseRecord`; ``ValueError`` says what is wrong with it."""
     try:
         joints = np.asarray(obj["joints"], dtype=np.float64)
         visible = np.asarray(obj.get("visible", [1] * len(joints)), dtype=bool)
-        if joints.ndim != 2 or joints.shape[1] != 2 or visible.shape != (len(joints),):
-            raise ValueError("joints must be [[x, y], ...] and visible one flag per joint")
+        box_values = np.asarray(obj["box"], dtype=np.float64) if "box" in obj else None
         image = Path(obj["image"])
-        if not image.is_absolute():
-            image = index_dir / image
-        if "box" in obj:
-            box = box_from_xywh(*[float(v) for v in obj["box"]])
-            if box[2] <= 0 or box[3] <= 0:
-                raise ValueError("box width and height must be positive")
-        else:
-            box = person_box(joints, visible)
-        return PoseRecord(id=str(obj.get("id", image.stem)), image=image, joints=joints,
-                          visible=visible, box=box, width=int(obj.get("width", 0)),
-                          height=int(obj.get("height", 0)))
-    except (KeyError, TypeError, ValueError) as e:
-        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-        raise DeepPoseError(f"{where}: invalid index record: {detail}") from None
+    except KeyError as e:
+        raise ValueError(f"missing key {e}") from None
+    except (TypeError, ValueError):
+        raise ValueError("joints, visible and box must be numbers") from None
+    if joints.ndim != 2 or joints.shape[1] != 2 or visible.shape != (len(joints),):
+        raise ValueError("joints must be [[x, y], ...] and visible one flag per joint")
+    if num_joints is not None and len(joints) != num_joints:
+        raise ValueError(f"{len(joints)} joints, the skeleton has {num_joints}")
+    if not np.isfinite(joints).all():
+        raise ValueError("joint coordinates must be finite numbers (NaN or infinity found)")
+    if not image.is_absolute():
+        image = index_dir / image
+    if box_values is not None:
+        if box_values.shape != (4,) or not np.isfinite(box_values).all():
+            raise ValueError("box must be four finite numbers x, y, w, h")
+        box = box_from_xywh(*box_values.tolist())
+        if box[2] <= 0 or box[3] <= 0:
+            raise ValueError("box width and height must be positive")
+    else:
+        if not visible.any():
+            raise ValueError("no box and no visible joint to derive one from")
+        box = person_box(joints, visible)
+    if check_images and not image.is_file():
+        raise ValueError(f"image {image} not found")
+    try:
+        width, height = int(obj.get("width", 0)), int(obj.get("height", 0))
+    except (TypeError, ValueError):
+        raise ValueError("width and height must be integers") from None
+    return PoseRecord(id=str(obj.get("id", image.stem)), image=image, joints=joints,
+                      visible=visible, box=box, width=width, height=height)
 
 
-def read_index(path: Path) -> list[PoseRecord]:
-    """Read a JSONL index file, with a one-line error naming the bad line."""
+# Bad lines listed in one error before the rest are summarised as a count.
+MAX_REPORTED_LINES = 20
+
+
+def read_index(path: Path, num_joints: int | None = None,
+               check_images: bool = True) -> list[PoseRecord]:
+    """Read and validate a JSONL index file.
+
+    Every record is checked up front (finite joints, a finite positive box, ``num_joints``
+    joints when given, the same count on every line, the image file present), so a bad record
+    is reported before training starts instead of killing it at whichever iteration meets it.
+    All bad lines are reported together, one ``FILE:LINE: reason`` each.
+    """
     path = Path(path)
     if not path.is_file():
         raise DeepPoseError(f"index file {path} not found")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DeepPoseError(f"{where}: not JSON ({e.msg})") from None
+    records: list[PoseRecord] = []
+    problems: list[str] = []
+    first_count: int | None = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeepPoseError(f"cannot read index file {path}: {e}") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line, parse_constant=_refuse_constant)
             if not isinstance(obj, dict):
-                raise DeepPoseError(f"{where}: each line must be a JSON object")
-            records.append(_record_from_json(obj, path.parent, where))
+                raise ValueError("each line must be a JSON object")
+            record = _record_from_json(obj, path.parent, num_joints, check_images)
+            if first_count is None:
+                first_count = len(record.joints)
+            elif len(record.joints) != first_count:
+                raise ValueError(f"{len(record.joints)} joints, but the first record has "
+                                 f"{first_count}")
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: not JSON ({e.msg})")
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+        else:
+            records.append(record)
+    if problems:
+        shown = problems[:MAX_REPORTED_LINES]
+        more = len(problems) - len(shown)
+        raise DeepPoseError("\n".join([f"{path}: {len(problems)} invalid record(s); fix or "
+                                        "remove them (or re-run `deeppose index`):", *shown]
+                                       + ([f"... and {more} more"] if more else [])))
     if not records:
         raise DeepPoseError(f"index file {path} has no records")
-    sizes = {len(r.joints) for r in records}
-    if len(sizes) > 1:
-        raise DeepPoseError(f"{path}: records have different joint counts {sorted(sizes)}")
     return records
+
+
+def _refuse_constant(name: str):
+    """``json`` accepts NaN and Infinity by default; an index must not."""
+    raise ValueError(f"{name} is not a valid number")

@@ -8,6 +8,7 @@ in a shared :class:`ChainState` where the next command takes its defaults from. 
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,9 +123,13 @@ def info() -> None:
               help="Use this local copy of the archive instead of downloading.")
 @click.option("--sha256", help="Accept an archive with this checksum.")
 @click.option("--force", is_flag=True, help="Fetch again even if the dataset is complete.")
+@click.option("--max-extract-gib", type=click.FloatRange(0, min_open=True),
+              help="Refuse archives that unpack to more than this (default: the manifest's "
+              "bound, else 8 GiB; or $DEEPPOSE_MAX_EXTRACT_GIB).")
 @click.pass_obj
 def fetch(state: ChainState, dataset: str, root: str | None, url: str | None,
-          archive: str | None, sha256: str | None, force: bool) -> None:
+          archive: str | None, sha256: str | None, force: bool,
+          max_extract_gib: float | None) -> None:
     """Download (or generate) DATASET and unpack it under the data root."""
     from .fetch import fetch_dataset
     from .manifests import load_dataset_manifest
@@ -134,7 +139,9 @@ def fetch(state: ChainState, dataset: str, root: str | None, url: str | None,
         raise DeepPoseError(f"archive {archive} not found")
     result = fetch_dataset(load_dataset_manifest(dataset), root_path, url=url,
                            archive=Path(archive) if archive else None, sha256=sha256,
-                           force=force, progress=sys.stderr.isatty())
+                           force=force, progress=sys.stderr.isatty(),
+                           max_extract_bytes=(int(max_extract_gib * 2**30)
+                                              if max_extract_gib else None))
     console().print(result.message)
     console().print(f"dataset: {result.dataset_dir}")
     state.dataset, state.root = dataset, root_path
@@ -271,14 +278,14 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
     """Train cascade stage STAGE (1: person crops; 2+: refine the previous stage)."""
     from .manifests import load_stage_recipe
     from .runs import latest_run
-    from .training import (RunDirectory, TrainConfig, inherit_architecture,
-                           train_stage as run_training)
+    from .training import (RunDirectory, TrainConfig, inherit_architecture, resume_directory,
+                           resume_hint, train_stage as run_training)
 
     import json
 
     framework = framework or state.framework or "pytorch"
     out = out or str(Path("runs") / (dataset or state.dataset or "lsp") / f"stage{stage}-{framework}")
-    saved = Path(out) / "recipe.json"
+    saved = resume_directory(Path(out)) / "recipe.json"
     if resume and saved.is_file():
         # Continue exactly what was started; flags given again override the saved recipe.
         recipe = json.loads(saved.read_text())
@@ -313,7 +320,11 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
                                      previous=previous)
     out_console = console()
     out_console.print(f"training stage {stage} ({framework}) on {config.train_index} -> {out}")
-    run, summary = run_training(config, resume=resume, show_progress=not quiet)
+    try:
+        run, summary = run_training(config, resume=resume, show_progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted; {resume_hint(config)}", err=True)
+        raise click.exceptions.Exit(130) from None
     val = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("val", {}).items())
     out_console.print(f"finished {summary['iterations']} iterations: loss {summary['final_loss']:.4g}, "
                       f"{summary['images_per_second']:.1f} images/s" + (f"; validation {val}" if val else ""))
@@ -412,9 +423,9 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     from .training import RunDirectory
 
     run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
-    RunDirectory(run_dir).meta()  # a clear error for a directory that is not a run
+    run_meta = RunDirectory(run_dir).meta()  # a clear error for a directory that is not a run
     index_path = Path(index_file) if index_file else _default_eval_index(run_dir)
-    records = read_index(index_path)
+    records = read_index(index_path, run_meta.get("num_joints"))
     cascade, meta = load_cascade(run_dir, device, stages)
     manifest = load_dataset_manifest(meta["dataset"])
     if flip_test:
@@ -501,6 +512,10 @@ def _print_refinements(reports, manifest) -> None:
     out.print(moved)
 
 
+# Box coordinates beyond this many pixels describe no photo; they would only overflow.
+MAX_BBOX_PIXELS = 1e6
+
+
 def _parse_bbox(text: str | None):
     if text is None:
         return None
@@ -508,8 +523,10 @@ def _parse_bbox(text: str | None):
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != 4 or values[2] <= 0 or values[3] <= 0:
-        raise DeepPoseError(f"--bbox must be X,Y,W,H with positive W and H, got {text!r}")
+    if len(values) != 4 or not all(math.isfinite(v) and abs(v) <= MAX_BBOX_PIXELS
+                                   for v in values) or values[2] <= 0 or values[3] <= 0:
+        raise DeepPoseError(f"--bbox must be X,Y,W,H: four finite numbers of pixels (at most "
+                            f"{MAX_BBOX_PIXELS:.0e}) with positive W and H, got {text!r}")
     return values
 
 

@@ -11,10 +11,19 @@ from pathlib import Path
 from typing import Callable
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
 
-    An interrupted save leaves the previous file intact instead of half a file.
+    An interrupted save leaves the previous file intact instead of half a file. The file gets
+    the mode a plain ``open`` would give it (0666 less the umask): ``mkstemp`` creates 0600,
+    which would hide runs and datasets from the rest of a group that shares them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,6 +31,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

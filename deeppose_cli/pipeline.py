@@ -72,10 +72,9 @@ def load_image(path) -> np.ndarray:
     """Read an image as RGB uint8 HWC, or raise a one-line error."""
     import cv2
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DeepPoseError(f"cannot read image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    from .images import read_bgr
+
+    return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2RGB)
 
 
 def to_network_input(crop: np.ndarray, gain: np.ndarray | None = None,

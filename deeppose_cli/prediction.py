@@ -10,6 +10,7 @@ import numpy as np
 
 from .errors import DeepPoseError
 from .files import atomic_write
+from .images import ImageError, read_bgr
 
 
 @dataclass
@@ -27,17 +28,6 @@ class ImagePrediction:
             "keypoints": [{"name": n, "x": round(float(x), 2), "y": round(float(y), 2)}
                           for n, (x, y) in zip(self.joint_names, self.joints)],
         }
-
-
-def _read_bgr(path: Path) -> np.ndarray:
-    import cv2
-
-    if not path.is_file():
-        raise DeepPoseError("no such file")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DeepPoseError("not an image OpenCV can read")
-    return image
 
 
 def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] | None,
@@ -66,9 +56,9 @@ def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] |
     results, failures = [], []
     for path in paths:
         try:
-            bgr = _read_bgr(path)
-        except DeepPoseError as e:
-            failures.append((path, str(e)))
+            bgr = read_bgr(path)
+        except ImageError as e:
+            failures.append((path, e.reason))
             continue
         h, w = bgr.shape[:2]
         if bbox is not None:

@@ -15,7 +15,7 @@ from typing import Any
 from .cascade import StageModel
 from .errors import DeepPoseError
 from .files import atomic_write, is_npz, sha256_of
-from .training import RunDirectory, backend_for
+from .training import RunDirectory, backend_for, run_meta_problem
 
 RUNS_ROOT = Path("runs")
 
@@ -24,13 +24,16 @@ def completed_runs(root: Path = RUNS_ROOT) -> list[tuple[Path, dict[str, Any]]]:
     """(directory, run.json) of the runs under ``root`` whose training finished, newest first."""
     found = []
     for meta_path in Path(root).glob("**/run.json"):
-        if "chain" in meta_path.relative_to(root).parts:
+        parts = meta_path.relative_to(root).parts[:-1]
+        # Chain copies, and runs still training beside the run they replace (OUT.next).
+        if "chain" in parts or any(p.startswith(".") or p.endswith(".next") for p in parts):
             continue
         try:
             meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if meta.get("format") == "deeppose-run" and meta.get("complete"):
+        if isinstance(meta, dict) and meta.get("format") == "deeppose-run" and \
+                meta.get("complete") and run_meta_problem(meta) is None:
             found.append((meta_path.stat().st_mtime, meta_path.parent, meta))
     found.sort(key=lambda t: t[0], reverse=True)
     return [(p, meta) for _, p, meta in found]
@@ -49,22 +52,28 @@ def latest_run(root: Path = RUNS_ROOT, dataset: str | None = None,
                         "train one with `deeppose train-stage` or pass --model RUN_DIR")
 
 
-def _verified_model(run: RunDirectory, meta: dict[str, Any], expected_sha: str | None) -> Path:
+def _verified_model(run: RunDirectory, meta: dict[str, Any], expected_sha: str | None,
+                    recorded_by: str | None = None) -> Path:
+    """The run's model file, refused when it is missing or differs from the checksum recorded
+    by ``recorded_by`` (the later run whose chain holds it), else by its own run.json."""
     path = run.path / meta["model_file"]
     if not path.is_file():
         raise DeepPoseError(f"{path} not found: the run did not finish or was moved partly")
     if expected_sha and sha256_of(path) != expected_sha:
-        raise DeepPoseError(f"{path} does not match the checksum recorded when the next "
-                            "stage was trained on it")
+        where = (f"the checksum {recorded_by} recorded when it was trained on top of it"
+                 if recorded_by else f"the checksum in {run.meta_path}")
+        raise DeepPoseError(f"{path} does not match {where}: the file was changed or damaged "
+                            "after training; restore it or train this stage again")
     return path
 
 
-def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = None) -> StageModel:
+def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = None,
+               recorded_by: str | None = None) -> StageModel:
     run = RunDirectory(run_dir)
     meta = run.meta()
     if not meta.get("complete"):
         raise DeepPoseError(f"{run_dir}: training did not finish (resume it with --resume)")
-    model_path = _verified_model(run, meta, expected_sha)
+    model_path = _verified_model(run, meta, expected_sha, recorded_by)
     regress = backend_for(meta["framework"]).load_regressor(model_path, meta, device)
     return StageModel(stage=meta["stage"], framework=meta["framework"], regress=regress,
                       input_size=meta["input_size"], sigma=meta.get("sigma"))
@@ -74,7 +83,7 @@ def chain_dirs(run_dir: Path) -> list[tuple[Path, str | None]]:
     """(directory, expected model sha256) of stages 1..N of a run, in order."""
     run_dir = Path(run_dir)
     meta = RunDirectory(run_dir).meta()
-    entries = [(run_dir / e["dir"], e["model_sha256"]) for e in meta.get("chain", [])]
+    entries = [(run_dir / e["dir"], e.get("model_sha256")) for e in meta.get("chain", [])]
     return entries + [(run_dir, meta.get("model_sha256"))]
 
 
@@ -87,7 +96,10 @@ def load_cascade(run_dir: Path, device: str = "cpu",
         if not 1 <= stages <= len(dirs):
             raise DeepPoseError(f"--stages must be between 1 and {len(dirs)} for {run_dir}")
         dirs = dirs[:stages]
-    return [load_stage(d, device, sha) for d, sha in dirs], meta
+    last = len(chain_dirs(run_dir)) - 1
+    later = f"the stage-{meta['stage']} run {run_dir}"
+    return [load_stage(d, device, sha, None if i == last else later)
+            for i, (d, sha) in enumerate(dirs)], meta
 
 
 def copy_chain(previous_dir: Path, run: RunDirectory) -> list[dict[str, Any]]:

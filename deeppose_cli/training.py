@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import socket
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -141,6 +145,29 @@ def parse_device(device: str) -> tuple[str, int]:
     raise DeepPoseError(f"device must be cpu, cuda or cuda:N, got {device!r}")
 
 
+def run_meta_problem(meta: Any) -> str | None:
+    """What makes a parsed run.json unusable (None when the keys every reader needs are
+    there), so a damaged or foreign file gets one clear line rather than a KeyError later."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, found {type(meta).__name__}"
+    if meta.get("framework") not in FRAMEWORKS:
+        return f"framework must be one of {', '.join(FRAMEWORKS)}, found {meta.get('framework')!r}"
+    stage = meta.get("stage")
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage < 1:
+        return f"stage must be a positive integer, found {stage!r}"
+    if not isinstance(meta.get("model_file"), str) or "/" in meta["model_file"] \
+            or "\\" in meta["model_file"] or meta["model_file"] in ("", ".", ".."):
+        return f"model_file must be a file name, found {meta.get('model_file')!r}"
+    for key in ("num_joints", "input_size"):
+        if key in meta and (not isinstance(meta[key], int) or meta[key] < 1):
+            return f"{key} must be a positive integer, found {meta[key]!r}"
+    chain = meta.get("chain", [])
+    if not isinstance(chain, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("dir"), str) for e in chain):
+        return "chain must be a list of {\"dir\": ...} entries"
+    return None
+
+
 class RunDirectory:
     """The files of one training run::
 
@@ -188,9 +215,13 @@ class RunDirectory:
         if not self.meta_path.is_file():
             raise DeepPoseError(f"{self.path} is not a deeppose run directory (no run.json)")
         try:
-            return json.loads(self.meta_path.read_text())
-        except json.JSONDecodeError as e:
+            meta = json.loads(self.meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DeepPoseError(f"{self.meta_path} is corrupt: {e}") from None
+        problem = run_meta_problem(meta)
+        if problem:
+            raise DeepPoseError(f"{self.meta_path} is not a valid run description: {problem}")
+        return meta
 
     def append_log(self, record: dict[str, Any]) -> None:
         with open(self.log_path, "a", encoding="utf-8") as f:
@@ -417,16 +448,14 @@ def stage1_datasets(config: TrainConfig, manifest):
     from .annotations import read_index
     from .pipeline import Augmentation, PoseDataset
 
-    train_records = read_index(Path(config.train_index))
-    if train_records[0].joints.shape[0] != manifest.num_joints:
-        raise DeepPoseError(f"{config.train_index}: {train_records[0].joints.shape[0]} joints, "
-                            f"but dataset {manifest.name} has {manifest.num_joints}")
+    train_records = read_index(Path(config.train_index), manifest.num_joints)
     aug = Augmentation.from_recipe(config.to_json())
     train_set = PoseDataset(train_records, config.input_size, manifest.flip_permutation, aug,
                             seed=config.seed)
     val_set = None
     if config.val_index:
-        val_set = PoseDataset(read_index(Path(config.val_index)), config.input_size,
+        val_set = PoseDataset(read_index(Path(config.val_index), manifest.num_joints),
+                              config.input_size,
                               manifest.flip_permutation, Augmentation.none(), seed=config.seed)
     return train_set, val_set
 
@@ -449,7 +478,8 @@ def augmentation_preview_dataset(index_file: Path, recipe: dict[str, Any], manif
     from .annotations import read_index
     from .pipeline import Augmentation, PoseDataset
 
-    return PoseDataset(read_index(Path(index_file)), int(recipe["input_size"]),
+    return PoseDataset(read_index(Path(index_file), manifest.num_joints),
+                       int(recipe["input_size"]),
                        manifest.flip_permutation, Augmentation.from_recipe(recipe),
                        seed=int(recipe.get("seed", 0)))
 
@@ -470,26 +500,131 @@ def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
     }
 
 
-def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
-    """Create (or, with ``resume``, reopen) the run directory and save the resolved recipe.
+def staging_path(out: Path) -> Path:
+    """Where a run that replaces the run at ``out`` trains until it has succeeded."""
+    out = Path(out)
+    return out.with_name(out.name + ".next")
 
-    The device is checked first so a bad ``--device`` never costs an earlier run's files.
+
+def resume_directory(out: Path) -> Path:
+    """The directory ``--resume --out OUT`` continues: an unfinished replacement of OUT
+    (``OUT.next``) when there is one with a checkpoint, else OUT itself."""
+    out = Path(out)
+    staged = staging_path(out)
+    if any((staged / f"checkpoint{suffix}").is_file() for suffix in MODEL_SUFFIX.values()):
+        return staged
+    return out
+
+
+def _is_run_directory(path: Path) -> bool:
+    return any((path / name).is_file() for name in
+               ("run.json", "recipe.json", *(f"checkpoint{s}" for s in MODEL_SUFFIX.values())))
+
+
+def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
+    """Create (or, with ``resume``, reopen) the directory this run trains in and save the
+    resolved recipe there.
+
+    A fresh run into a directory that already holds a run trains beside it, in ``OUT.next``,
+    and :func:`publish_run` swaps it in only once it has succeeded: a run that fails or is
+    interrupted never costs the earlier model. The device is checked first.
     """
     backend_for(config.framework).check_device(config.device)
-    run = RunDirectory(config.out, config.framework)
+    out = Path(config.out)
     if resume:
+        run = RunDirectory(resume_directory(out), config.framework)
         if not run.checkpoint_path.is_file():
             raise DeepPoseError(f"--resume: no checkpoint in {run.path}")
-    elif run.path.exists() and any(run.path.iterdir()):
-        if run.meta_path.exists() or run.checkpoint_path.exists():
-            # A fresh run replaces an old one's files but never silently mixes logs.
-            for name in ("log.jsonl", "loss.png", run.checkpoint_path.name, run.model_path.name):
-                (run.path / name).unlink(missing_ok=True)
-        else:
-            raise DeepPoseError(f"{run.path} exists and is not a deeppose run directory")
+    else:
+        work = out
+        if out.exists() and not out.is_dir():
+            raise DeepPoseError(f"{out} exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()):
+            if not _is_run_directory(out):
+                raise DeepPoseError(f"{out} exists and is not a deeppose run directory")
+            work = staging_path(out)
+            if work.exists():  # an unfinished earlier replacement that this run supersedes
+                shutil.rmtree(work)
+        run = RunDirectory(work, config.framework)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json("recipe.json", config.to_json())
     return run
+
+
+def publish_run(run: RunDirectory, out: Path) -> RunDirectory:
+    """Put a finished run at ``out``: a run trained beside an earlier one (``OUT.next``)
+    replaces it now, and only now."""
+    out = Path(out)
+    if run.path.resolve() == out.resolve():
+        return run
+    retired = out.with_name(f".{out.name}.replaced")
+    if retired.exists():
+        shutil.rmtree(retired)
+    if out.exists():
+        os.rename(out, retired)
+    os.rename(run.path, out)
+    shutil.rmtree(retired, ignore_errors=True)
+    return RunDirectory(out, run.framework)
+
+
+def lock_path(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.lock")
+
+
+class RunLock:
+    """Exclusive use of one ``--out`` by one training process.
+
+    An advisory ``flock`` on ``.OUT.lock`` beside the run directory (beside, so swapping the
+    directory in :func:`publish_run` never moves it). The kernel drops the lock when its
+    process ends however it ends, so there are no stale locks to clean up. The file names
+    the holder, which the refusal of a second run quotes.
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path = lock_path(self.out)
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise DeepPoseError(f"{self.out} is in use by another training run ({holder}); "
+                                "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        command = " ".join(["deeppose", *sys.argv[1:]])[:300]
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
+                     f"{command}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def resume_hint(config: TrainConfig) -> str:
+    """What to run after an interruption, for the message the CLI prints."""
+    staged = staging_path(Path(config.out))
+    work = staged if staged.is_dir() else Path(config.out)  # where this run was training
+    if RunDirectory(work, config.framework).checkpoint_path.is_file():
+        return (f"continue from its last checkpoint with: deeppose train-stage {config.stage} "
+                f"--framework {config.framework} --resume --out {config.out}")
+    return (f"no checkpoint was written yet (one every {config.checkpoint_every} iterations), "
+            "so there is nothing to resume; any earlier run in --out is unchanged")
 
 
 def train_stage1(config: TrainConfig, resume: bool = False,
@@ -559,7 +694,7 @@ def run_backend(config: TrainConfig, train_set, val_set, run: RunDirectory, meta
     meta["model_sha256"] = sha256_of(run.model_path)
     run.write_json("run.json", meta)
     run.plot_loss()
-    return run, summary
+    return publish_run(run, Path(config.out)), summary
 
 
 def refinement_datasets(config: TrainConfig, manifest, stats, train_records, val_records):
@@ -598,8 +733,9 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
         raise DeepPoseError(f"--previous {previous} is a stage-{previous_meta['stage']} run; "
                             f"stage {config.stage} refines a stage-{config.stage - 1} run")
     manifest = load_dataset_manifest(config.dataset)
-    train_records = read_index(Path(config.train_index))
-    val_records = read_index(Path(config.val_index)) if config.val_index else []
+    train_records = read_index(Path(config.train_index), manifest.num_joints)
+    val_records = (read_index(Path(config.val_index), manifest.num_joints)
+                   if config.val_index else [])
     if config.displacement_source == "val" and not val_records:
         raise DeepPoseError("--displacement-source val needs a validation index (--val FILE)")
     init_params = init_parameters(config, resume)
@@ -643,7 +779,9 @@ def measure_displacements(previous: Path, records, manifest, device: str):
 
 def train_stage(config: TrainConfig, resume: bool = False, show_progress: bool = True
                 ) -> tuple[RunDirectory, dict[str, Any]]:
-    """Train cascade stage ``config.stage`` (1: from person crops, >= 2: refinement)."""
-    if config.stage == 1:
-        return train_stage1(config, resume, show_progress)
-    return train_refinement_stage(config, resume, show_progress)
+    """Train cascade stage ``config.stage`` (1: from person crops, >= 2: refinement), holding
+    the lock on ``config.out`` for the whole run."""
+    with RunLock(Path(config.out)):
+        if config.stage == 1:
+            return train_stage1(config, resume, show_progress)
+        return train_refinement_stage(config, resume, show_progress)

@@ -100,3 +100,11 @@ def tiny_config(framework: str, index_dir: Path, out: Path, **overrides):
     return TrainConfig.from_recipe(recipe, framework=framework, dataset="synthetic",
                                    train_index=str(index_dir / "train.jsonl"),
                                    val_index=str(index_dir / "val.jsonl"), out=str(out))
+
+
+def assert_no_escaped_exception(result) -> None:
+    """A CliRunner result whose command ended through click (an exit code), not through an
+    exception escaping it: CliRunner keeps such an exception in ``result.exception`` and never
+    prints its traceback, so looking for "Traceback" in the output cannot fail."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), \
+        repr(result.exception)
