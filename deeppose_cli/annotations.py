@@ -77,19 +77,32 @@ def read_joints_mat(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
         raise DeepPoseError(f"{path}: `joints` must hold numbers, found "
                             f"{np.asarray(raw).dtype.name} values")
     raw = np.asarray(raw, dtype=np.float64)
-    if fmt == "lsp":
-        if raw.ndim != 3 or raw.shape[0] != 3:
-            raise DeepPoseError(f"{path}: expected LSP joints 3 x J x N, got {raw.shape}")
-        arr = raw.transpose(2, 1, 0)  # N, J, 3
-        visible = arr[..., 2] == 0
-    elif fmt == "lspet":
-        if raw.ndim != 3 or raw.shape[1] != 3:
-            raise DeepPoseError(f"{path}: expected LSPET joints J x 3 x N, got {raw.shape}")
-        arr = raw.transpose(2, 0, 1)
-        visible = arr[..., 2] == 1
-    else:
-        raise DeepPoseError(f"unknown annotation format {fmt!r}")
+    if fmt not in JOINTS_MAT_LAYOUTS:
+        raise DeepPoseError(f"unknown annotation format {fmt!r} (known: "
+                            f"{', '.join(sorted(JOINTS_MAT_LAYOUTS))})")
+    arr, visible = JOINTS_MAT_LAYOUTS[fmt](raw, path)
     return arr[..., :2] - 1.0, visible
+
+
+def _lsp_layout(raw: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """LSP: 3 x J x N, flag 0 = visible."""
+    if raw.ndim != 3 or raw.shape[0] != 3:
+        raise DeepPoseError(f"{path}: expected LSP joints 3 x J x N, got {raw.shape}")
+    arr = raw.transpose(2, 1, 0)  # N, J, 3
+    return arr, arr[..., 2] == 0
+
+
+def _lspet_layout(raw: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """LSPET: J x 3 x N, flag 1 = visible."""
+    if raw.ndim != 3 or raw.shape[1] != 3:
+        raise DeepPoseError(f"{path}: expected LSPET joints J x 3 x N, got {raw.shape}")
+    arr = raw.transpose(2, 0, 1)
+    return arr, arr[..., 2] == 1
+
+
+# A manifest's ``format`` -> how its joints.mat is laid out: (N, J, 3) joints and visibility.
+# A dataset in another layout is one function here plus a manifest naming it.
+JOINTS_MAT_LAYOUTS = {"lsp": _lsp_layout, "lspet": _lspet_layout}
 
 
 def split_ids(manifest: DatasetManifest, numbers: list[int], val_fraction: float | None,

@@ -19,7 +19,6 @@ this module does the timing, the statistics, the JSON and the charts.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -32,8 +31,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .backends import get_harness
 from .errors import DeepPoseError
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write
 
 FORMAT = "deeppose-benchmark"
 LOSSES = ("autograd", "explicit")
@@ -128,7 +128,8 @@ class BenchmarkSettings:
     sections: tuple[str, ...] = ("compute", "overhead", "pipeline", "cascade", "cli")
 
     def validate(self) -> None:
-        from .training import FRAMEWORKS, parse_device
+        from .backends import FRAMEWORKS
+        from .config import parse_device
 
         for name in self.frameworks:
             if name not in FRAMEWORKS:
@@ -151,7 +152,7 @@ def train_config(settings: BenchmarkSettings, framework: str, explicit: bool = F
                  batch_size: int | None = None):
     """The stage-1 recipe as training would resolve it, with the benchmark's overrides."""
     from .manifests import load_stage_recipe
-    from .training import TrainConfig
+    from .config import TrainConfig
 
     recipe = load_stage_recipe(1)
     recipe.update(input_size=settings.input_size, width=settings.width, seed=settings.seed,
@@ -162,19 +163,6 @@ def train_config(settings: BenchmarkSettings, framework: str, explicit: bool = F
     return TrainConfig.from_recipe(recipe, stage=1, framework=framework,
                                    dataset=settings.dataset, train_index=settings.index or "-",
                                    out="-")
-
-
-def harness_class(framework: str):
-    """The backend's benchmark harness (imports the framework)."""
-    if framework == "pytorch":
-        from .backends.torch_bench import Harness
-
-        return Harness
-    if framework == "chainer":
-        from .backends.chainer_bench import Harness
-
-        return Harness
-    raise DeepPoseError(f"unknown framework {framework!r}")
 
 
 def random_batch(batch_size: int, settings: BenchmarkSettings, rng: np.random.Generator):
@@ -194,7 +182,7 @@ def compute_section(settings: BenchmarkSettings, framework: str,
     rng = np.random.default_rng(settings.seed)
     train_rows, forward_rows = [], []
     for loss in LOSSES:
-        harness = harness_class(framework)(train_config(settings, framework, loss == "explicit"),
+        harness = get_harness(framework)(train_config(settings, framework, loss == "explicit"),
                                            settings.num_joints)
         for batch_size in settings.batch_sizes:
             batch = harness.batch(*random_batch(batch_size, settings, rng))
@@ -219,7 +207,7 @@ def overhead_section(settings: BenchmarkSettings, framework: str,
                      log: Callable[[str], None]) -> dict:
     """The project's training step against bare framework ops for the same network."""
     config = train_config(settings, framework)
-    cls = harness_class(framework)
+    cls = get_harness(framework)
     ours, bare = cls(config, settings.num_joints), cls(config, settings.num_joints, bare=True)
     rng = np.random.default_rng(settings.seed)
     data = random_batch(settings.pipeline_batch, settings, rng)
@@ -256,7 +244,7 @@ def pipeline_section(settings: BenchmarkSettings, framework: str,
     config = train_config(settings, framework)
     manifest = load_dataset_manifest(settings.dataset)
     dataset, _ = stage1_datasets(config, manifest)
-    harness = harness_class(framework)(config, manifest.num_joints)
+    harness = get_harness(framework)(config, manifest.num_joints)
     block = 1 if config.workers == 0 else max(4 * config.workers, 4)
     rounds = max(1, settings.pipeline_iterations // block)
     batches = harness.pipeline(dataset)
@@ -304,7 +292,7 @@ def _random_model_files(settings: BenchmarkSettings, framework: str, directory: 
                         stages: int) -> list[Path]:
     """Model files of random weights (timing does not depend on them), written and read
     through the backend's own model-file functions as a trained cascade would be."""
-    from .training import MODEL_SUFFIX, backend_for
+    from .backends import MODEL_SUFFIX, get_backend
     from .weights import parameter_shapes
 
     rng = np.random.default_rng(settings.seed)
@@ -315,7 +303,7 @@ def _random_model_files(settings: BenchmarkSettings, framework: str, directory: 
         params = {name: (rng.standard_normal(shape) * 0.01).astype(np.float32)
                   for name, shape in parameter_shapes(**meta).items()}
         path = directory / f"stage{stage}-{framework}{MODEL_SUFFIX[framework]}"
-        backend_for(framework).write_model(params, meta, path)
+        get_backend(framework).write_model(params, meta, path)
         paths.append(path)
     return paths
 
@@ -329,12 +317,12 @@ def cascade_section(settings: BenchmarkSettings, framework: str, image: np.ndarr
     them. (Regressors return NumPy, so a GPU forward pass is complete when they return.)"""
     from .cascade import StageModel, run_cascade
     from .manifests import load_dataset_manifest
-    from .training import backend_for
+    from .backends import get_backend
 
     torso_pair = load_dataset_manifest(settings.dataset).torso_diameter
     meta = {"num_joints": settings.num_joints, "input_size": settings.input_size,
             "width": settings.width}
-    backend = backend_for(framework)
+    backend = get_backend(framework)
     with tempfile.TemporaryDirectory(prefix="deeppose-benchmark-") as tmp:
         paths = _random_model_files(settings, framework, Path(tmp), settings.cascade_stages)
         stages = [StageModel(stage=k + 1, framework=framework,
@@ -449,7 +437,7 @@ def load_sample_image(index: str | None) -> tuple[np.ndarray, np.ndarray]:
 def run_benchmark(settings: BenchmarkSettings,
                   log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Every section of the benchmark in this process; returns the JSON-ready result."""
-    from .training import backend_for
+    from .backends import get_backend
 
     settings.validate()
     result: dict[str, Any] = {"format": FORMAT, "version": 1,
@@ -458,7 +446,7 @@ def run_benchmark(settings: BenchmarkSettings,
                               "compute": [], "forward": [], "overhead": [], "pipeline": [],
                               "cascade": [], "cli": None}
     for framework in settings.frameworks:
-        backend_for(framework).check_device(settings.device)
+        get_backend(framework).check_device(settings.device)
     if "pipeline" in settings.sections and not settings.index:
         raise DeepPoseError("the pipeline section needs a training index (--index FILE or "
                             "--dataset NAME with an index), or leave it out with --skip pipeline")
@@ -480,11 +468,6 @@ def run_benchmark(settings: BenchmarkSettings,
     result["targets"] = targets(result)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return result
-
-
-def write_json(result: dict[str, Any], path: Path) -> Path:
-    atomic_write_text(Path(path), json.dumps(result, indent=2) + "\n")
-    return Path(path)
 
 
 # ----------------------------------------------------------------------------- charts

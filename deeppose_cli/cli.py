@@ -16,9 +16,28 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .backends import FRAMEWORKS
 from .errors import DeepPoseError
+from .weights import MIN_INPUT_SIZE
 
-DATASETS = ("lsp", "lspet", "synthetic")
+
+
+class DatasetName(click.Choice):
+    """A dataset with a manifest: the package's and those in ``$DEEPPOSE_MANIFESTS``, looked
+    up when the command line is parsed (so a manifest added there is a valid choice)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @property
+    def choices(self):
+        from .manifests import dataset_names
+
+        return tuple(dataset_names())
+
+    @choices.setter
+    def choices(self, _value) -> None:
+        pass
 
 
 @dataclass
@@ -115,7 +134,7 @@ def info() -> None:
 
 
 @main.command()
-@click.argument("dataset", type=click.Choice(DATASETS))
+@click.argument("dataset", type=DatasetName())
 @click.option("--root", type=click.Path(file_okay=False),
               help="Data root (default ./data, or $DEEPPOSE_DATA).")
 @click.option("--url", help="Download from this URL instead of the manifest's.")
@@ -148,7 +167,7 @@ def fetch(state: ChainState, dataset: str, root: str | None, url: str | None,
 
 
 @main.command()
-@click.argument("dataset", type=click.Choice(DATASETS), required=False)
+@click.argument("dataset", type=DatasetName(), required=False)
 @click.option("--root", type=click.Path(file_okay=False),
               help="Data root (default ./data, or $DEEPPOSE_DATA).")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True),
@@ -214,9 +233,9 @@ def augmentation_options(command):
 
 @main.command("train-stage")
 @click.argument("stage", type=click.IntRange(1, 9))
-@click.option("--framework", type=click.Choice(["chainer", "pytorch"]),
+@click.option("--framework", type=click.Choice(FRAMEWORKS),
               help="Default: the previous train-stage of this call, else pytorch.")
-@click.option("--dataset", type=click.Choice(DATASETS),
+@click.option("--dataset", type=DatasetName(),
               help="Dataset whose index to train on (default: from the chain, else lsp).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root of --dataset.")
 @click.option("--train", "train_index", type=click.Path(dir_okay=False),
@@ -239,7 +258,7 @@ def augmentation_options(command):
               help="Train on invisible joints too (LSPET's carry junk coordinates).")
 @click.option("--max-iterations", type=click.IntRange(1), help="Stop after this many iterations.")
 @click.option("--workers", type=click.IntRange(0), help="Data-loading worker processes.")
-@click.option("--input-size", type=click.IntRange(67), help="Crop side in pixels (recipe: 227).")
+@click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE), help="Crop side in pixels (recipe: 227).")
 @click.option("--width", type=click.FloatRange(0, min_open=True),
               help="AlexNet channel multiplier (recipe: 1.0).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
@@ -278,8 +297,9 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
     """Train cascade stage STAGE (1: person crops; 2+: refine the previous stage)."""
     from .manifests import load_stage_recipe
     from .runs import latest_run
-    from .training import (RunDirectory, TrainConfig, inherit_architecture, resume_directory,
-                           resume_hint, train_stage as run_training)
+    from .config import TrainConfig
+    from .rundir import RunDirectory, resume_directory
+    from .training import inherit_architecture, resume_hint, train_stage as run_training
 
     import json
 
@@ -334,7 +354,7 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
 
 
 @main.command("show-augmentation")
-@click.option("--dataset", type=click.Choice(DATASETS),
+@click.option("--dataset", type=DatasetName(),
               help="Dataset whose training index to sample (default: from the chain, else lsp).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root of --dataset.")
 @click.option("--index", "index_file", type=click.Path(dir_okay=False),
@@ -344,7 +364,7 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
 @click.option("--epoch", type=click.IntRange(0), default=0, show_default=True,
               help="Draw the augmentation of this epoch.")
 @click.option("--seed", type=int, help="Recipe seed (default: the recipe's).")
-@click.option("--input-size", type=click.IntRange(67), help="Crop side in pixels.")
+@click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE), help="Crop side in pixels.")
 @augmentation_options
 @click.option("--out", type=click.Path(dir_okay=False), default="augmentation.png",
               show_default=True, help="PNG to write.")
@@ -417,10 +437,11 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     from .annotations import read_index
     from .cascade import flip_averaged, run_cascade_on_records
     from .evaluation import (evaluate_predictions, metrics_json, plot_pdj,
-                             predictions_json, refinement_reports, write_json)
+                             predictions_json, refinement_reports)
+    from .files import write_json
     from .manifests import load_dataset_manifest
+    from .rundir import RunDirectory
     from .runs import chain_dirs, latest_run, load_cascade
-    from .training import RunDirectory
 
     run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
     run_meta = RunDirectory(run_dir).meta()  # a clear error for a directory that is not a run
@@ -584,7 +605,7 @@ def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--to", "framework", type=click.Choice(["chainer", "pytorch"]), required=True)
+@click.option("--to", "framework", type=click.Choice(FRAMEWORKS), required=True)
 @click.option("--out", type=click.Path(file_okay=False),
               help="Output run directory (default RUN_DIR-<framework>).")
 @click.pass_obj
@@ -602,7 +623,7 @@ BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")
 
 
 @main.command()
-@click.option("--framework", "frameworks", type=click.Choice(["chainer", "pytorch"]),
+@click.option("--framework", "frameworks", type=click.Choice(FRAMEWORKS),
               multiple=True, help="Repeat to choose (default: both).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--max-batch-log2", type=click.IntRange(0, 12),
@@ -610,10 +631,10 @@ BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
               help="Timed repetitions of each measurement.")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
-@click.option("--input-size", type=click.IntRange(67), default=227, show_default=True)
+@click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE), default=227, show_default=True)
 @click.option("--width", type=click.FloatRange(0, min_open=True), default=1.0,
               show_default=True, help="AlexNet channel multiplier.")
-@click.option("--dataset", type=click.Choice(DATASETS),
+@click.option("--dataset", type=DatasetName(),
               help="Dataset whose train split feeds the pipeline test (default: from the "
                    "chain, else lsp).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root of --dataset.")
@@ -639,8 +660,9 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
               index_file: str | None, batch_size: int, iterations: int, stages: int,
               skip: tuple[str, ...], out: str, json_out: str | None, **settings) -> None:
     """Time both frameworks: step vs batch size, pipeline efficiency, cascade latency."""
-    from .benchmark import BenchmarkSettings, plot_charts, run_benchmark, write_json
-    from .training import parse_device
+    from .benchmark import BenchmarkSettings, plot_charts, run_benchmark
+    from .files import write_json
+    from .config import parse_device
 
     dataset = dataset or state.dataset or "lsp"
     sections = tuple(s for s in BENCHMARK_SECTIONS if s not in skip)
@@ -655,14 +677,14 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
         raise DeepPoseError(f"index file {index_file} not found")
     if max_batch_log2 is None:
         max_batch_log2 = 5 if parse_device(device)[0] == "cpu" else 8
-    config = BenchmarkSettings(frameworks=frameworks or ("chainer", "pytorch"), device=device,
+    config = BenchmarkSettings(frameworks=frameworks or FRAMEWORKS, device=device,
                                max_batch_log2=max_batch_log2, dataset=dataset, index=index_file,
                                pipeline_batch=batch_size, pipeline_iterations=iterations,
                                cascade_stages=stages, sections=sections, **settings)
     out_console = console()
     result = run_benchmark(config, log=lambda message: out_console.print(f"  {message}"))
     _print_benchmark(result)
-    json_path = write_json(result, Path(json_out) if json_out else Path(out) / "benchmark.json")
+    json_path = write_json(Path(json_out) if json_out else Path(out) / "benchmark.json", result)
     charts = plot_charts(result, Path(out))
     out_console.print(f"results: {json_path}" + "".join(f"\nchart: {c}" for c in charts))
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .annotations import PoseRecord
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write
 from .geometry import denormalize_pose
 from .manifests import DatasetManifest
 from .metrics import PDJResult, pcp, pdj
@@ -71,19 +71,6 @@ def metrics_json(rows: Sequence[StageScores], manifest: DatasetManifest,
                           "mean": row.pdj.mean.round(6).tolist()},
         })
     return out
-
-
-def write_json(path: Path, obj: Any) -> None:
-    def clean(value):
-        if isinstance(value, float) and np.isnan(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    atomic_write_text(Path(path), json.dumps(clean(obj), indent=2) + "\n")
 
 
 def plot_pdj(rows: Sequence[StageScores], path: Path, title: str) -> None:
@@ -155,7 +142,7 @@ def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[
     run directories of stages 1..S (for each stage's ``displacement.json``)."""
     from .cascade import DisplacementStatistics, RefinementDataset, moved_closer
     from .pipeline import Augmentation
-    from .training import validate
+    from .reporting import validation_metrics
 
     gt = np.stack([r.joints for r in records])
     visible = np.stack([r.visible for r in records])
@@ -174,6 +161,6 @@ def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[
                                           Augmentation.none(),
                                           sampling=recipe.get("displacement_sampling", "normal"))
             crops = {key: float(v) for key, v in
-                     validate(stage.regress, crops_set, batch_size).items()}
+                     validation_metrics(stage.regress, crops_set, batch_size).items()}
         reports.append(RefinementReport(k + 1, closer, farther, crops))
     return reports

@@ -4,11 +4,13 @@ telling the model formats apart by content."""
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def current_umask() -> int:
@@ -40,6 +42,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically. NaN becomes ``null``: JSON has no NaN, and
+    a file other tools cannot parse is worse than a missing value."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    path = Path(path)
+    atomic_write_text(path, json.dumps(clean(obj), indent=2) + "\n")
+    return path
 
 
 def sha256_of(path: Path) -> str:

@@ -14,8 +14,9 @@ from typing import Any
 
 from .cascade import StageModel
 from .errors import DeepPoseError
-from .files import atomic_write, is_npz, sha256_of
-from .training import RunDirectory, backend_for, run_meta_problem
+from .files import atomic_write, sha256_of
+from .backends import MODEL_SUFFIX, framework_of_model_file, get_backend
+from .rundir import RunDirectory, run_meta_problem
 
 RUNS_ROOT = Path("runs")
 
@@ -74,7 +75,7 @@ def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = No
     if not meta.get("complete"):
         raise DeepPoseError(f"{run_dir}: training did not finish (resume it with --resume)")
     model_path = _verified_model(run, meta, expected_sha, recorded_by)
-    regress = backend_for(meta["framework"]).load_regressor(model_path, meta, device)
+    regress = get_backend(meta["framework"]).load_regressor(model_path, meta, device)
     return StageModel(stage=meta["stage"], framework=meta["framework"], regress=regress,
                       input_size=meta["input_size"], sigma=meta.get("sigma"))
 
@@ -132,7 +133,6 @@ def convert_run(source: Path, framework: str, out: Path) -> Path:
     """Write a copy of the run ``source`` (with every earlier stage in its chain) whose models
     are in ``framework``'s native format; predictions stay the same (weights are exchanged
     through the framework-free parameter layout)."""
-    from .training import MODEL_SUFFIX
 
     source, out = Path(source), Path(out)
     if out.resolve() == source.resolve():
@@ -156,8 +156,8 @@ def convert_run(source: Path, framework: str, out: Path) -> Path:
         child = RunDirectory(target).meta()
         new_chain.append({**entry, "framework": framework,
                           "model_sha256": sha256_of(target / child["model_file"])})
-    reader = backend_for(meta["framework"])
-    writer = backend_for(framework)
+    reader = get_backend(meta["framework"])
+    writer = get_backend(framework)
     params = reader.read_params(_verified_model(RunDirectory(source), meta, meta.get("model_sha256")))
     model_file = f"model{MODEL_SUFFIX[framework]}"
     atomic_write(out / model_file, lambda tmp: writer.write_model(params, meta, tmp))
@@ -167,12 +167,6 @@ def convert_run(source: Path, framework: str, out: Path) -> Path:
         new_meta["chain"] = new_chain
     RunDirectory(out).write_json("run.json", new_meta)
     return out
-
-
-def model_file_framework(path: Path) -> str:
-    """``chainer`` for a NumPy ``.npz``, else ``pytorch``: a model file's framework told by
-    its content, not its name."""
-    return "chainer" if is_npz(path) else "pytorch"
 
 
 def initial_parameters(source: Path | str) -> dict[str, Any]:
@@ -185,7 +179,7 @@ def initial_parameters(source: Path | str) -> dict[str, Any]:
         if not meta.get("complete"):
             raise DeepPoseError(f"--init {source}: that training did not finish")
         path = _verified_model(run, meta, meta.get("model_sha256"))
-        return backend_for(meta["framework"]).read_params(path)
+        return get_backend(meta["framework"]).read_params(path)
     if not source.is_file():
         raise DeepPoseError(f"--init {source}: no such run directory or model file")
-    return backend_for(model_file_framework(source)).read_params(source)
+    return get_backend(framework_of_model_file(source) or "pytorch").read_params(source)

@@ -1,446 +1,26 @@
-"""Framework-free side of training: recipes, run directories, data, logging, validation.
+"""Training orchestration: from a resolved recipe to a finished run directory.
 
-A backend (``backends/torch_backend.py``, ``backends/chainer_backend.py``) receives a
-:class:`TrainConfig`, the datasets, a :class:`RunDirectory` and a :class:`TrainingReporter`,
-and adds only the model, loss, optimizer loop and save/load. Everything both frameworks need
-(what a run directory holds, the log format, NaN handling, validation metrics) lives here.
+Below this sit the pieces a backend uses (``config.py``: the recipe; ``rundir.py``: the run
+directory; ``reporting.py``: log, NaN guard and validation) and the backends themselves
+(``backends/``: model, loss, loop, model files). This module prepares data and run
+directories, hands them to the framework's backend and publishes the result.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
-import socket
-import sys
-import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-from .files import atomic_write, atomic_write_text, sha256_of
+from .backends import get_backend
+from .config import MODEL_SUFFIX, TrainConfig
 from .errors import DeepPoseError
-
-FRAMEWORKS = ("chainer", "pytorch")
-# Where a refinement stage's displacement statistics come from: the previous stages'
-# predictions on the training split (which they have seen) or on the validation split.
-DISPLACEMENT_SOURCES = ("train", "val")
-MODEL_SUFFIX = {"pytorch": ".pt", "chainer": ".npz"}
-
-
-@dataclass
-class TrainConfig:
-    """The resolved recipe of one training run: stage recipe + CLI overrides.
-
-    Saved as ``recipe.json`` in the run directory, so a run records exactly what produced it.
-    """
-
-    stage: int
-    framework: str
-    dataset: str
-    train_index: str
-    out: str
-    val_index: str | None = None
-    input_size: int = 227
-    width: float = 1.0
-    batch_norm: bool = False
-    dropout: float = 0.5
-    optimizer: str = "MomentumSGD"
-    lr: float = 0.0005
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    batch_size: int = 32
-    epochs: int = 100
-    max_iterations: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    workers: int = 0
-    explicit_backward: bool = False
-    loss: str = "l2"
-    use_visibility: bool = True
-    checkpoint_every: int = 500
-    jitter_translation: float = 0.05
-    jitter_scale: float = 0.1
-    flip: bool = True
-    colour_noise: float = 0.1
-    rotation: float = 0.0
-    occlusion: float = 0.0
-    outside_joints: str = "keep"
-    lr_schedule: str = "constant"
-    lr_warmup: int = 0
-    lr_final_ratio: float = 0.01
-    sigma: float | None = None
-    samples_per_image: int = 1
-    displacement_source: str = "train"
-    refine_joints: str = "own"
-    displacement_sampling: str = "normal"
-    previous: str | None = None
-    init: str | None = None
-
-    @classmethod
-    def from_recipe(cls, recipe: dict[str, Any], **required: Any) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(recipe) - known - {"stage"}
-        if unknown:
-            raise DeepPoseError(f"unknown recipe keys: {', '.join(sorted(unknown))}")
-        values = {k: v for k, v in recipe.items() if k in known}
-        values.update({k: v for k, v in required.items() if v is not None})
-        config = cls(**values)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        if self.framework not in FRAMEWORKS:
-            raise DeepPoseError(f"framework must be one of {', '.join(FRAMEWORKS)}")
-        if self.optimizer not in ("MomentumSGD", "Adam"):
-            raise DeepPoseError(f"optimizer must be MomentumSGD or Adam, got {self.optimizer!r}")
-        for name in ("lr", "batch_size", "epochs", "input_size", "width", "checkpoint_every"):
-            if not getattr(self, name) > 0:
-                raise DeepPoseError(f"{name.replace('_', '-')} must be positive")
-        if self.max_iterations is not None and self.max_iterations < 1:
-            raise DeepPoseError("max-iterations must be at least 1")
-        if self.stage >= 2 and not (self.sigma and self.sigma > 0):
-            raise DeepPoseError("sigma must be positive for refinement stages")
-        from .losses import check_norm
-
-        check_norm(self.loss)
-        if self.displacement_source not in DISPLACEMENT_SOURCES:
-            raise DeepPoseError(f"displacement-source must be one of "
-                                f"{', '.join(DISPLACEMENT_SOURCES)}, got {self.displacement_source!r}")
-        from .cascade import DISPLACEMENT_SAMPLING, REFINE_JOINTS
-
-        if self.displacement_sampling not in DISPLACEMENT_SAMPLING:
-            raise DeepPoseError(f"displacement-sampling must be one of "
-                                f"{', '.join(DISPLACEMENT_SAMPLING)}, got "
-                                f"{self.displacement_sampling!r}")
-        if self.refine_joints not in REFINE_JOINTS:
-            raise DeepPoseError(f"refine-joints must be one of {', '.join(REFINE_JOINTS)}, "
-                                f"got {self.refine_joints!r}")
-        if not 0 <= self.dropout < 1:
-            raise DeepPoseError("dropout must be at least 0 and below 1")
-        if not 0 <= self.occlusion <= 1:
-            raise DeepPoseError("occlusion is a probability: between 0 and 1")
-        from .pipeline import Augmentation
-        from .schedules import LearningRateSchedule
-
-        Augmentation.from_recipe(self.to_json())
-        LearningRateSchedule(self.lr, 1, self.lr_schedule, self.lr_warmup, self.lr_final_ratio)
-        parse_device(self.device)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``cpu`` -> ("cpu", -1); ``cuda`` / ``cuda:N`` -> ("cuda", N)."""
-    if device == "cpu":
-        return "cpu", -1
-    if device == "cuda":
-        return "cuda", 0
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return "cuda", int(device[5:])
-    raise DeepPoseError(f"device must be cpu, cuda or cuda:N, got {device!r}")
-
-
-def run_meta_problem(meta: Any) -> str | None:
-    """What makes a parsed run.json unusable (None when the keys every reader needs are
-    there), so a damaged or foreign file gets one clear line rather than a KeyError later."""
-    if not isinstance(meta, dict):
-        return f"expected a JSON object, found {type(meta).__name__}"
-    if meta.get("framework") not in FRAMEWORKS:
-        return f"framework must be one of {', '.join(FRAMEWORKS)}, found {meta.get('framework')!r}"
-    stage = meta.get("stage")
-    if not isinstance(stage, int) or isinstance(stage, bool) or stage < 1:
-        return f"stage must be a positive integer, found {stage!r}"
-    if not isinstance(meta.get("model_file"), str) or "/" in meta["model_file"] \
-            or "\\" in meta["model_file"] or meta["model_file"] in ("", ".", ".."):
-        return f"model_file must be a file name, found {meta.get('model_file')!r}"
-    for key in ("num_joints", "input_size"):
-        if key in meta and (not isinstance(meta[key], int) or meta[key] < 1):
-            return f"{key} must be a positive integer, found {meta[key]!r}"
-    chain = meta.get("chain", [])
-    if not isinstance(chain, list) or not all(
-            isinstance(e, dict) and isinstance(e.get("dir"), str) for e in chain):
-        return "chain must be a list of {\"dir\": ...} entries"
-    return None
-
-
-class RunDirectory:
-    """The files of one training run::
-
-        recipe.json     resolved TrainConfig
-        run.json        what inference needs: framework, stage, model file, joints, mean pose,
-                        and for stage >= 2 sigma, displacement statistics and the earlier stages
-        log.jsonl       one record per logged iteration / validation
-        loss.png        loss curve
-        checkpoint.*    latest checkpoint (model + optimizer + iteration), written atomically
-        model.*         final model in the framework's native format (.pt / .npz)
-    """
-
-    def __init__(self, path: Path | str, framework: str | None = None):
-        self.path = Path(path)
-        self.framework = framework
-
-    @property
-    def suffix(self) -> str:
-        return MODEL_SUFFIX[self.framework or self.meta()["framework"]]
-
-    @property
-    def recipe_path(self) -> Path:
-        return self.path / "recipe.json"
-
-    @property
-    def meta_path(self) -> Path:
-        return self.path / "run.json"
-
-    @property
-    def log_path(self) -> Path:
-        return self.path / "log.jsonl"
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.path / f"checkpoint{self.suffix}"
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / f"model{self.suffix}"
-
-    def write_json(self, name: str, obj: Any) -> None:
-        atomic_write_text(self.path / name, json.dumps(obj, indent=2) + "\n")
-
-    def meta(self) -> dict[str, Any]:
-        if not self.meta_path.is_file():
-            raise DeepPoseError(f"{self.path} is not a deeppose run directory (no run.json)")
-        try:
-            meta = json.loads(self.meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DeepPoseError(f"{self.meta_path} is corrupt: {e}") from None
-        problem = run_meta_problem(meta)
-        if problem:
-            raise DeepPoseError(f"{self.meta_path} is not a valid run description: {problem}")
-        return meta
-
-    def append_log(self, record: dict[str, Any]) -> None:
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def read_log(self) -> list[dict[str, Any]]:
-        if not self.log_path.is_file():
-            return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
-
-    def truncate_log(self, iteration: int) -> None:
-        """Drop log records after ``iteration`` (a resumed run redoes them)."""
-        kept = [r for r in self.read_log() if r.get("iteration", 0) <= iteration]
-        atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def plot_loss(self) -> Path | None:
-        records = self.read_log()
-        train = [(r["iteration"], r["loss"]) for r in records if "loss" in r]
-        val = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
-        if not train:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(*zip(*train), label="train loss")
-        if val:
-            ax.plot(*zip(*val), "o-", label="val loss")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("masked MSE (normalized coordinates)")
-        ax.set_yscale("log")
-        ax.legend()
-        ax.set_title(self.path.name)
-        fig.tight_layout()
-        target = self.path / "loss.png"
-        atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
-        return target
-
-
-@dataclass
-class IterationPlan:
-    iterations_per_epoch: int
-    total_iterations: int
-
-    @classmethod
-    def make(cls, num_samples: int, batch_size: int, epochs: int,
-             max_iterations: int | None) -> "IterationPlan":
-        per_epoch = max(1, math.ceil(num_samples / batch_size))
-        total = per_epoch * epochs
-        if max_iterations is not None:
-            total = min(total, max_iterations)
-        return cls(per_epoch, total)
-
-    def epoch_of(self, iteration: int) -> int:
-        """Epoch (0-based) that iteration ``iteration`` (1-based) belongs to."""
-        return (iteration - 1) // self.iterations_per_epoch
-
-
-class TrainingReporter:
-    """Progress bars, the JSONL log and the NaN guard, shared by both backends."""
-
-    def __init__(self, run: RunDirectory, plan: IterationPlan, batch_size: int,
-                 log_every: int = 10, show_progress: bool = True,
-                 schedule: Callable[[int], float] | None = None):
-        self.run = run
-        self.schedule = schedule
-        self.plan = plan
-        self.batch_size = batch_size
-        self.log_every = log_every
-        self.show_progress = show_progress
-        self._progress = None
-        self._window: list[float] = []
-        self._start = time.perf_counter()
-        self._last_time = self._start
-        self._last_iteration = 0
-        self.images_per_second = float("nan")
-
-    def __enter__(self) -> "TrainingReporter":
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                  MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                                  TimeElapsedColumn(), TimeRemainingColumn(),
-                                  disable=not self.show_progress, transient=False)
-        self._progress.__enter__()
-        epochs = math.ceil(self.plan.total_iterations / self.plan.iterations_per_epoch)
-        self._epoch_task = self._progress.add_task("epoch", total=epochs, status="")
-        self._iter_task = self._progress.add_task("iteration", total=self.plan.total_iterations,
-                                                  status="")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._progress.__exit__(*exc)
-
-    def start(self, iteration: int) -> None:
-        """Called once, with the iteration a (resumed) run starts after."""
-        self._last_iteration = iteration
-        self._last_time = time.perf_counter()
-        self._progress.update(self._iter_task, completed=iteration)
-        self._progress.update(self._epoch_task,
-                              completed=iteration // self.plan.iterations_per_epoch)
-
-    def iteration(self, iteration: int, loss: float) -> None:
-        """Record one optimizer step; stops training on a non-finite loss."""
-        if not math.isfinite(loss):
-            last = self.run.checkpoint_path if self.run.checkpoint_path.exists() else None
-            kept = f"; last good checkpoint kept: {last}" if last else "; no checkpoint was written"
-            raise DeepPoseError(f"loss became {loss} at iteration {iteration}: training stopped"
-                                f" (try a lower --lr){kept}")
-        self._window.append(loss)
-        epoch = self.plan.epoch_of(iteration)
-        self._progress.update(self._iter_task, completed=iteration,
-                              status=f"loss {loss:.4g}  {self.images_per_second:.1f} img/s")
-        self._progress.update(self._epoch_task, completed=iteration // self.plan.iterations_per_epoch)
-        if iteration % self.log_every == 0 or iteration == self.plan.total_iterations:
-            now = time.perf_counter()
-            images = (iteration - self._last_iteration) * self.batch_size
-            self.images_per_second = images / max(now - self._last_time, 1e-9)
-            self.run.append_log({
-                "iteration": iteration, "epoch": epoch + 1,
-                "loss": float(np.mean(self._window)),
-                **({"lr": self.schedule(iteration)} if self.schedule else {}),
-                "elapsed": round(now - self._start, 3),
-                "images_per_second": round(self.images_per_second, 2),
-            })
-            self._window.clear()
-            self._last_time, self._last_iteration = now, iteration
-
-    def validation(self, iteration: int, metrics: dict[str, float]) -> None:
-        record = {"iteration": iteration, "epoch": self.plan.epoch_of(iteration) + 1,
-                  "elapsed": round(time.perf_counter() - self._start, 3)}
-        record.update({f"val_{k}": v for k, v in metrics.items()})
-        self.run.append_log(record)
-        text = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        self._progress.console.print(f"[bold]validation[/] iteration {iteration}: {text}")
-
-
-def masked_squared_error(pred: np.ndarray, target: np.ndarray,
-                         visible: np.ndarray) -> tuple[float, float]:
-    """(sum of squared 2-D errors over visible joints, number of visible joints) in NumPy:
-    the pose loss of both backends, summed so batches can be pooled exactly."""
-    mask = np.asarray(visible, dtype=np.float64)
-    sq = ((np.asarray(pred, np.float64).reshape(target.shape) - target) ** 2).sum(-1)
-    return float((np.where(mask > 0, sq, 0.0)).sum()), float(mask.sum())
-
-
-def validate(predict_normalized: Callable[[np.ndarray], np.ndarray], dataset,
-             batch_size: int, torso_pair: Sequence[int] | None = None) -> dict[str, float]:
-    """Validation metrics of a regressor (normalized-coordinates in, (N, J, 2) out).
-
-    Always the loss. A stage-1 dataset (person boxes, no flips) adds PDJ@0.2 in image pixels.
-    A refinement dataset adds the stage's error in torso diameters at the simulated
-    displacements (``err``) beside keeping the box centre (``err_none``), the fraction of
-    crops it moved closer (``closer``), and its error on crops centred on the true joints
-    (``err_centred``): the precision it can give when the previous stage was right.
-    """
-    from .geometry import denormalize_pose
-    from .metrics import pdj
-
-    loss, pred, target = _predict_dataset(predict_normalized, dataset, batch_size)
-    metrics = {"loss": loss}
-    records = getattr(dataset, "records", None)
-    if records is not None and torso_pair is not None and not dataset.aug.flip:
-        boxes = np.stack([r.box for r in records])
-        pred_px = denormalize_pose(pred, boxes)
-        gt = np.stack([r.joints for r in records])
-        vis = np.stack([r.visible for r in records])
-        metrics["pdj@0.2"] = pdj(pred_px, gt, vis, torso_pair).at(0.2)[0]
-    if hasattr(dataset, "joint_of") and len(dataset):
-        from .cascade import refinement_errors
-
-        joints = np.array([dataset.joint_of(k) for k in range(len(dataset))])
-        metrics.update(refinement_errors(pred, target, joints, dataset.sigma))
-        centred = dataset.centred()
-        _, pred_c, target_c = _predict_dataset(predict_normalized, centred, batch_size)
-        metrics["err_centred"] = refinement_errors(pred_c, target_c, joints,
-                                                   dataset.sigma)["err"]
-    return metrics
-
-
-def _predict_dataset(predict_normalized, dataset, batch_size: int):
-    """(masked mean squared error, predictions, targets) over a whole dataset."""
-    total, count = 0.0, 0.0
-    preds, targets = [], []
-    for images, target, visible in batches(dataset, range(len(dataset)), batch_size):
-        pred = np.asarray(predict_normalized(images)).reshape(target.shape)
-        s, c = masked_squared_error(pred, target, visible)
-        total, count = total + s, count + c
-        preds.append(pred)
-        targets.append(target)
-    if not preds:
-        return float("nan"), np.zeros((0, 0, 2)), np.zeros((0, 0, 2))
-    return total / max(count, 1.0), np.concatenate(preds), np.concatenate(targets)
-
-
-def batches(dataset, order: Iterable[int], batch_size: int):
-    """Stack samples of ``dataset`` in ``order`` into (images, joints, visible) batches."""
-    order = list(order)
-    for start in range(0, len(order), batch_size):
-        samples = [dataset[i] for i in order[start:start + batch_size]]
-        yield tuple(np.stack(a) for a in zip(*samples))
-
-
-def backend_for(framework: str):
-    """The backend module of ``framework`` (imported only when needed: each pulls in its
-    framework)."""
-    if framework == "pytorch":
-        from .backends import torch_backend
-
-        return torch_backend
-    if framework == "chainer":
-        from .backends import chainer_backend
-
-        return chainer_backend
-    raise DeepPoseError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+from .files import sha256_of
+from .rundir import (RunDirectory, RunLock, is_run_directory, publish_run, resume_directory,
+                     staging_path)
 
 
 def stage1_datasets(config: TrainConfig, manifest):
@@ -500,27 +80,6 @@ def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
     }
 
 
-def staging_path(out: Path) -> Path:
-    """Where a run that replaces the run at ``out`` trains until it has succeeded."""
-    out = Path(out)
-    return out.with_name(out.name + ".next")
-
-
-def resume_directory(out: Path) -> Path:
-    """The directory ``--resume --out OUT`` continues: an unfinished replacement of OUT
-    (``OUT.next``) when there is one with a checkpoint, else OUT itself."""
-    out = Path(out)
-    staged = staging_path(out)
-    if any((staged / f"checkpoint{suffix}").is_file() for suffix in MODEL_SUFFIX.values()):
-        return staged
-    return out
-
-
-def _is_run_directory(path: Path) -> bool:
-    return any((path / name).is_file() for name in
-               ("run.json", "recipe.json", *(f"checkpoint{s}" for s in MODEL_SUFFIX.values())))
-
-
 def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
     """Create (or, with ``resume``, reopen) the directory this run trains in and save the
     resolved recipe there.
@@ -529,7 +88,7 @@ def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
     and :func:`publish_run` swaps it in only once it has succeeded: a run that fails or is
     interrupted never costs the earlier model. The device is checked first.
     """
-    backend_for(config.framework).check_device(config.device)
+    get_backend(config.framework).check_device(config.device)
     out = Path(config.out)
     if resume:
         run = RunDirectory(resume_directory(out), config.framework)
@@ -540,7 +99,7 @@ def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
         if out.exists() and not out.is_dir():
             raise DeepPoseError(f"{out} exists and is not a directory")
         if out.is_dir() and any(out.iterdir()):
-            if not _is_run_directory(out):
+            if not is_run_directory(out):
                 raise DeepPoseError(f"{out} exists and is not a deeppose run directory")
             work = staging_path(out)
             if work.exists():  # an unfinished earlier replacement that this run supersedes
@@ -549,71 +108,6 @@ def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json("recipe.json", config.to_json())
     return run
-
-
-def publish_run(run: RunDirectory, out: Path) -> RunDirectory:
-    """Put a finished run at ``out``: a run trained beside an earlier one (``OUT.next``)
-    replaces it now, and only now."""
-    out = Path(out)
-    if run.path.resolve() == out.resolve():
-        return run
-    retired = out.with_name(f".{out.name}.replaced")
-    if retired.exists():
-        shutil.rmtree(retired)
-    if out.exists():
-        os.rename(out, retired)
-    os.rename(run.path, out)
-    shutil.rmtree(retired, ignore_errors=True)
-    return RunDirectory(out, run.framework)
-
-
-def lock_path(out: Path) -> Path:
-    out = Path(out)
-    return out.with_name(f".{out.name}.lock")
-
-
-class RunLock:
-    """Exclusive use of one ``--out`` by one training process.
-
-    An advisory ``flock`` on ``.OUT.lock`` beside the run directory (beside, so swapping the
-    directory in :func:`publish_run` never moves it). The kernel drops the lock when its
-    process ends however it ends, so there are no stale locks to clean up. The file names
-    the holder, which the refusal of a second run quotes.
-    """
-
-    def __init__(self, out: Path):
-        self.out = Path(out)
-        self.path = lock_path(self.out)
-        self.fd: int | None = None
-
-    def __enter__(self) -> "RunLock":
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown process"
-            os.close(fd)
-            raise DeepPoseError(f"{self.out} is in use by another training run ({holder}); "
-                                "wait for it to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        command = " ".join(["deeppose", *sys.argv[1:]])[:300]
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
-                     f"{command}".encode())
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import fcntl
-
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
 
 
 def resume_hint(config: TrainConfig) -> str:
@@ -663,20 +157,6 @@ def init_parameters(config: TrainConfig, resume: bool) -> dict[str, np.ndarray] 
     return initial_parameters(config.init)
 
 
-def apply_init_parameters(load: Callable[[Any, dict], None], model: Any, config: TrainConfig,
-                          init_params: dict[str, np.ndarray] | None) -> None:
-    """Load ``--init`` weights into a backend's fresh model with ``load`` (its
-    ``load_numpy_params``), or say in one line why they do not fit."""
-    if init_params is None:
-        return
-    try:
-        load(model, init_params)
-    except DeepPoseError as e:
-        raise DeepPoseError(f"--init {config.init} does not fit this network (input size "
-                            f"{config.input_size}, width {config.width}, batch norm "
-                            f"{config.batch_norm}): {e}") from None
-
-
 def run_backend(config: TrainConfig, train_set, val_set, run: RunDirectory, meta: dict[str, Any],
                 manifest, resume: bool, show_progress: bool,
                 init_params: dict[str, np.ndarray] | None = None
@@ -687,9 +167,12 @@ def run_backend(config: TrainConfig, train_set, val_set, run: RunDirectory, meta
     ``complete`` and the model checksum only once the model file exists.
     """
     run.write_json("run.json", meta)
-    summary = backend_for(config.framework).train(
+    summary = get_backend(config.framework).train(
         config, train_set, val_set, run, torso_pair=manifest.torso_diameter, resume=resume,
         show_progress=show_progress, init_params=init_params)
+    # The same figure for both frameworks: the loss of the last logged window.
+    losses = [r["loss"] for r in run.read_log() if "loss" in r]
+    summary["final_loss"] = float(losses[-1]) if losses else float("nan")
     meta["complete"] = True
     meta["model_sha256"] = sha256_of(run.model_path)
     run.write_json("run.json", meta)

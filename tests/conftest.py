@@ -91,7 +91,7 @@ CALIBRATED = dict(lr_schedule="constant", lr_warmup=0, jitter_translation=0.05,
 def tiny_config(framework: str, index_dir: Path, out: Path, **overrides):
     """A stage-1 TrainConfig small enough to train in seconds on two CPU cores."""
     from deeppose_cli.manifests import load_stage_recipe
-    from deeppose_cli.training import TrainConfig
+    from deeppose_cli.config import TrainConfig
 
     recipe = load_stage_recipe(1)
     recipe.update(input_size=67, width=0.25, batch_size=16, epochs=1, optimizer="Adam",
@@ -108,3 +108,40 @@ def assert_no_escaped_exception(result) -> None:
     prints its traceback, so looking for "Traceback" in the output cannot fail."""
     assert result.exception is None or isinstance(result.exception, SystemExit), \
         repr(result.exception)
+
+
+def _openblas_threads():
+    """NumPy's bundled OpenBLAS (get, set) functions, or None where it is not found."""
+    import ctypes
+    import glob
+    import os
+
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "libscipy_openblas*.so"))
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for suffix in ("64_", "_64_", ""):
+            get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}", None)
+            set_ = getattr(lib, f"scipy_openblas_set_num_threads{suffix}", None)
+            if get and set_:
+                return get, set_
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_compute_thread():
+    """Every test computes on one thread: torch intra-op and NumPy's OpenBLAS (Chainer's CPU
+    convolutions). On a small shared machine a second thread mostly spins against the other
+    processes (one thread trained the calibration runs up to 10x faster under load), and the
+    calibrated training results then do not depend on how many cores the machine has."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    blas = _openblas_threads()
+    blas_before = blas[0]() if blas else None
+    if blas:
+        blas[1](1)
+    yield
+    torch.set_num_threads(before)
+    if blas:
+        blas[1](blas_before)

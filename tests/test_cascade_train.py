@@ -17,7 +17,8 @@ from deeppose_cli.cli import main
 from deeppose_cli.errors import DeepPoseError
 from deeppose_cli.metrics import pdj
 from deeppose_cli.runs import convert_run, load_cascade
-from deeppose_cli.training import RunDirectory, train_stage
+from deeppose_cli.rundir import RunDirectory
+from deeppose_cli.training import train_stage
 
 from conftest import CALIBRATED, assert_no_escaped_exception, tiny_config
 
@@ -27,14 +28,14 @@ STAGE1 = dict(input_size=131, width=0.125, batch_size=8, epochs=24, optimizer="A
               weight_decay=0.0, jitter_translation=0.0, jitter_scale=0.0, flip=False,
               colour_noise=0.0, checkpoint_every=5000)
 # Two epochs of simulated refinement samples (~6500 joint crops each) in a box of one torso
-# diameter. One epoch gave gains from +0.015 to +0.06 PDJ@0.1 over three seeds; two epochs
-# gave +0.08 to +0.21, so the assertion below tests learning, not luck.
-STAGE2 = dict(STAGE1, epochs=2, sigma=1.0, flip=True)
+# diameter, with the refinement recipe's batch norm and L1 loss: the paper's network (no batch
+# norm, L2) passed or stayed on its plateau (+0.001) depending on the thread count alone.
+STAGE2 = dict(STAGE1, epochs=2, sigma=1.0, flip=True, batch_norm=True, loss="l1", dropout=0.0)
 
 
 def refinement_config(framework, index_dir, out, previous, stage=2, **overrides):
     from deeppose_cli.manifests import load_stage_recipe
-    from deeppose_cli.training import TrainConfig
+    from deeppose_cli.config import TrainConfig
 
     recipe = load_stage_recipe(stage)
     recipe.update(CALIBRATED)
@@ -101,6 +102,7 @@ def mixed_cascade(synthetic_dataset, tmp_path_factory):
     return s1, s2, s3
 
 
+@pytest.mark.slow
 def test_mixed_cascade_predicts_like_the_converted_pytorch_cascade(mixed_cascade,
                                                                    synthetic_dataset, tmp_path):
     _, index_dir = synthetic_dataset
@@ -122,6 +124,7 @@ def test_mixed_cascade_predicts_like_the_converted_pytorch_cascade(mixed_cascade
     assert np.abs(mixed[2] - mixed[0]).max() > 0.1
 
 
+@pytest.mark.slow
 def test_run_directory_is_self_sufficient(mixed_cascade, synthetic_dataset, tmp_path):
     _, index_dir = synthetic_dataset
     s1, s2, s3 = mixed_cascade
@@ -143,6 +146,7 @@ def test_run_directory_is_self_sufficient(mixed_cascade, synthetic_dataset, tmp_
         load_cascade(s3, stages=4)
 
 
+@pytest.mark.slow
 def test_previous_must_be_the_stage_before(mixed_cascade, synthetic_dataset, tmp_path):
     _, index_dir = synthetic_dataset
     s1, _, _ = mixed_cascade
@@ -155,6 +159,7 @@ TINY = ["--input-size", "67", "--width", "0.125", "--batch-size", "8", "--max-it
         "3", "--quiet", "--optimizer", "Adam", "--lr", "1e-3"]
 
 
+@pytest.mark.slow
 def test_cli_chain_fetch_to_evaluate_then_predict_and_convert(tmp_path, monkeypatch):
     import cv2
 

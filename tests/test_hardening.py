@@ -12,7 +12,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -158,7 +157,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(synthetic_dat
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from deeppose_cli.training import RunLock\n"
+         "from deeppose_cli.rundir import RunLock\n"
          f"with RunLock({str(out)!r}):\n"
          "    print('held', flush=True)\n"
          "    time.sleep(120)\n"],
@@ -177,7 +176,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(synthetic_dat
 
 
 def test_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
-    from deeppose_cli.training import RunLock
+    from deeppose_cli.rundir import RunLock
 
     with RunLock(tmp_path / "run"):
         with pytest.raises(DeepPoseError, match="in use by another training run"):

@@ -94,7 +94,7 @@ def test_both_frameworks_step_with_the_schedules_learning_rate(optimizer, synthe
     expected = [LearningRateSchedule(2e-3, 12, "cosine", 4, 0.1)(i) for i in range(1, 13)]
     assert torch_lrs == pytest.approx(expected, rel=1e-6)
     assert chainer_lrs == pytest.approx(expected, rel=1e-6)
-    from deeppose_cli.training import RunDirectory
+    from deeppose_cli.rundir import RunDirectory
 
     for run in ("t", "c"):
         logged = {r["iteration"]: r["lr"] for r in RunDirectory(tmp_path / run).read_log()
@@ -276,7 +276,8 @@ def test_init_from_a_chainer_model_predicts_identically_in_pytorch(synthetic_dat
     from deeppose_cli.backends import chainer_backend, torch_backend
     from deeppose_cli.pipeline import PoseDataset
     from deeppose_cli.runs import initial_parameters
-    from deeppose_cli.training import RunDirectory, train_stage1
+    from deeppose_cli.rundir import RunDirectory
+    from deeppose_cli.training import train_stage1
 
     _, index_dir = synthetic_dataset
     chainer_run, _ = train_stage1(tiny_config("chainer", index_dir, tmp_path / "c",
@@ -320,7 +321,8 @@ def test_init_with_a_different_network_fails_before_touching_the_run(synthetic_d
 def test_displacement_statistics_come_from_the_split_they_claim(source, synthetic_dataset,
                                                                 tmp_path):
     from deeppose_cli.manifests import load_stage_recipe
-    from deeppose_cli.training import TrainConfig, train_stage
+    from deeppose_cli.config import TrainConfig
+    from deeppose_cli.training import train_stage
 
     _, index_dir = synthetic_dataset
     small = dict(input_size=67, width=0.125, batch_size=8, max_iterations=2)
@@ -346,7 +348,8 @@ def test_displacement_statistics_come_from_the_split_they_claim(source, syntheti
 
 def test_val_displacements_need_a_val_split(synthetic_dataset, tmp_path):
     from deeppose_cli.manifests import load_stage_recipe
-    from deeppose_cli.training import TrainConfig, train_stage
+    from deeppose_cli.config import TrainConfig
+    from deeppose_cli.training import train_stage
 
     _, index_dir = synthetic_dataset
     stage1, _ = train_stage(tiny_config("pytorch", index_dir, tmp_path / "s1", input_size=67,

@@ -3,10 +3,7 @@ guard, the MultiprocessIterator path, and the model file format and its load err
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import math
-import os
 import zipfile
 from pathlib import Path
 
@@ -21,7 +18,8 @@ from deeppose_cli.errors import DeepPoseError
 from deeppose_cli.geometry import denormalize_pose
 from deeppose_cli.manifests import load_dataset_manifest
 from deeppose_cli.metrics import pdj
-from deeppose_cli.training import TrainingReporter, stage1_datasets, train_stage1
+from deeppose_cli.reporting import TrainingReporter
+from deeppose_cli.training import stage1_datasets, train_stage1
 from deeppose_cli.weights import PARAMETER_NAMES
 
 chainer = import_chainer()
@@ -31,34 +29,6 @@ TORSO_PAIR = (9, 2)  # left shoulder, right hip: the LSP torso diameter
 # 0.31 for the mean pose, and stays above 0.34 over the last epochs (seeds 0 and 1).
 LEARNING = dict(epochs=20, lr=2e-4, batch_size=8, checkpoint_every=400)
 ITERATIONS_PER_EPOCH = 480 // LEARNING["batch_size"]
-
-
-def _openblas_threads():
-    """NumPy's bundled OpenBLAS (get, set) functions, or None where it is not found."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "libscipy_openblas*.so"))
-    for path in libs:
-        lib = ctypes.CDLL(path)
-        for suffix in ("64_", "_64_", ""):
-            get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}", None)
-            set_ = getattr(lib, f"scipy_openblas_set_num_threads{suffix}", None)
-            if get and set_:
-                return get, set_
-    return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """Chainer's CPU convolutions are OpenBLAS calls; next to another busy process, two
-    spinning BLAS threads run them several times slower than one. Restored afterwards."""
-    functions = _openblas_threads()
-    if functions is None:
-        yield
-        return
-    get, set_ = functions
-    before = get()
-    set_(1)
-    yield
-    set_(before)
 
 
 def losses(run) -> list[tuple[int, float]]:
@@ -172,6 +142,7 @@ def test_load_regressor_matches_a_manual_forward(trained):
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_resume_with_a_larger_budget_reproduces_an_uninterrupted_run(synthetic_dataset, tmp_path):
     _root, index_dir = synthetic_dataset
     full = dict(epochs=2, batch_size=32, checkpoint_every=5)  # 15 iterations per epoch

@@ -19,7 +19,8 @@ import torch
 from deeppose_cli.backends import torch_backend as tb
 from deeppose_cli.backends.torch_model import AlexNetRegressor, to_numpy_params
 from deeppose_cli.errors import DeepPoseError
-from deeppose_cli.training import RunDirectory, train_stage1
+from deeppose_cli.rundir import RunDirectory
+from deeppose_cli.training import train_stage1
 
 from conftest import tiny_config
 
@@ -42,16 +43,6 @@ def subset_index(index_dir: Path, out: Path, n_train: int, n_val: int) -> Path:
             r["image"] = str((index_dir / r["image"]).resolve())
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a small shared machine a second intra-op thread mostly spins against the other
-    processes: one thread trained the calibration run 10x faster under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +93,7 @@ def model_file(path: Path, num_joints: int = 14, input_size: int = 67, width: fl
 # ----------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_beats_mean_pose(trained):
     config, run, summary = trained
     log = run.read_log()
@@ -118,6 +110,7 @@ def test_training_lowers_loss_and_beats_mean_pose(trained):
     assert summary["images_per_second"] > 0
 
 
+@pytest.mark.slow
 def test_run_directory_contents(trained):
     _, run, _ = trained
     for name in ("recipe.json", "run.json", "log.jsonl", "loss.png", "checkpoint.pt", "model.pt"):
@@ -136,14 +129,16 @@ def test_run_directory_contents(trained):
     assert checkpoint["iteration"] == 24 * 60
 
 
+@pytest.mark.slow
 def test_load_regressor_matches_model_and_validation(trained):
     config, run, summary = trained
     predict = tb.load_regressor(run.model_path, run.meta())
-    from deeppose_cli.training import stage1_datasets, validate
+    from deeppose_cli.reporting import validation_metrics
+    from deeppose_cli.training import stage1_datasets
     from deeppose_cli.manifests import load_dataset_manifest
 
     _, val_set = stage1_datasets(config, load_dataset_manifest("synthetic"))
-    metrics = validate(predict, val_set, config.batch_size, TORSO_PAIR)
+    metrics = validation_metrics(predict, val_set, config.batch_size, TORSO_PAIR)
     assert metrics["pdj@0.2"] == pytest.approx(summary["val"]["pdj@0.2"])
     assert metrics["loss"] == pytest.approx(summary["val"]["loss"], rel=1e-5)
 

@@ -26,10 +26,12 @@ import numpy as np
 from ..errors import DeepPoseError
 from ..files import atomic_write
 from ..schedules import schedule_from_config
-from ..training import (IterationPlan, RunDirectory, TrainConfig, TrainingReporter,
-                        apply_init_parameters, parse_device, validate)
+from ..config import TrainConfig, apply_init_parameters, parse_device
+from ..reporting import IterationPlan, TrainingReporter, validation_metrics
+from ..rundir import RunDirectory
 from ..weights import (ARCHITECTURE_KEYS, PARAMETER_NAMES, architecture, check_parameters,
                        parameter_names, parameter_shapes)
+from . import framework_of_model_file
 from .chainer_compat import import_chainer
 
 chainer = import_chainer()
@@ -210,7 +212,7 @@ class Validation(chainer.training.Extension):
 
     def __call__(self, trainer) -> None:
         with chainer.using_config("train", False), chainer.no_backprop_mode():
-            metrics = validate(self.predict, self.dataset, self.batch_size, self.torso_pair)
+            metrics = validation_metrics(self.predict, self.dataset, self.batch_size, self.torso_pair)
         self.reporter.validation(trainer.updater.iteration, metrics)
         self.last = metrics
 
@@ -351,7 +353,6 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
     seconds = updater.train_seconds
     return {
         "iterations": int(updater.iteration),
-        "final_loss": float(updater.last_loss),
         "images_per_second": updater.train_images / seconds if seconds > 0 else math.nan,
         "val": dict(validation.last) if validation is not None else {},
     }
@@ -458,22 +459,9 @@ def _read_model(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DeepPoseError(f"model file {path} not found")
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            raise DeepPoseError(f"{path} is truncated or corrupt") from None
-        # torch.save writes a zip whose records sit under "<name>/data.pkl".
-        if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
-            raise DeepPoseError(f"{path} is a PyTorch model, not a Chainer one: "
-                                "convert it with `deeppose convert`")
-    else:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head[:1] == b"\x80":  # pickle protocol 2+: legacy torch.save or a pickle
-            raise DeepPoseError(f"{path} is a pickle (an old PyTorch model?), not a Chainer "
-                                ".npz model: convert it with `deeppose convert`")
+    if framework_of_model_file(path) == "pytorch":
+        raise DeepPoseError(f"{path} is a PyTorch model (or another pickle), not a Chainer one: "
+                            "convert it with `deeppose convert`")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..training import TrainConfig
+from ..config import TrainConfig
 from ..weights import feature_map_size, layer_sizes
 from .chainer_backend import get_device, make_iterator, make_optimizer, next_batch, train_step
 from .chainer_compat import import_chainer

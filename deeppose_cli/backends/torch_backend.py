@@ -28,12 +28,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import DeepPoseError
-from ..files import atomic_write, is_npz
+from ..files import atomic_write
 from ..pipeline import epoch_order
 from ..schedules import LearningRateSchedule, schedule_from_config
-from ..training import (IterationPlan, RunDirectory, TrainConfig, TrainingReporter,
-                        apply_init_parameters, parse_device, validate)
+from ..config import TrainConfig, apply_init_parameters, parse_device
+from ..reporting import IterationPlan, TrainingReporter, validation_metrics
+from ..rundir import RunDirectory
 from ..weights import ARCHITECTURE_KEYS, architecture, check_parameters, parameter_shapes
+from . import framework_of_model_file
 from .torch_model import (AlexNetRegressor, load_numpy_params, pose_loss, pose_loss_explicit,
                           to_numpy_params)
 
@@ -280,20 +282,18 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
             train_seconds += time.perf_counter() - start
             train_images += images
             if val_set is not None:
-                metrics = validate(predictor(model, device), val_set, config.batch_size,
+                metrics = validation_metrics(predictor(model, device), val_set, config.batch_size,
                                       torso_pair)
                 reporter.validation(iteration, metrics)
         if val_set is not None and not metrics:  # resumed at the end: still report the model
-            metrics = validate(predictor(model, device), val_set, config.batch_size,
+            metrics = validation_metrics(predictor(model, device), val_set, config.batch_size,
                                   torso_pair)
             reporter.validation(iteration, metrics)
     save_checkpoint(run, model, optimizer, iteration, config)
     write_model(to_numpy_params(model), model_meta(model), run.model_path)
 
-    losses = [r["loss"] for r in run.read_log() if "loss" in r]
     return {
         "iterations": iteration,
-        "final_loss": float(losses[-1]) if losses else float("nan"),
         "images_per_second": train_images / train_seconds if train_seconds > 0 else float("nan"),
         "val": metrics,
     }
@@ -332,7 +332,7 @@ def _torch_load(path: Path, what: str) -> Any:
         raise DeepPoseError(f"{what} file {path} does not exist")
     if not path.is_file():
         raise DeepPoseError(f"{what} file {path} is not a file")
-    if is_npz(path):
+    if framework_of_model_file(path) == "chainer":
         raise DeepPoseError(f"{path} is a Chainer model (.npz), not a PyTorch one: convert it"
                             " with `deeppose convert` or use --framework chainer")
     try:

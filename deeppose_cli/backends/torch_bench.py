@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..training import TrainConfig
+from ..config import TrainConfig
 from ..weights import feature_map_size, layer_sizes
 from .torch_backend import (build_optimizer, device_batches, make_loader, resolve_device,
                             train_step)

@@ -1,0 +1,148 @@
+"""The resolved recipe of one training run, shared by the orchestration and the backends."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+import numpy as np
+
+from .backends import FRAMEWORKS, MODEL_SUFFIX
+from .errors import DeepPoseError
+
+__all__ = ["DISPLACEMENT_SOURCES", "FRAMEWORKS", "MODEL_SUFFIX", "TrainConfig",
+           "apply_init_parameters", "parse_device"]
+
+# Where a refinement stage's displacement statistics come from: the previous stages'
+# predictions on the training split (which they have seen) or on the validation split.
+DISPLACEMENT_SOURCES = ("train", "val")
+
+
+@dataclass
+class TrainConfig:
+    """The resolved recipe of one training run: stage recipe + CLI overrides.
+
+    Saved as ``recipe.json`` in the run directory, so a run records exactly what produced it.
+    """
+
+    stage: int
+    framework: str
+    dataset: str
+    train_index: str
+    out: str
+    val_index: str | None = None
+    input_size: int = 227
+    width: float = 1.0
+    batch_norm: bool = False
+    dropout: float = 0.5
+    optimizer: str = "MomentumSGD"
+    lr: float = 0.0005
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    batch_size: int = 32
+    epochs: int = 100
+    max_iterations: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 0
+    explicit_backward: bool = False
+    loss: str = "l2"
+    use_visibility: bool = True
+    checkpoint_every: int = 500
+    jitter_translation: float = 0.05
+    jitter_scale: float = 0.1
+    flip: bool = True
+    colour_noise: float = 0.1
+    rotation: float = 0.0
+    occlusion: float = 0.0
+    outside_joints: str = "keep"
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
+    lr_final_ratio: float = 0.01
+    sigma: float | None = None
+    samples_per_image: int = 1
+    displacement_source: str = "train"
+    refine_joints: str = "own"
+    displacement_sampling: str = "normal"
+    previous: str | None = None
+    init: str | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any], **required: Any) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(recipe) - known - {"stage"}
+        if unknown:
+            raise DeepPoseError(f"unknown recipe keys: {', '.join(sorted(unknown))}")
+        values = {k: v for k, v in recipe.items() if k in known}
+        values.update({k: v for k, v in required.items() if v is not None})
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.framework not in FRAMEWORKS:
+            raise DeepPoseError(f"framework must be one of {', '.join(FRAMEWORKS)}")
+        if self.optimizer not in ("MomentumSGD", "Adam"):
+            raise DeepPoseError(f"optimizer must be MomentumSGD or Adam, got {self.optimizer!r}")
+        for name in ("lr", "batch_size", "epochs", "input_size", "width", "checkpoint_every"):
+            if not getattr(self, name) > 0:
+                raise DeepPoseError(f"{name.replace('_', '-')} must be positive")
+        if self.max_iterations is not None and self.max_iterations < 1:
+            raise DeepPoseError("max-iterations must be at least 1")
+        if self.stage >= 2 and not (self.sigma and self.sigma > 0):
+            raise DeepPoseError("sigma must be positive for refinement stages")
+        from .losses import check_norm
+
+        check_norm(self.loss)
+        if self.displacement_source not in DISPLACEMENT_SOURCES:
+            raise DeepPoseError(f"displacement-source must be one of "
+                                f"{', '.join(DISPLACEMENT_SOURCES)}, got {self.displacement_source!r}")
+        from .cascade import DISPLACEMENT_SAMPLING, REFINE_JOINTS
+
+        if self.displacement_sampling not in DISPLACEMENT_SAMPLING:
+            raise DeepPoseError(f"displacement-sampling must be one of "
+                                f"{', '.join(DISPLACEMENT_SAMPLING)}, got "
+                                f"{self.displacement_sampling!r}")
+        if self.refine_joints not in REFINE_JOINTS:
+            raise DeepPoseError(f"refine-joints must be one of {', '.join(REFINE_JOINTS)}, "
+                                f"got {self.refine_joints!r}")
+        if not 0 <= self.dropout < 1:
+            raise DeepPoseError("dropout must be at least 0 and below 1")
+        if not 0 <= self.occlusion <= 1:
+            raise DeepPoseError("occlusion is a probability: between 0 and 1")
+        from .pipeline import Augmentation
+        from .schedules import LearningRateSchedule
+
+        Augmentation.from_recipe(self.to_json())
+        LearningRateSchedule(self.lr, 1, self.lr_schedule, self.lr_warmup, self.lr_final_ratio)
+        parse_device(self.device)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``cpu`` -> ("cpu", -1); ``cuda`` / ``cuda:N`` -> ("cuda", N)."""
+    if device == "cpu":
+        return "cpu", -1
+    if device == "cuda":
+        return "cuda", 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return "cuda", int(device[5:])
+    raise DeepPoseError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def apply_init_parameters(load: Callable[[Any, dict], None], model: Any, config: TrainConfig,
+                          init_params: dict[str, np.ndarray] | None) -> None:
+    """Load ``--init`` weights into a backend's fresh model with ``load`` (its
+    ``load_numpy_params``), or say in one line why they do not fit."""
+    if init_params is None:
+        return
+    try:
+        load(model, init_params)
+    except DeepPoseError as e:
+        raise DeepPoseError(f"--init {config.init} does not fit this network (input size "
+                            f"{config.input_size}, width {config.width}, batch norm "
+                            f"{config.batch_norm}): {e}") from None
+
+

@@ -1,0 +1,223 @@
+"""Run directories: what one training run leaves on disk, how a retrain replaces it only
+on success, and the lock that keeps one process per ``--out``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .backends import FRAMEWORKS, MODEL_SUFFIX
+from .errors import DeepPoseError
+from .files import atomic_write, atomic_write_text, write_json
+
+def run_meta_problem(meta: Any) -> str | None:
+    """What makes a parsed run.json unusable (None when the keys every reader needs are
+    there), so a damaged or foreign file gets one clear line rather than a KeyError later."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, found {type(meta).__name__}"
+    if meta.get("framework") not in FRAMEWORKS:
+        return f"framework must be one of {', '.join(FRAMEWORKS)}, found {meta.get('framework')!r}"
+    stage = meta.get("stage")
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage < 1:
+        return f"stage must be a positive integer, found {stage!r}"
+    if not isinstance(meta.get("model_file"), str) or "/" in meta["model_file"] \
+            or "\\" in meta["model_file"] or meta["model_file"] in ("", ".", ".."):
+        return f"model_file must be a file name, found {meta.get('model_file')!r}"
+    for key in ("num_joints", "input_size"):
+        if key in meta and (not isinstance(meta[key], int) or meta[key] < 1):
+            return f"{key} must be a positive integer, found {meta[key]!r}"
+    chain = meta.get("chain", [])
+    if not isinstance(chain, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("dir"), str) for e in chain):
+        return "chain must be a list of {\"dir\": ...} entries"
+    return None
+
+
+class RunDirectory:
+    """The files of one training run::
+
+        recipe.json     resolved TrainConfig
+        run.json        what inference needs: framework, stage, model file, joints, mean pose,
+                        and for stage >= 2 sigma, displacement statistics and the earlier stages
+        log.jsonl       one record per logged iteration / validation
+        loss.png        loss curve
+        checkpoint.*    latest checkpoint (model + optimizer + iteration), written atomically
+        model.*         final model in the framework's native format (.pt / .npz)
+    """
+
+    def __init__(self, path: Path | str, framework: str | None = None):
+        self.path = Path(path)
+        self.framework = framework
+
+    @property
+    def suffix(self) -> str:
+        return MODEL_SUFFIX[self.framework or self.meta()["framework"]]
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.path / "recipe.json"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / f"checkpoint{self.suffix}"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / f"model{self.suffix}"
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json(self.path / name, obj)
+
+    def meta(self) -> dict[str, Any]:
+        if not self.meta_path.is_file():
+            raise DeepPoseError(f"{self.path} is not a deeppose run directory (no run.json)")
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DeepPoseError(f"{self.meta_path} is corrupt: {e}") from None
+        problem = run_meta_problem(meta)
+        if problem:
+            raise DeepPoseError(f"{self.meta_path} is not a valid run description: {problem}")
+        return meta
+
+    def append_log(self, record: dict[str, Any]) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_log(self) -> list[dict[str, Any]]:
+        if not self.log_path.is_file():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def truncate_log(self, iteration: int) -> None:
+        """Drop log records after ``iteration`` (a resumed run redoes them)."""
+        kept = [r for r in self.read_log() if r.get("iteration", 0) <= iteration]
+        atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def plot_loss(self) -> Path | None:
+        records = self.read_log()
+        train = [(r["iteration"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
+        if not train:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*train), label="train loss")
+        if val:
+            ax.plot(*zip(*val), "o-", label="val loss")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("masked MSE (normalized coordinates)")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title(self.path.name)
+        fig.tight_layout()
+        target = self.path / "loss.png"
+        atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
+        return target
+
+
+def staging_path(out: Path) -> Path:
+    """Where a run that replaces the run at ``out`` trains until it has succeeded."""
+    out = Path(out)
+    return out.with_name(out.name + ".next")
+
+
+def resume_directory(out: Path) -> Path:
+    """The directory ``--resume --out OUT`` continues: an unfinished replacement of OUT
+    (``OUT.next``) when there is one with a checkpoint, else OUT itself."""
+    out = Path(out)
+    staged = staging_path(out)
+    if any((staged / f"checkpoint{suffix}").is_file() for suffix in MODEL_SUFFIX.values()):
+        return staged
+    return out
+
+
+def is_run_directory(path: Path) -> bool:
+    return any((path / name).is_file() for name in
+               ("run.json", "recipe.json", *(f"checkpoint{s}" for s in MODEL_SUFFIX.values())))
+
+
+def publish_run(run: RunDirectory, out: Path) -> RunDirectory:
+    """Put a finished run at ``out``: a run trained beside an earlier one (``OUT.next``)
+    replaces it now, and only now."""
+    out = Path(out)
+    if run.path.resolve() == out.resolve():
+        return run
+    retired = out.with_name(f".{out.name}.replaced")
+    if retired.exists():
+        shutil.rmtree(retired)
+    if out.exists():
+        os.rename(out, retired)
+    os.rename(run.path, out)
+    shutil.rmtree(retired, ignore_errors=True)
+    return RunDirectory(out, run.framework)
+
+
+def lock_path(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.lock")
+
+
+class RunLock:
+    """Exclusive use of one ``--out`` by one training process.
+
+    An advisory ``flock`` on ``.OUT.lock`` beside the run directory (beside, so swapping the
+    directory in :func:`publish_run` never moves it). The kernel drops the lock when its
+    process ends however it ends, so there are no stale locks to clean up. The file names
+    the holder, which the refusal of a second run quotes.
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path = lock_path(self.out)
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise DeepPoseError(f"{self.out} is in use by another training run ({holder}); "
+                                "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        command = " ".join(["deeppose", *sys.argv[1:]])[:300]
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
+                     f"{command}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
