@@ -9,7 +9,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_BUILD_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test demo smoke clean
+.PHONY: install test test-fast demo smoke clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# Everything (what CI runs).
 test: install
 	$(PY) -m pytest -q
+
+# Everything but the tests marked slow (those that train networks for more than ~10 s).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 demo: install
 	DEEPPOSE=$(VENV)/bin/deeppose bash examples/demo.sh
