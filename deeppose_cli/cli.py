@@ -295,49 +295,16 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
                 resume: bool, quiet: bool, no_visibility: bool | None, previous: str | None,
                 out: str | None, **overrides) -> None:
     """Train cascade stage STAGE (1: person crops; 2+: refine the previous stage)."""
-    from .manifests import load_stage_recipe
-    from .runs import latest_run
-    from .config import TrainConfig
-    from .rundir import RunDirectory, resume_directory
-    from .training import inherit_architecture, resume_hint, train_stage as run_training
-
-    import json
+    from .training import resolve_train_config, resume_hint, train_stage as run_training
 
     framework = framework or state.framework or "pytorch"
-    out = out or str(Path("runs") / (dataset or state.dataset or "lsp") / f"stage{stage}-{framework}")
-    saved = resume_directory(Path(out)) / "recipe.json"
-    if resume and saved.is_file():
-        # Continue exactly what was started; flags given again override the saved recipe.
-        recipe = json.loads(saved.read_text())
-        dataset = dataset or recipe["dataset"]
-        train_index = train_index or recipe["train_index"]
-        val_index = val_index or recipe.get("val_index")
-        previous = previous or recipe.get("previous")
-    else:
-        recipe = load_stage_recipe(stage)
-        dataset = dataset or state.dataset or "lsp"
-    if train_index is None:
-        index_dir = _index_dir(state, root, dataset)
-        train_index = str(index_dir / "train.jsonl")
-        if not Path(train_index).is_file():
-            raise DeepPoseError(f"{train_index} not found: run `deeppose fetch {dataset} index "
-                                f"{dataset}` first, or pass --train FILE")
-        if val_index is None and (index_dir / "val.jsonl").is_file():
-            val_index = str(index_dir / "val.jsonl")
-    if stage >= 2 and previous is None:
-        if state.run_dir is not None and RunDirectory(state.run_dir).meta()["stage"] == stage - 1:
-            previous = str(state.run_dir)
-        else:
-            previous = str(latest_run(dataset=dataset, stage=stage - 1))
-    given = {k: v for k, v in overrides.items() if v is not None}
-    recipe.update(given)
-    if stage >= 2 and not resume:
-        recipe = inherit_architecture(recipe, RunDirectory(previous).meta(), given)
-    if no_visibility:
-        recipe["use_visibility"] = False
-    config = TrainConfig.from_recipe(recipe, stage=stage, framework=framework, dataset=dataset,
-                                     train_index=train_index, val_index=val_index, out=out,
-                                     previous=previous)
+    config = resolve_train_config(
+        stage, framework, out=out, dataset=dataset, default_dataset=state.dataset or "lsp",
+        index_dir_of=lambda name: _index_dir(state, root, name), train_index=train_index,
+        val_index=val_index, previous=previous, chained_run=state.run_dir, resume=resume,
+        overrides={k: v for k, v in overrides.items() if v is not None},
+        no_visibility=bool(no_visibility))
+    out, dataset = config.out, config.dataset
     out_console = console()
     out_console.print(f"training stage {stage} ({framework}) on {config.train_index} -> {out}")
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,6 +38,56 @@ def stage1_datasets(config: TrainConfig, manifest):
                               config.input_size,
                               manifest.flip_permutation, Augmentation.none(), seed=config.seed)
     return train_set, val_set
+
+
+def resolve_train_config(stage: int, framework: str, *, out: str | None = None,
+                         dataset: str | None = None, default_dataset: str = "lsp",
+                         index_dir_of: Callable[[str], Path], train_index: str | None = None,
+                         val_index: str | None = None, previous: str | None = None,
+                         chained_run: Path | None = None, resume: bool = False,
+                         overrides: dict[str, Any] | None = None,
+                         no_visibility: bool = False) -> TrainConfig:
+    """The :class:`TrainConfig` of a ``train-stage`` call: the stage recipe (with ``resume``,
+    the run's saved recipe, so it continues exactly what was started), then the flags given,
+    then what the call leaves unsaid taken from the dataset's index directory
+    (``index_dir_of(dataset)``) and, for stage >= 2, from the run the command chain just
+    trained (``chained_run``) or else the latest finished run of the stage before."""
+    from .manifests import load_stage_recipe
+    from .runs import latest_run
+
+    given = dict(overrides or {})
+    out = out or str(Path("runs") / (dataset or default_dataset) / f"stage{stage}-{framework}")
+    saved = resume_directory(Path(out)) / "recipe.json"
+    if resume and saved.is_file():
+        recipe = json.loads(saved.read_text())
+        dataset = dataset or recipe["dataset"]
+        train_index = train_index or recipe["train_index"]
+        val_index = val_index or recipe.get("val_index")
+        previous = previous or recipe.get("previous")
+    else:
+        recipe = load_stage_recipe(stage)
+        dataset = dataset or default_dataset
+    if train_index is None:
+        index_dir = index_dir_of(dataset)
+        train_index = str(index_dir / "train.jsonl")
+        if not Path(train_index).is_file():
+            raise DeepPoseError(f"{train_index} not found: run `deeppose fetch {dataset} index "
+                                f"{dataset}` first, or pass --train FILE")
+        if val_index is None and (index_dir / "val.jsonl").is_file():
+            val_index = str(index_dir / "val.jsonl")
+    if stage >= 2 and previous is None:
+        if chained_run is not None and RunDirectory(chained_run).meta()["stage"] == stage - 1:
+            previous = str(chained_run)
+        else:
+            previous = str(latest_run(dataset=dataset, stage=stage - 1))
+    recipe.update(given)
+    if stage >= 2 and not resume:
+        recipe = inherit_architecture(recipe, RunDirectory(previous).meta(), given)
+    if no_visibility:
+        recipe["use_visibility"] = False
+    return TrainConfig.from_recipe(recipe, stage=stage, framework=framework, dataset=dataset,
+                                   train_index=train_index, val_index=val_index, out=out,
+                                   previous=previous)
 
 
 def inherit_architecture(recipe: dict[str, Any], previous_meta: dict[str, Any],
