@@ -18,7 +18,7 @@ import click
 from . import __version__
 from .backends import FRAMEWORKS
 from .errors import DeepPoseError
-from .weights import MIN_INPUT_SIZE
+from .weights import ARCHITECTURES, MIN_INPUT_SIZE
 
 
 
@@ -258,6 +258,8 @@ def augmentation_options(command):
               help="Train on invisible joints too (LSPET's carry junk coordinates).")
 @click.option("--max-iterations", type=click.IntRange(1), help="Stop after this many iterations.")
 @click.option("--workers", type=click.IntRange(0), help="Data-loading worker processes.")
+@click.option("--architecture", type=click.Choice(ARCHITECTURES),
+              help="Backbone (recipe: alexnet).")
 @click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE), help="Crop side in pixels (recipe: 227).")
 @click.option("--width", type=click.FloatRange(0, min_open=True),
               help="AlexNet channel multiplier (recipe: 1.0).")

@@ -9,6 +9,7 @@ import numpy as np
 
 from .backends import FRAMEWORKS, MODEL_SUFFIX
 from .errors import DeepPoseError
+from .weights import check_architecture
 
 __all__ = ["DISPLACEMENT_SOURCES", "FRAMEWORKS", "MODEL_SUFFIX", "TrainConfig",
            "apply_init_parameters", "parse_device"]
@@ -31,6 +32,7 @@ class TrainConfig:
     train_index: str
     out: str
     val_index: str | None = None
+    architecture: str = "alexnet"
     input_size: int = 227
     width: float = 1.0
     batch_norm: bool = False
@@ -82,6 +84,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.framework not in FRAMEWORKS:
             raise DeepPoseError(f"framework must be one of {', '.join(FRAMEWORKS)}")
+        check_architecture(self.architecture)
         if self.optimizer not in ("MomentumSGD", "Adam"):
             raise DeepPoseError(f"optimizer must be MomentumSGD or Adam, got {self.optimizer!r}")
         for name in ("lr", "batch_size", "epochs", "input_size", "width", "checkpoint_every"):

@@ -15,6 +15,7 @@ from typing import Any
 from .backends import FRAMEWORKS, MODEL_SUFFIX
 from .errors import DeepPoseError
 from .files import atomic_write, atomic_write_text, write_json
+from .weights import ARCHITECTURES
 
 def run_meta_problem(meta: Any) -> str | None:
     """What makes a parsed run.json unusable (None when the keys every reader needs are
@@ -29,6 +30,9 @@ def run_meta_problem(meta: Any) -> str | None:
     if not isinstance(meta.get("model_file"), str) or "/" in meta["model_file"] \
             or "\\" in meta["model_file"] or meta["model_file"] in ("", ".", ".."):
         return f"model_file must be a file name, found {meta.get('model_file')!r}"
+    if meta.get("architecture", "alexnet") not in ARCHITECTURES:
+        return (f"architecture must be one of {', '.join(ARCHITECTURES)}, found "
+                f"{meta['architecture']!r}")
     for key in ("num_joints", "input_size"):
         if key in meta and (not isinstance(meta[key], int) or meta[key] < 1):
             return f"{key} must be a positive integer, found {meta[key]!r}"

@@ -97,8 +97,9 @@ def inherit_architecture(recipe: dict[str, Any], previous_meta: dict[str, Any],
     command line set them: the weights only fit the network they were trained in."""
     if recipe.get("init") != "previous":
         return recipe
-    previous = {"batch_norm": False, **previous_meta}  # runs from before batch norm had none
-    inherited = {key: previous[key] for key in ("input_size", "width", "batch_norm")
+    # Runs from before batch norm had none; from before the key, every run was an AlexNet.
+    previous = {"batch_norm": False, "architecture": "alexnet", **previous_meta}
+    inherited = {key: previous[key] for key in ("architecture", "input_size", "width", "batch_norm")
                  if key in previous and key not in given}
     return {**recipe, **inherited}
 
@@ -122,6 +123,7 @@ def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
         "dataset": manifest.name,
         "num_joints": manifest.num_joints,
         "joint_names": list(manifest.joint_names),
+        "architecture": config.architecture,
         "input_size": config.input_size,
         "width": config.width,
         "batch_norm": config.batch_norm,

@@ -53,9 +53,42 @@ def scale_width(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def layer_sizes(width: float) -> tuple[tuple[int, ...], int]:
-    """Output channels of conv1..conv5 and the fc6/fc7 size of a ``width``-wide network."""
-    return tuple(scale_width(c, width) for _, c, *_ in CONV_LAYERS), scale_width(FC_UNITS, width)
+# Backbones a run may name (recipe and run.json key ``architecture``). A second one is a
+# second table like CONV_LAYERS plus a branch in conv_stack/fc_stack; both frameworks' models
+# and the benchmark's bare copies are built from those two functions.
+ARCHITECTURES: tuple[str, ...] = ("alexnet",)
+
+
+def check_architecture(name: object) -> str:
+    if name not in ARCHITECTURES:
+        raise DeepPoseError(f"unknown architecture {name!r} (known: {', '.join(ARCHITECTURES)})")
+    return str(name)
+
+
+def conv_stack(width: float, architecture: str = "alexnet"
+               ) -> tuple[tuple[str, int, int, int, int, int, bool], ...]:
+    """(name, in channels, out channels, kernel, stride, pad, max-pool 3/2 after) of every
+    convolution of the network ``width`` times as wide; the one network spec both
+    frameworks build from."""
+    check_architecture(architecture)
+    layers, in_channels = [], 3
+    for name, channels, ksize, stride, pad, pooled in CONV_LAYERS:
+        out_channels = scale_width(channels, width)
+        layers.append((name, in_channels, out_channels, ksize, stride, pad, pooled))
+        in_channels = out_channels
+    return tuple(layers)
+
+
+def fc_stack(num_joints: int, input_size: int, width: float, architecture: str = "alexnet"
+             ) -> tuple[tuple[str, int, int], ...]:
+    """(name, in features, out features) of fc6, fc7 and the fc8 regression output."""
+    if num_joints < 1:
+        raise DeepPoseError(f"num_joints must be at least 1, got {num_joints}")
+    last_conv = conv_stack(width, architecture)[-1]
+    fc_units = scale_width(FC_UNITS, width)
+    in_features = last_conv[2] * feature_map_size(input_size) ** 2
+    return (("fc6", in_features, fc_units), ("fc7", fc_units, fc_units),
+            ("fc8", fc_units, 2 * num_joints))
 
 
 def feature_map_size(input_size: int) -> int:
@@ -78,24 +111,17 @@ def parameter_shapes(num_joints: int = 14, input_size: int = 227, width: float =
                      batch_norm: bool = False) -> dict[str, tuple[int, ...]]:
     """Shape of every parameter of ``AlexNetRegressor(num_joints, input_size, width,
     batch_norm)``, in order."""
-    if num_joints < 1:
-        raise DeepPoseError(f"num_joints must be at least 1, got {num_joints}")
+    fcs = fc_stack(num_joints, input_size, width)
     shapes: dict[str, tuple[int, ...]] = {}
-    in_channels = 3
-    for name, channels, ksize, _stride, _pad, _pooled in CONV_LAYERS:
-        out_channels = scale_width(channels, width)
+    for name, in_channels, out_channels, ksize, _stride, _pad, _pooled in conv_stack(width):
         shapes[f"{name}/W"] = (out_channels, in_channels, ksize, ksize)
         shapes[f"{name}/b"] = (out_channels,)
         if batch_norm:
             bn = "bn" + name[len("conv"):]
             shapes.update({f"{bn}/{array}": (out_channels,) for array in BN_ARRAYS})
-        in_channels = out_channels
-    fc_units = scale_width(FC_UNITS, width)
-    in_features = in_channels * feature_map_size(input_size) ** 2
-    for name, out_features in (("fc6", fc_units), ("fc7", fc_units), ("fc8", 2 * num_joints)):
+    for name, in_features, out_features in fcs:
         shapes[f"{name}/W"] = (out_features, in_features)
         shapes[f"{name}/b"] = (out_features,)
-        in_features = out_features
     return shapes
 
 
@@ -127,6 +153,8 @@ ARCHITECTURE_KEYS = ("num_joints", "input_size", "width", "batch_norm")
 
 def architecture(meta: Mapping[str, object]) -> dict[str, object]:
     """The constructor arguments of the regressor described by ``meta`` (a run.json, a model
-    file's metadata): ``batch_norm`` defaults to False, as in models written before it existed."""
+    file's metadata): ``batch_norm`` defaults to False, as in models written before it existed;
+    ``architecture`` (absent before it existed) must be a known one."""
+    check_architecture(meta.get("architecture", "alexnet"))
     return {"num_joints": int(meta["num_joints"]), "input_size": int(meta["input_size"]),
             "width": float(meta["width"]), "batch_norm": bool(meta.get("batch_norm", False))}

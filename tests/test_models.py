@@ -388,3 +388,39 @@ def test_loss_trains_the_model_end_to_end():
             chainer_optimizer.update()
             losses.append(float(loss.array))
     assert losses[1] < losses[0]
+
+
+def test_one_network_spec_builds_every_model():
+    """Both frameworks' regressors and the benchmark's bare copies come from
+    weights.conv_stack/fc_stack: the same layers, shapes and parameter counts."""
+    import torch
+
+    from deeppose_cli.backends import chainer_bench, torch_bench
+    from deeppose_cli.backends import chainer_model as cm
+    from deeppose_cli.backends import torch_model as tm
+    from deeppose_cli.weights import parameter_shapes
+
+    shapes = parameter_shapes(14, 131, 0.25)
+    expected = sum(int(np.prod(s)) for s in shapes.values())
+    counts = {
+        "torch model": sum(p.numel() for p in tm.AlexNetRegressor(14, 131, 0.25).parameters()),
+        "chainer model": sum(p.size for p in cm.AlexNetRegressor(14, 131, 0.25).params()),
+        "torch bare": sum(p.numel() for p in torch_bench.bare_alexnet(14, 131, 0.25).parameters()),
+        "chainer bare": sum(p.size for p in chainer_bench.bare_alexnet(14, 131, 0.25).params()),
+    }
+    assert counts == dict.fromkeys(counts, expected)
+    x = np.zeros((2, 3, 131, 131), np.float32)
+    assert torch_bench.bare_alexnet(14, 131, 0.25)(torch.from_numpy(x)).shape == (2, 28)
+    assert chainer_bench.bare_alexnet(14, 131, 0.25)(x).shape == (2, 28)
+
+
+def test_an_unknown_architecture_is_refused():
+    from deeppose_cli.config import TrainConfig
+    from deeppose_cli.weights import architecture
+
+    with pytest.raises(DeepPoseError, match="unknown architecture 'resnet'"):
+        architecture({"num_joints": 14, "input_size": 227, "width": 1.0,
+                      "architecture": "resnet"})
+    with pytest.raises(DeepPoseError, match="unknown architecture"):
+        TrainConfig(stage=1, framework="pytorch", dataset="lsp", train_index="x", out="y",
+                    architecture="resnet").validate()

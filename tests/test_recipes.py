@@ -467,7 +467,8 @@ def test_refinement_from_previous_inherits_its_network():
     recipe = {"init": "previous", "input_size": 227, "width": 1.0, "batch_norm": True}
     previous = {"input_size": 131, "width": 0.25}  # a run from before batch norm existed
     assert inherit_architecture(recipe, previous, {}) == {
-        "init": "previous", "input_size": 131, "width": 0.25, "batch_norm": False}
+        "init": "previous", "input_size": 131, "width": 0.25, "batch_norm": False,
+        "architecture": "alexnet"}
     assert inherit_architecture(recipe, previous, {"width": 0.5})["width"] == 1.0
     assert inherit_architecture({**recipe, "init": None}, previous, {}) == {
         **recipe, "init": None}

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 
 from ..config import TrainConfig
-from ..weights import feature_map_size, layer_sizes
+from ..weights import POOL_KSIZE, POOL_STRIDE, conv_stack, fc_stack
 from .chainer_backend import get_device, make_iterator, make_optimizer, next_batch, train_step
 from .chainer_compat import import_chainer
 from .chainer_model import AlexNetRegressor, pose_loss, pose_loss_explicit
@@ -24,23 +24,22 @@ from chainer.dataset import concat_examples  # noqa: E402
 
 
 def bare_alexnet(num_joints: int, input_size: int, width: float) -> "chainer.Sequential":
-    """The regressor's network from stock Chainer links and functions, no project code: the
-    baseline that shows our model and step add no hidden overhead."""
-    (c1, c2, c3, c4, c5), fc_units = layer_sizes(width)
-    side = feature_map_size(input_size)
-
+    """The regressor's network (the same spec, ``weights.conv_stack``/``fc_stack``) from stock
+    Chainer links and functions and no project code: the baseline that shows our model and
+    step add no hidden overhead."""
     def pool(h):
-        return F.max_pooling_2d(h, 3, 2, cover_all=False)
+        return F.max_pooling_2d(h, POOL_KSIZE, POOL_STRIDE, cover_all=False)
 
-    return chainer.Sequential(
-        L.Convolution2D(3, c1, 11, stride=4), F.relu, pool,
-        L.Convolution2D(c1, c2, 5, pad=2), F.relu, pool,
-        L.Convolution2D(c2, c3, 3, pad=1), F.relu,
-        L.Convolution2D(c3, c4, 3, pad=1), F.relu,
-        L.Convolution2D(c4, c5, 3, pad=1), F.relu, pool,
-        L.Linear(c5 * side * side, fc_units), F.relu, F.dropout,
-        L.Linear(fc_units, fc_units), F.relu, F.dropout,
-        L.Linear(fc_units, 2 * num_joints))
+    layers: list = []
+    for _name, c_in, c_out, ksize, stride, pad, pooled in conv_stack(width):
+        layers += [L.Convolution2D(c_in, c_out, ksize, stride=stride, pad=pad), F.relu]
+        if pooled:
+            layers.append(pool)
+    for name, f_in, f_out in fc_stack(num_joints, input_size, width):
+        layers.append(L.Linear(f_in, f_out))
+        if name != "fc8":
+            layers += [F.relu, F.dropout]
+    return chainer.Sequential(*layers)
 
 
 class Harness:

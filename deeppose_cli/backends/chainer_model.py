@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..losses import check_norm
-from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, check_parameters, feature_map_size,
-                       layer_sizes, parameter_names)
+from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, POOL_KSIZE, POOL_STRIDE, check_parameters,
+                       conv_stack, fc_stack, parameter_names)
 from .chainer_compat import import_chainer
 
 chainer = import_chainer()
@@ -41,23 +41,20 @@ class AlexNetRegressor(chainer.Chain):
         self.input_size = input_size
         self.width = width
         self.batch_norm = bool(batch_norm)
-        (c1, c2, c3, c4, c5), fc_units = layer_sizes(width)
-        side = feature_map_size(input_size)
+        self.convs = conv_stack(width)
         with self.init_scope():
-            self.conv1 = L.Convolution2D(3, c1, ksize=11, stride=4)
-            self.conv2 = L.Convolution2D(c1, c2, ksize=5, pad=2)
-            self.conv3 = L.Convolution2D(c2, c3, ksize=3, pad=1)
-            self.conv4 = L.Convolution2D(c3, c4, ksize=3, pad=1)
-            self.conv5 = L.Convolution2D(c4, c5, ksize=3, pad=1)
+            for name, c_in, c_out, ksize, stride, pad, _pooled in self.convs:
+                setattr(self, name, L.Convolution2D(c_in, c_out, ksize=ksize, stride=stride,
+                                                    pad=pad))
             if self.batch_norm:
-                for name, channels in zip(BN_LAYERS, (c1, c2, c3, c4, c5)):
-                    setattr(self, name, L.BatchNormalization(channels, decay=BN_DECAY,
+                for name, conv in zip(BN_LAYERS, self.convs):
+                    setattr(self, name, L.BatchNormalization(conv[2], decay=BN_DECAY,
                                                              eps=BN_EPS))
-            # Sizes given explicitly (no lazy init), so the parameters exist before the first call.
-            self.fc6 = L.Linear(c5 * side * side, fc_units)
-            self.fc7 = L.Linear(fc_units, fc_units)
-            # Start every prediction near 0, the box centre, instead of at a random pose.
-            self.fc8 = L.Linear(fc_units, 2 * num_joints, initialW=chainer.initializers.Normal(1e-3))
+            # Sizes given explicitly (no lazy init), so the parameters exist before the first
+            # call; fc8 starts every prediction near 0, the box centre, not at a random pose.
+            for name, f_in, f_out in fc_stack(num_joints, input_size, width):
+                initial = chainer.initializers.Normal(1e-3) if name == "fc8" else None
+                setattr(self, name, L.Linear(f_in, f_out, initialW=initial))
 
     def _conv(self, k: int, h):
         """conv<k>, its batch normalization if any, then ReLU."""
@@ -69,11 +66,11 @@ class AlexNetRegressor(chainer.Chain):
     def forward(self, x):
         """``x``: (N, 3, input_size, input_size) float32 -> (N, 2 * num_joints)."""
         # cover_all=False floors the pooled size like torch; Chainer's default would round up.
-        h = F.max_pooling_2d(self._conv(1, x), 3, 2, cover_all=False)
-        h = F.max_pooling_2d(self._conv(2, h), 3, 2, cover_all=False)
-        h = self._conv(3, h)
-        h = self._conv(4, h)
-        h = F.max_pooling_2d(self._conv(5, h), 3, 2, cover_all=False)
+        h = x
+        for k, (*_, pooled) in enumerate(self.convs, 1):
+            h = self._conv(k, h)
+            if pooled:
+                h = F.max_pooling_2d(h, POOL_KSIZE, POOL_STRIDE, cover_all=False)
         h = F.dropout(F.relu(self.fc6(h)), self.dropout)  # Linear flattens (N, C, H, W) row-major like torch
         h = F.dropout(F.relu(self.fc7(h)), self.dropout)
         return self.fc8(h)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..weights import feature_map_size, layer_sizes
+from ..weights import POOL_KSIZE, POOL_STRIDE, conv_stack, fc_stack
 from .torch_backend import (build_optimizer, device_batches, make_loader, resolve_device,
                             train_step)
 from .torch_model import AlexNetRegressor, pose_loss, pose_loss_explicit
@@ -24,20 +24,20 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def bare_alexnet(num_joints: int, input_size: int, width: float) -> nn.Sequential:
-    """The regressor's network from stock ``torch.nn`` layers, no project code: the baseline
-    that shows our model and step add no hidden overhead."""
-    (c1, c2, c3, c4, c5), fc_units = layer_sizes(width)
-    side = feature_map_size(input_size)
-    return nn.Sequential(
-        nn.Conv2d(3, c1, 11, stride=4), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(c3, c4, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(c4, c5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Flatten(),
-        nn.Linear(c5 * side * side, fc_units), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(fc_units, fc_units), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(fc_units, 2 * num_joints))
+    """The regressor's network (the same spec, ``weights.conv_stack``/``fc_stack``) from stock
+    ``torch.nn`` layers and no project code: the baseline that shows our model and step add
+    no hidden overhead."""
+    layers: list[nn.Module] = []
+    for _name, c_in, c_out, ksize, stride, pad, pooled in conv_stack(width):
+        layers += [nn.Conv2d(c_in, c_out, ksize, stride=stride, padding=pad), nn.ReLU()]
+        if pooled:
+            layers.append(nn.MaxPool2d(POOL_KSIZE, POOL_STRIDE))
+    layers.append(nn.Flatten())
+    for name, f_in, f_out in fc_stack(num_joints, input_size, width):
+        layers.append(nn.Linear(f_in, f_out))
+        if name != "fc8":
+            layers += [nn.ReLU(), nn.Dropout(0.5)]
+    return nn.Sequential(*layers)
 
 
 class Harness:

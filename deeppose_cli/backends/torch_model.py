@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..losses import check_norm
-from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, check_parameters, feature_map_size,
-                       layer_sizes, parameter_names)
+from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, POOL_KSIZE, POOL_STRIDE, check_parameters,
+                       conv_stack, fc_stack, parameter_names)
 
 
 class AlexNetRegressor(nn.Module):
@@ -40,19 +40,15 @@ class AlexNetRegressor(nn.Module):
         self.input_size = input_size
         self.width = width
         self.batch_norm = bool(batch_norm)
-        (c1, c2, c3, c4, c5), fc_units = layer_sizes(width)
-        side = feature_map_size(input_size)
-        self.conv1 = nn.Conv2d(3, c1, kernel_size=11, stride=4)
-        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2)
-        self.conv3 = nn.Conv2d(c2, c3, kernel_size=3, padding=1)
-        self.conv4 = nn.Conv2d(c3, c4, kernel_size=3, padding=1)
-        self.conv5 = nn.Conv2d(c4, c5, kernel_size=3, padding=1)
+        self.convs = conv_stack(width)
+        for name, c_in, c_out, ksize, stride, pad, _pooled in self.convs:
+            setattr(self, name, nn.Conv2d(c_in, c_out, kernel_size=ksize, stride=stride,
+                                          padding=pad))
         if self.batch_norm:
-            for name, channels in zip(BN_LAYERS, (c1, c2, c3, c4, c5)):
-                setattr(self, name, nn.BatchNorm2d(channels, eps=BN_EPS, momentum=1 - BN_DECAY))
-        self.fc6 = nn.Linear(c5 * side * side, fc_units)
-        self.fc7 = nn.Linear(fc_units, fc_units)
-        self.fc8 = nn.Linear(fc_units, 2 * num_joints)
+            for name, conv in zip(BN_LAYERS, self.convs):
+                setattr(self, name, nn.BatchNorm2d(conv[2], eps=BN_EPS, momentum=1 - BN_DECAY))
+        for name, f_in, f_out in fc_stack(num_joints, input_size, width):
+            setattr(self, name, nn.Linear(f_in, f_out))
         # Start every prediction near 0, the box centre, instead of at a random pose.
         nn.init.normal_(self.fc8.weight, std=1e-3)
         nn.init.zeros_(self.fc8.bias)
@@ -66,11 +62,11 @@ class AlexNetRegressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (N, 3, input_size, input_size) float32 -> (N, 2 * num_joints)."""
-        h = F.max_pool2d(self._conv(1, x), 3, 2)
-        h = F.max_pool2d(self._conv(2, h), 3, 2)
-        h = self._conv(3, h)
-        h = self._conv(4, h)
-        h = F.max_pool2d(self._conv(5, h), 3, 2)
+        h = x
+        for k, (*_, pooled) in enumerate(self.convs, 1):
+            h = self._conv(k, h)
+            if pooled:
+                h = F.max_pool2d(h, POOL_KSIZE, POOL_STRIDE)
         h = torch.flatten(h, 1)
         h = F.dropout(F.relu(self.fc6(h)), self.dropout, training=self.training)
         h = F.dropout(F.relu(self.fc7(h)), self.dropout, training=self.training)
