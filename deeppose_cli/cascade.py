@@ -211,6 +211,7 @@ class RefinementDataset:
         from .pipeline import SharedEpoch
 
         self.source_records = list(records)
+        self.num_joints = len(self.source_records[0].joints) if self.source_records else 0
         self.stats = stats
         self.sigma = float(sigma)
         self.input_size = int(input_size)

@@ -199,6 +199,8 @@ class PoseDataset:
     def __init__(self, records: Sequence[PoseRecord], input_size: int,
                  flip_permutation: Sequence[int], aug: Augmentation | None = None, seed: int = 0):
         self.records = list(records)
+        # Every target of this dataset has this many joints (the index reader checks it).
+        self.num_joints = len(self.records[0].joints) if self.records else 0
         self.input_size = int(input_size)
         self.flip_permutation = list(flip_permutation)
         self.aug = aug or Augmentation.none()

@@ -304,7 +304,7 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
     """
     device = get_device(config.device)
     np.random.seed(config.seed)  # chainer's initializers, dropout and shuffling use it
-    num_joints = int(np.shape(train_set[0][1])[0])
+    num_joints = train_set.num_joints
     model = build_model(config, num_joints, init_params)
     model.to_device(device)
     optimizer = make_optimizer(config, model)

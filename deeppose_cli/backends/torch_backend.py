@@ -100,11 +100,6 @@ def make_loader(dataset, config: TrainConfig, device: torch.device, epoch: int,
                       generator=torch.Generator().manual_seed(config.seed))
 
 
-def num_joints_of(dataset) -> int:
-    _, joints, _ = dataset[0]
-    return int(np.asarray(joints).shape[0])
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -250,7 +245,7 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
     if len(train_set) == 0:
         raise DeepPoseError("the training set is empty")
     torch.manual_seed(config.seed)
-    model = build_model(config, num_joints_of(train_set), init_params).to(device)
+    model = build_model(config, train_set.num_joints, init_params).to(device)
     optimizer = build_optimizer(config, model)
     loss_fn = functools.partial(pose_loss_explicit if config.explicit_backward else pose_loss,
                                 norm=config.loss)
