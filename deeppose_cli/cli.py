@@ -735,8 +735,9 @@ def _print_benchmark(result: dict) -> None:
         for name in ("target", "what", "measured", "bound", "met"):
             table.add_column(name)
         for t in result["targets"]:
+            met = "yes" if t["met"] else "[bold red]no[/]"
             table.add_row(t["target"], t["what"], f"{t['value']:.3f}", t["bound"],
-                          "yes" if t["met"] else "[bold red]no[/]")
+                          f"[bold red]invalid[/]: {t['invalid']}" if t.get("invalid") else met)
         out.print(table)
 
 

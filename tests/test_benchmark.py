@@ -59,6 +59,16 @@ def test_targets_compare_each_value_with_its_bound():
                    ("help_vs_import", "cli"): True}
 
 
+def test_an_impossible_efficiency_is_reported_as_a_measurement_error():
+    """1.878 (end to end faster than compute only) was once printed as a met target."""
+    result = {"pipeline": [{"framework": "pytorch", "efficiency": 1.878},
+                           {"framework": "chainer", "efficiency": 1.04}]}
+    rows = {t["what"]: t for t in targets(result)}
+    assert rows["pytorch"]["met"] is False
+    assert rows["pytorch"]["invalid"].startswith("measurement error")
+    assert rows["chainer"]["met"] is True and "invalid" not in rows["chainer"]
+
+
 def test_settings_are_checked():
     with pytest.raises(DeepPoseError, match="framework"):
         run_benchmark(BenchmarkSettings(frameworks=("tensorflow",)))
