@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import stat
+import tarfile
 import tempfile
 import urllib.error
 import urllib.parse
@@ -52,6 +53,9 @@ _USER_AGENT = "deeppose-fetch/1"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")  # a first member, or an empty archive
+# Archives whose name ends so are tar files (plain or gzip/bzip2/xz), all others zip files.
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_COMPRESSED_TAR_SIGNATURES = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _HTML_STARTS = (b"<!doctype", b"<html", b"<head", b"<body", b"<?xml", b"<!--")
 
 
@@ -259,15 +263,25 @@ def _looks_like_html(head: bytes, content_type: str = "") -> bool:
     return start.startswith(_HTML_STARTS)
 
 
-def _signature_problem(head: bytes, content_type: str = "") -> str | None:
-    """None when ``head`` starts like a zip archive, else a short description of what it is."""
-    if head.startswith(_ZIP_SIGNATURES):
+def archive_kind(filename: str) -> str:
+    """``tar`` or ``zip``, from an archive's file name (``.partial`` ignored)."""
+    name = filename.lower().removesuffix(".partial")
+    return "tar" if name.endswith(TAR_SUFFIXES) else "zip"
+
+
+def _signature_problem(head: bytes, content_type: str = "", kind: str = "zip") -> str | None:
+    """None when ``head`` starts like a ``kind`` archive, else a short description of what
+    it is (a plain tar has "ustar" at byte 257; compressed ones their compressor's magic)."""
+    if kind == "tar":
+        if head.startswith(_COMPRESSED_TAR_SIGNATURES) or head[257:262] == b"ustar":
+            return None
+    elif head.startswith(_ZIP_SIGNATURES):
         return None
     if not head:
         return "an empty file"
     if _looks_like_html(head, content_type):
         return "a web page, not the archive"
-    return "not a valid zip archive (it does not start with a zip signature)"
+    return f"not a valid {kind} archive (it does not start with a {kind} signature)"
 
 
 def _check_archive(manifest: DatasetManifest, path: Path, pinned_sha256: str | None, *,
@@ -295,12 +309,20 @@ def _check_archive(manifest: DatasetManifest, path: Path, pinned_sha256: str | N
             head = f.read(512)
     except OSError as e:
         raise DeepPoseError(f"cannot read {path}: {e.strerror or e}") from None
-    problem = _signature_problem(head)
+    kind = archive_kind(path.name)
+    problem = _signature_problem(head, kind=kind)
     if problem is not None:
         raise _BadArchive(f"{label} is {problem}{keep}.", problem)
     try:
-        with zipfile.ZipFile(path) as zf:
-            zf.infolist()
+        if kind == "tar":
+            with tarfile.open(path) as tf:
+                tf.getmembers()  # reads every header: a cut-short file fails here
+        else:
+            with zipfile.ZipFile(path) as zf:
+                zf.infolist()
+    except (tarfile.TarError, zlib.error) as e:
+        reason = f"not a valid tar archive ({_one_line(e)})"
+        raise _BadArchive(f"{label} is {reason}{keep}.", reason, cut_short=True) from None
     except (zipfile.BadZipFile, EOFError, ValueError) as e:
         # A zip's directory is at its end, so a cut-short download fails here.
         reason = f"not a valid zip archive ({_one_line(e)})"
@@ -612,7 +634,8 @@ def _download(url: str, partial_path: Path, *, progress: bool) -> _Downloaded:
             head = b""
             if offset == 0:
                 head = _read_head(response)
-                problem = _signature_problem(head, response.headers.get("Content-Type", ""))
+                problem = _signature_problem(head, response.headers.get("Content-Type", ""),
+                                             archive_kind(partial_path.name))
                 if problem is not None:
                     if start == 0:
                         _discard_partial(partial_path)
@@ -861,6 +884,51 @@ def _swap_into_place(staged: Path, dataset_dir: Path) -> None:
         old.unlink(missing_ok=True)
 
 
+def _extract_tar(archive_path: Path, target: Path, annotations: str,
+                 limit: int = DEFAULT_MAX_EXTRACTED_BYTES) -> int:
+    """Unpack a tar archive into the empty directory ``target``; return the file count.
+
+    Only regular files and directories are taken, through ``tarfile``'s ``data`` filter
+    (no links, devices, absolute paths or ``..``); their sizes (which a tar states exactly,
+    its data being stored at that length) must fit in ``limit`` before anything is written.
+    A single top-level directory is stripped, as for zip archives.
+    """
+    if not hasattr(tarfile, "data_filter"):
+        raise DeepPoseError("tar archives need Python 3.11.4 or later (tarfile's data filter)")
+    try:
+        with tarfile.open(archive_path) as tf:
+            members = [m for m in tf.getmembers()
+                       if (m.isfile() or m.isdir()) and m.name.strip("/")
+                       and m.name.split("/")[0] != "__MACOSX"]
+            if not any(m.isfile() for m in members):
+                raise _BadArchive(f"archive {archive_path} is empty", "an empty archive")
+            declared = sum(m.size for m in members if m.isfile())
+            if declared > limit:
+                raise _too_big(archive_path, f"would unpack to {_human_bytes(declared)}", limit)
+            parts = {m.name: [p for p in m.name.split("/") if p not in ("", ".")] for m in members}
+            at_root = any("/".join(p) == annotations for p in parts.values())
+            top_levels = {p[0] for p in parts.values() if p}
+            strip = (not at_root and len(top_levels) == 1
+                     and all(len(parts[m.name]) > 1 or m.isdir() for m in members))
+            count = 0
+            for member in members:
+                relative = parts[member.name][1:] if strip else parts[member.name]
+                if not relative:
+                    continue
+                try:
+                    tf.extract(member.replace(name="/".join(relative), deep=False), target,
+                               filter="data")
+                except tarfile.FilterError as e:
+                    raise _BadArchive(f"archive member {member.name!r} is refused: "
+                                      f"{_one_line(e)}", "a member outside the dataset "
+                                      "directory") from None
+                count += member.isfile()
+    except (tarfile.TarError, zlib.error, EOFError) as e:
+        reason = f"not a valid tar archive ({_one_line(e)})"
+        raise _BadArchive(f"{archive_path} is {reason}", reason) from None
+    return count
+
+
 def _install(manifest: DatasetManifest, dataset_dir: Path, *, source: str, archive_path: Path,
              sha256: str, size: int, limit: int = DEFAULT_MAX_EXTRACTED_BYTES,
              recorded_archive: Path | None = None) -> None:
@@ -872,7 +940,8 @@ def _install(manifest: DatasetManifest, dataset_dir: Path, *, source: str, archi
     staged = _new_temp_dir(dataset_dir, "tmp")
     try:
         annotations = str(manifest.archive.get("annotations", "") or "")
-        files = _extract_zip(archive_path, staged, annotations, limit)
+        extract = _extract_tar if archive_kind(archive_path.name) == "tar" else _extract_zip
+        files = extract(archive_path, staged, annotations, limit)
         _write_marker(staged, dataset=manifest.name, source=source,
                       archive=str(recorded_archive or archive_path),
                       sha256=sha256, size=size, files=files)

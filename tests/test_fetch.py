@@ -836,3 +836,69 @@ def test_default_data_root(monkeypatch, tmp_path):
     assert default_data_root() == Path("data")
     monkeypatch.setenv("DEEPPOSE_DATA", str(tmp_path / "elsewhere"))
     assert default_data_root() == tmp_path / "elsewhere"
+
+
+# --------------------------------------------------------------------------- tar archives
+
+def _lspet_tar(tmp_path, name="lspet_dataset.tar.gz", top="lspet_dataset"):
+    import tarfile
+
+    from conftest import write_lsp_like
+
+    source = write_lsp_like(tmp_path / "src" / top, "lspet", 6)
+    archive = tmp_path / name
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(source, arcname=top)
+    return archive
+
+
+def test_a_tar_archive_is_extracted_and_indexed(tmp_path):
+    from deeppose_cli.annotations import build_index
+
+    archive = _lspet_tar(tmp_path)
+    result = fetch_dataset(load_dataset_manifest("lspet"), tmp_path / "data", archive=archive,
+                           progress=False)
+    assert (result.dataset_dir / "joints.mat").is_file()  # the top directory was stripped
+    assert len(list((result.dataset_dir / "images").glob("*.jpg"))) == 6
+    report = build_index(load_dataset_manifest("lspet"), result.dataset_dir, val_fraction=0.0)
+    assert report.counts["train"] == 6
+
+
+def test_a_tar_member_outside_the_dataset_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    archive = tmp_path / "lspet_dataset.tar"
+    with tarfile.open(archive, "w") as tf:
+        data = b"x"
+        info = tarfile.TarInfo("joints.mat")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("images/evil.jpg")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tf.addfile(link)
+        escape = tarfile.TarInfo("../escape.txt")
+        escape.size = len(data)
+        tf.addfile(escape, io.BytesIO(data))
+    with pytest.raises(DeepPoseError, match="refused"):
+        fetch_dataset(load_dataset_manifest("lspet"), tmp_path / "data", archive=archive,
+                      progress=False)
+    assert not (tmp_path / "escape.txt").exists()
+    assert not (tmp_path / "data" / "lspet" / "joints.mat").exists()
+
+
+def test_a_tar_bomb_is_refused_before_writing(tmp_path):
+    import io
+    import tarfile
+
+    archive = tmp_path / "lspet_dataset.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        info = tarfile.TarInfo("zeros.bin")
+        info.size = 8 << 20
+        tf.addfile(info, io.BytesIO(bytes(info.size)))
+    assert archive.stat().st_size < 1 << 20
+    with pytest.raises(DeepPoseError, match="would unpack to 8.0 MiB, more than the limit"):
+        fetch_dataset(load_dataset_manifest("lspet"), tmp_path / "data", archive=archive,
+                      progress=False, max_extract_bytes=1 << 20)
+    assert not (tmp_path / "data" / "lspet" / "zeros.bin").exists()
