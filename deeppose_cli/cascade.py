@@ -60,22 +60,26 @@ def safe_diameter(joints: np.ndarray, torso_pair: Sequence[int], box: np.ndarray
 
 
 def refine(stage: StageModel, images: Sequence[np.ndarray], previous: np.ndarray,
-           person_boxes: np.ndarray, torso_pair: Sequence[int]) -> np.ndarray:
-    """One refinement stage on a batch of images: all joints' crops of an image go through
-    the network as one batch; joint i takes output i mapped back through its box."""
+           person_boxes: np.ndarray, torso_pair: Sequence[int],
+           batch_size: int = 256) -> np.ndarray:
+    """One refinement stage on a chunk of images: the crops of every joint of every image go
+    through the network together (``batch_size`` crops per forward pass); joint i takes the
+    output i of its own crop, mapped back through that crop's box."""
     from .geometry import crop_and_resize
 
-    num_joints = previous.shape[1]
-    refined = np.empty_like(previous)
-    for n, image in enumerate(images):
-        diameter = safe_diameter(previous[n], torso_pair, person_boxes[n])
-        boxes = joint_boxes(previous[n], diameter, stage.sigma)
-        crops = np.stack([to_network_input(crop_and_resize(image, b, stage.input_size))
-                          for b in boxes])
-        normalized = np.asarray(stage.regress(crops))  # (J, J, 2)
-        own = normalized[np.arange(num_joints), np.arange(num_joints)]  # joint i from crop i
-        refined[n] = denormalize_pose(own[:, None, :], boxes)[:, 0, :]
-    return refined
+    n_images, num_joints = previous.shape[:2]
+    boxes = np.stack([joint_boxes(previous[n], safe_diameter(previous[n], torso_pair,
+                                                             person_boxes[n]), stage.sigma)
+                      for n in range(n_images)])  # (N, J, 4)
+    crops = [to_network_input(crop_and_resize(images[n], boxes[n, j], stage.input_size))
+             for n in range(n_images) for j in range(num_joints)]
+    outputs = np.concatenate([np.asarray(stage.regress(np.stack(crops[s:s + batch_size])))
+                              for s in range(0, len(crops), batch_size)])
+    outputs = outputs.reshape(n_images, num_joints, num_joints, 2)  # image, crop, joint
+    own = outputs[:, np.arange(num_joints), np.arange(num_joints)]  # (N, J, 2)
+    flat_boxes = boxes.reshape(-1, 4)
+    refined = denormalize_pose(own.reshape(-1, 1, 2), flat_boxes)[:, 0, :]
+    return refined.reshape(previous.shape)
 
 
 def run_cascade(stages: Sequence[StageModel], images: Sequence[np.ndarray],

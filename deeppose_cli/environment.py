@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 
+from .backends import FRAMEWORKS
+
 
 def _version(module_name: str) -> str:
     try:
@@ -13,31 +15,14 @@ def _version(module_name: str) -> str:
     return getattr(module, "__version__", "unknown")
 
 
-def torch_devices() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "not installed"
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
-                    for i in range(torch.cuda.device_count())]
-    return ", ".join(devices)
-
-
-def chainer_devices() -> str:
-    from .backends.chainer_compat import import_chainer
+def framework_devices(framework: str) -> str:
+    """The devices ``framework``'s backend can use, or why it cannot be imported."""
+    from .backends import get_backend
 
     try:
-        chainer = import_chainer()
+        return get_backend(framework).devices()
     except ImportError:
         return "not installed"
-    devices = ["cpu (@numpy)"]
-    cuda = chainer.backends.cuda
-    if cuda.available:
-        count = cuda.cupy.cuda.runtime.getDeviceCount()
-        devices += [f"@cupy:{i}" for i in range(count)]
-    return ", ".join(devices)
 
 
 def describe_environment() -> list[tuple[str, str]]:
@@ -59,6 +44,6 @@ def describe_environment() -> list[tuple[str, str]]:
         ("chainer", chainer_version),
         ("cupy", _version("cupy")),
         ("opencv", cv2.__version__),
-        ("torch devices", torch_devices()),
-        ("chainer devices", chainer_devices()),
+        *((f"{'torch' if name == 'pytorch' else name} devices", framework_devices(name))
+          for name in FRAMEWORKS),
     ]

@@ -32,7 +32,7 @@ class ImagePrediction:
 
 def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] | None,
                    draw_dir: Path | None, stages: int | None = None, device: str = "cpu",
-                   flip_test: bool = False
+                   flip_test: bool = False, chunk: int = 32
                    ) -> tuple[list[ImagePrediction], list[tuple[Path, str]]]:
     """Predictions for every readable image, and (path, reason) for the others.
 
@@ -54,28 +54,36 @@ def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] |
 
         cascade = [flip_averaged(stage, manifest.flip_permutation) for stage in cascade]
     results, failures = [], []
-    for path in paths:
-        try:
-            bgr = read_bgr(path)
-        except ImageError as e:
-            failures.append((path, e.reason))
+    for start in range(0, len(paths), chunk):
+        readable = []  # (path, bgr, box) of this chunk's images that decode
+        for path in paths[start:start + chunk]:
+            try:
+                bgr = read_bgr(path)
+            except ImageError as e:
+                failures.append((path, e.reason))
+                continue
+            h, w = bgr.shape[:2]
+            if bbox is not None:
+                box = box_from_xywh(*bbox)
+            else:
+                side = float(max(w, h))
+                box = np.array([(w - 1) / 2.0, (h - 1) / 2.0, side, side])
+            readable.append((path, bgr, box))
+        if not readable:
             continue
-        h, w = bgr.shape[:2]
-        if bbox is not None:
-            box = box_from_xywh(*bbox)
-        else:
-            side = float(max(w, h))
-            box = np.array([(w - 1) / 2.0, (h - 1) / 2.0, side, side])
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        joints = run_cascade(cascade, [rgb], box[None], manifest.torso_diameter)[-1][0]
-        result = ImagePrediction(path, box_to_xywh(box), manifest.joint_names, joints)
-        if draw_dir is not None:
-            draw_dir.mkdir(parents=True, exist_ok=True)
-            target = draw_dir / f"{path.stem}_pose.png"
-            drawn = draw_pose(bgr, joints, manifest.skeleton)
-            atomic_write(target, lambda tmp: _write_png(tmp, drawn))
-            result.drawn = target
-        results.append(result)
+        # The same batched cascade as `evaluate`: one forward pass per stage per chunk.
+        rgb = [cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) for _, bgr, _ in readable]
+        boxes = np.stack([box for *_, box in readable])
+        predicted = run_cascade(cascade, rgb, boxes, manifest.torso_diameter)[-1]
+        for (path, bgr, box), joints in zip(readable, predicted):
+            result = ImagePrediction(path, box_to_xywh(box), manifest.joint_names, joints)
+            if draw_dir is not None:
+                draw_dir.mkdir(parents=True, exist_ok=True)
+                target = draw_dir / f"{path.stem}_pose.png"
+                drawn = draw_pose(bgr, joints, manifest.skeleton)
+                atomic_write(target, lambda tmp: _write_png(tmp, drawn))
+                result.drawn = target
+            results.append(result)
     return results, failures
 
 

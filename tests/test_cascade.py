@@ -156,3 +156,25 @@ def test_diameter_falls_back_to_box_ratio_when_torso_is_hidden(tmp_path):
     diam = record_diameters([a, b], TORSO)
     ratio = np.linalg.norm(a.joints[9] - a.joints[2]) / a.box[2]
     assert diam[1] == pytest.approx(ratio * b.box[2])
+
+
+def test_refinement_batched_over_images_matches_one_image_at_a_time():
+    """All crops of all images of a chunk in one forward pass give what one image at a time
+    gave; a regressor that reads its crop makes every crop's output differ."""
+    from deeppose_cli.cascade import refine
+
+    def reading_regressor(crops: np.ndarray) -> np.ndarray:
+        means = crops.reshape(len(crops), 3, -1).mean(axis=2)  # (B, 3), differs per crop
+        offsets = np.stack([means[:, 0] - means[:, 1], means[:, 2] - means[:, 0]], axis=1)
+        return np.repeat(0.3 * np.tanh(offsets)[:, None, :], 14, axis=1)  # (B, 14, 2)
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (90 + 7 * n, 80, 3), dtype=np.uint8) for n in range(5)]
+    boxes = np.array([[40.0, 45.0 + n, 70.0, 70.0] for n in range(5)])
+    previous = np.stack([rng.uniform(10, 70, (14, 2)) for _ in range(5)])
+    stage = StageModel(2, "test", reading_regressor, input_size=67, sigma=1.5)
+    batched = refine(stage, images, previous, boxes, TORSO, batch_size=9)
+    one_by_one = np.concatenate([refine(stage, images[n:n + 1], previous[n:n + 1],
+                                        boxes[n:n + 1], TORSO) for n in range(5)])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-4)
+    assert np.abs(batched - previous).max() > 0.5  # the regressor did move the joints

@@ -35,6 +35,9 @@ class Backend(Protocol):
 
     FRAMEWORK: str
 
+    def devices(self) -> str:
+        """The devices this framework can use here, for `deeppose info`."""
+
     def check_device(self, device: str) -> None:
         """Raise a one-line error when ``device`` cannot be used (before any file is touched)."""
 

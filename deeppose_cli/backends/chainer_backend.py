@@ -479,6 +479,14 @@ def _scalar(value) -> Any:
     return item.item() if item.shape == () else item
 
 
+def devices() -> str:
+    """What `deeppose info` lists for this framework."""
+    found = ["cpu (@numpy)"]
+    if cuda.available:
+        found += [f"@cupy:{i}" for i in range(cuda.cupy.cuda.runtime.getDeviceCount())]
+    return ", ".join(found)
+
+
 def check_device(device: str) -> None:
     """Fail with a one-line error before a run directory is touched if ``device`` is unusable."""
     get_device(device)

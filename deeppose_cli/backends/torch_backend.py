@@ -389,6 +389,15 @@ def load_regressor(model_path: Path, meta: dict, device: str = "cpu"
     return predictor(model.to(torch_device).eval(), torch_device)
 
 
+def devices() -> str:
+    """What `deeppose info` lists for this framework."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                  for i in range(torch.cuda.device_count())]
+    return ", ".join(found)
+
+
 def check_device(device: str) -> None:
     """Fail with a one-line error before a run directory is touched if ``device`` is unusable."""
     resolve_device(device)
