@@ -558,3 +558,80 @@ def _device_title(result: dict[str, Any]) -> str:
 def _save(fig, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return path
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class ReportTable:
+    """One table of the benchmark report: typed here, drawn by the CLI."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    right_from: int = 1  # columns from this one on are numbers (right-justified)
+
+
+def _ms(timing: dict[str, Any]) -> str:
+    return f"{timing['median'] * 1e3:.1f} (±{(timing['q3'] - timing['q1']) * 5e2:.1f})"
+
+
+def report_tables(result: dict[str, Any]) -> list[ReportTable | str]:
+    """The report of a benchmark result, section by section: tables and one-line notes."""
+    out: list[ReportTable | str] = []
+    if result.get("compute"):
+        columns = list(dict.fromkeys((r["framework"], r["loss"]) for r in result["compute"]))
+        frameworks = list(dict.fromkeys(f for f, _ in columns))
+        table = ReportTable("Step time, ms per batch: median (± half IQR); images/s",
+                            ["batch"] + [f"{f} {loss}" for f, loss in columns]
+                            + [f"{f} forward" for f in frameworks], [], right_from=0)
+        for size in sorted({r["batch_size"] for r in result["compute"]}):
+            cells = [str(size)]
+            for framework, loss in columns:
+                row = next(r for r in result["compute"] if (r["framework"], r["loss"],
+                                                             r["batch_size"]) ==
+                           (framework, loss, size))
+                cells.append(f"{_ms(row['time'])}; {row['images_per_second']:.1f}")
+            for framework in frameworks:
+                row = next(r for r in result["forward"]
+                           if (r["framework"], r["batch_size"]) == (framework, size))
+                cells.append(f"{_ms(row['time'])}; {row['images_per_second']:.1f}")
+            table.rows.append(cells)
+        out.append(table)
+    if result.get("overhead"):
+        out.append(ReportTable(
+            "Training step: project model vs bare framework ops (images/s from the best step)",
+            ["framework", "batch", "model", "bare ops", "ratio", "ratio of medians"],
+            [[r["framework"], str(r["batch_size"]), f"{r['model_images_per_second']:.1f}",
+              f"{r['bare_images_per_second']:.1f}", f"{r['ratio']:.3f}",
+              f"{r['ratio_of_medians']:.3f}"] for r in result["overhead"]]))
+    if result.get("pipeline"):
+        out.append(ReportTable(
+            "Training throughput on real images (images/s from the best step)",
+            ["framework", "batch", "workers", "end to end", "compute only", "loader only",
+             "efficiency", "of medians"],
+            [[r["framework"], str(r["batch_size"]), str(r["workers"]),
+              f"{r['end_to_end_images_per_second']:.1f}",
+              f"{r['compute_images_per_second']:.1f}", f"{r['loader_images_per_second']:.1f}",
+              f"{r['efficiency']:.3f}" + (" (invalid)" if r.get("invalid") else ""),
+              f"{r['efficiency_of_medians']:.3f}"] for r in result["pipeline"]]))
+    if result.get("cascade"):
+        out.append(ReportTable(
+            "Predict one image: cascade latency vs its raw forward passes (ms)",
+            ["framework", "stages", "predict (median)", "predict (best)",
+             "forward passes (best)", "ratio", "of medians"],
+            [[r["framework"], str(r["stages"]), _ms(r["latency"]),
+              f"{r['latency']['min'] * 1e3:.1f}", f"{r['forward_time']['min'] * 1e3:.1f}",
+              f"{r['ratio']:.3f}", f"{r['ratio_of_medians']:.3f}"] for r in result["cascade"]]))
+    if result.get("cli"):
+        cli = result["cli"]
+        out.append(f"deeppose --help: {_ms(cli['help_time'])} ms; python -c \"import click, "
+                   f"rich\": {_ms(cli['import_time'])} ms; ratio of best runs {cli['ratio']:.2f}")
+    if result.get("targets"):
+        out.append(ReportTable(
+            "Targets", ["target", "what", "measured", "bound", "met"],
+            [[t["target"], t["what"], f"{t['value']:.3f}", t["bound"],
+              f"invalid: {t['invalid']}" if t.get("invalid") else ("yes" if t["met"] else "no")]
+             for t in result["targets"]], right_from=99))
+    return out

@@ -661,83 +661,19 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
 def _print_benchmark(result: dict) -> None:
     from rich.table import Table
 
+    from .benchmark import report_tables
+
     out = console()
-
-    def framework_table(title: str, *numeric_columns: str) -> Table:
-        table = Table(title=title)
-        table.add_column("framework")
-        for name in numeric_columns:
-            table.add_column(name, justify="right")
-        return table
-
-    def ms(timing: dict) -> str:
-        return f"{timing['median'] * 1e3:.1f} (±{(timing['q3'] - timing['q1']) * 5e2:.1f})"
-
-    if result["compute"]:
-        columns = [(r["framework"], r["loss"]) for r in result["compute"]]
-        columns = list(dict.fromkeys(columns))
-        table = Table(title="Step time, ms per batch: median (± half IQR); images/s")
-        table.add_column("batch", justify="right")
-        for framework, loss in columns:
-            table.add_column(f"{framework} {loss}", justify="right")
-        for framework in dict.fromkeys(f for f, _ in columns):
-            table.add_column(f"{framework} forward", justify="right")
-        for size in sorted({r["batch_size"] for r in result["compute"]}):
-            cells = [str(size)]
-            for framework, loss in columns:
-                row = next(r for r in result["compute"] if (r["framework"], r["loss"],
-                                                             r["batch_size"]) ==
-                           (framework, loss, size))
-                cells.append(f"{ms(row['time'])}; {row['images_per_second']:.1f}")
-            for framework in dict.fromkeys(f for f, _ in columns):
-                row = next(r for r in result["forward"]
-                           if (r["framework"], r["batch_size"]) == (framework, size))
-                cells.append(f"{ms(row['time'])}; {row['images_per_second']:.1f}")
-            table.add_row(*cells)
-        out.print(table)
-    if result["overhead"]:
-        table = framework_table("Training step: project model vs bare framework ops "
-                                "(images/s from the best step)",
-                                "batch", "model", "bare ops", "ratio", "ratio of medians")
-        for r in result["overhead"]:
-            table.add_row(r["framework"], str(r["batch_size"]),
-                          f"{r['model_images_per_second']:.1f}",
-                          f"{r['bare_images_per_second']:.1f}", f"{r['ratio']:.3f}",
-                          f"{r['ratio_of_medians']:.3f}")
-        out.print(table)
-    if result["pipeline"]:
-        table = framework_table("Training throughput on real images (images/s from the best "
-                                "step)", "batch", "workers", "end to end", "compute only",
-                                "loader only", "efficiency", "of medians")
-        for r in result["pipeline"]:
-            table.add_row(r["framework"], str(r["batch_size"]), str(r["workers"]),
-                          f"{r['end_to_end_images_per_second']:.1f}",
-                          f"{r['compute_images_per_second']:.1f}",
-                          f"{r['loader_images_per_second']:.1f}", f"{r['efficiency']:.3f}",
-                          f"{r['efficiency_of_medians']:.3f}")
-        out.print(table)
-    if result["cascade"]:
-        table = framework_table("Predict one image: cascade latency vs its raw forward passes "
-                                "(ms)", "stages", "predict (median)", "predict (best)",
-                                "forward passes (best)", "ratio", "of medians")
-        for r in result["cascade"]:
-            table.add_row(r["framework"], str(r["stages"]), ms(r["latency"]),
-                          f"{r['latency']['min'] * 1e3:.1f}",
-                          f"{r['forward_time']['min'] * 1e3:.1f}", f"{r['ratio']:.3f}",
-                          f"{r['ratio_of_medians']:.3f}")
-        out.print(table)
-    if result["cli"]:
-        cli = result["cli"]
-        out.print(f"deeppose --help: {ms(cli['help_time'])} ms; python -c \"import click, "
-                  f"rich\": {ms(cli['import_time'])} ms; ratio of best runs {cli['ratio']:.2f}")
-    if result["targets"]:
-        table = Table(title="Targets")
-        for name in ("target", "what", "measured", "bound", "met"):
-            table.add_column(name)
-        for t in result["targets"]:
-            met = "yes" if t["met"] else "[bold red]no[/]"
-            table.add_row(t["target"], t["what"], f"{t['value']:.3f}", t["bound"],
-                          f"[bold red]invalid[/]: {t['invalid']}" if t.get("invalid") else met)
+    for item in report_tables(result):
+        if isinstance(item, str):
+            out.print(item)
+            continue
+        table = Table(title=item.title)
+        for k, name in enumerate(item.columns):
+            table.add_column(name, justify="right" if k >= item.right_from else "left")
+        for row in item.rows:
+            table.add_row(*[f"[bold red]{cell}[/]" if cell.startswith(("no", "invalid"))
+                            and item.title == "Targets" else cell for cell in row])
         out.print(table)
 
 

@@ -8,8 +8,8 @@ import statistics
 import pytest
 from click.testing import CliRunner
 
-from deeppose_cli.benchmark import (BenchmarkSettings, Timing, interleaved, run_benchmark,
-                                    targets, time_repeats)
+from deeppose_cli.benchmark import (BenchmarkSettings, Timing, interleaved, report_tables,
+                                    run_benchmark, targets, time_repeats)
 from deeppose_cli.cli import main
 from deeppose_cli.errors import DeepPoseError
 
@@ -68,6 +68,9 @@ def test_an_impossible_efficiency_is_reported_as_a_measurement_error():
     assert rows["pytorch"]["met"] is False
     assert rows["pytorch"]["invalid"].startswith("measurement error")
     assert rows["chainer"]["met"] is True and "invalid" not in rows["chainer"]
+    (table,) = report_tables({"targets": targets(result)})
+    assert table.title == "Targets"
+    assert [row[-1][:27] for row in table.rows] == ["invalid: measurement error:", "yes"]
 
 
 def test_settings_are_checked():
