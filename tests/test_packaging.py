@@ -47,4 +47,4 @@ def test_installed_wheel_finds_manifests_without_the_clone(wheel, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['lsp', 'lspet', 'synthetic'] 14 2.0"
+    assert result.stdout.strip() == "['lsp', 'lspet', 'synthetic'] 14 1.0"
