@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -420,7 +421,9 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     manifest = load_dataset_manifest(meta["dataset"])
     if flip_test:
         cascade = [flip_averaged(stage, manifest.flip_permutation) for stage in cascade]
+    started = time.perf_counter()
     per_stage = run_cascade_on_records(cascade, records, manifest.torso_diameter)
+    seconds = time.perf_counter() - started  # loading, cropping and every stage's forward
     rows = evaluate_predictions(per_stage, meta["mean_pose"], records, manifest)
     stage_dirs = [d for d, _ in chain_dirs(run_dir)][:len(cascade)]
     refinements = refinement_reports(stage_dirs, cascade, per_stage, records, manifest)
@@ -430,11 +433,13 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     pred_path = Path(save_predictions) if save_predictions else eval_dir / "predictions.json"
     write_json(json_path, metrics_json(rows, manifest, {
         "run": str(run_dir), "index": str(index_path), "images": len(records),
-        "flip_test": flip_test,
+        "flip_test": flip_test, "seconds": round(seconds, 6),
+        "images_per_second": round(len(records) / seconds, 2) if seconds > 0 else None,
         "refinement": [r.to_json(manifest.joint_names) for r in refinements]}))
     plot_pdj(rows, plot_path, f"{meta['dataset']}: {index_path.name} ({len(records)} images)")
     write_json(pred_path, predictions_json(records, per_stage, manifest.joint_names))
-    _print_evaluation(rows, manifest, f"{run_dir} on {index_path} ({len(records)} images)")
+    _print_evaluation(rows, manifest, f"{run_dir} on {index_path} ({len(records)} images, "
+                      f"{len(records) / max(seconds, 1e-9):.1f} images/s through the cascade)")
     if refinements:
         _print_refinements(refinements, manifest)
     console().print(f"metrics: {json_path}\nPDJ curves: {plot_path}\npredictions: {pred_path}")

@@ -6,6 +6,7 @@ import json
 import shutil
 import zipfile
 
+import pytest
 from click.testing import CliRunner
 
 from deeppose_cli.cli import main
@@ -60,6 +61,9 @@ def test_a_manifest_only_dataset_fetches_indexes_trains_and_evaluates(tmp_path, 
     assert json.loads((run / "run.json").read_text())["dataset"] == "mini"
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert [r["name"] for r in metrics["rows"]] == ["mean pose", "stage 1"]
+    assert metrics["images"] == 6 and metrics["images_per_second"] > 0
+    assert metrics["images_per_second"] == pytest.approx(6 / metrics["seconds"], rel=0.01)
+    assert "images/s through the cascade" in result.output
     assert len((tmp_path / "data" / "mini" / "index" / "val.jsonl").read_text().splitlines()) == 6
 
 
