@@ -73,10 +73,10 @@ def read_joints_mat(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
         raise DeepPoseError(f"{path}: no variable `joints` in the file") from None
     except (OSError, ValueError, TypeError, NotImplementedError) as e:
         raise DeepPoseError(f"cannot read annotations {path}: {e}") from None
-    if not np.issubdtype(np.asarray(raw).dtype, np.number) and np.asarray(raw).dtype != bool:
-        raise DeepPoseError(f"{path}: `joints` must hold numbers, found "
-                            f"{np.asarray(raw).dtype.name} values")
-    raw = np.asarray(raw, dtype=np.float64)
+    raw = np.asarray(raw)
+    if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
+        raise DeepPoseError(f"{path}: `joints` must hold numbers, found {raw.dtype.name} values")
+    raw = raw.astype(np.float64)
     if fmt not in JOINTS_MAT_LAYOUTS:
         raise DeepPoseError(f"unknown annotation format {fmt!r} (known: "
                             f"{', '.join(sorted(JOINTS_MAT_LAYOUTS))})")

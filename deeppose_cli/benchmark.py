@@ -571,6 +571,7 @@ class ReportTable:
     columns: list[str]
     rows: list[list[str]]
     right_from: int = 1  # columns from this one on are numbers (right-justified)
+    alert_column: int | None = None  # a column whose "no"/"invalid…" cells are failures
 
 
 def _ms(timing: dict[str, Any]) -> str:
@@ -633,5 +634,5 @@ def report_tables(result: dict[str, Any]) -> list[ReportTable | str]:
             "Targets", ["target", "what", "measured", "bound", "met"],
             [[t["target"], t["what"], f"{t['value']:.3f}", t["bound"],
               f"invalid: {t['invalid']}" if t.get("invalid") else ("yes" if t["met"] else "no")]
-             for t in result["targets"]], right_from=99))
+             for t in result["targets"]], right_from=99, alert_column=4))
     return out

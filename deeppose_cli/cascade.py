@@ -77,9 +77,7 @@ def refine(stage: StageModel, images: Sequence[np.ndarray], previous: np.ndarray
                               for s in range(0, len(crops), batch_size)])
     outputs = outputs.reshape(n_images, num_joints, num_joints, 2)  # image, crop, joint
     own = outputs[:, np.arange(num_joints), np.arange(num_joints)]  # (N, J, 2)
-    flat_boxes = boxes.reshape(-1, 4)
-    refined = denormalize_pose(own.reshape(-1, 1, 2), flat_boxes)[:, 0, :]
-    return refined.reshape(previous.shape)
+    return denormalize_pose(own[:, :, None, :], boxes)[:, :, 0, :]  # each through its box
 
 
 def run_cascade(stages: Sequence[StageModel], images: Sequence[np.ndarray],

@@ -677,8 +677,9 @@ def _print_benchmark(result: dict) -> None:
         for k, name in enumerate(item.columns):
             table.add_column(name, justify="right" if k >= item.right_from else "left")
         for row in item.rows:
-            table.add_row(*[f"[bold red]{cell}[/]" if cell.startswith(("no", "invalid"))
-                            and item.title == "Targets" else cell for cell in row])
+            table.add_row(*[f"[bold red]{cell}[/]" if k == item.alert_column
+                            and cell.startswith(("no", "invalid")) else cell
+                            for k, cell in enumerate(row)])
         out.print(table)
 
 

@@ -754,6 +754,16 @@ def _too_big(archive_path: Path, amount: str, limit: int) -> DeepPoseError:
     )
 
 
+def _strips_top_level(entries: list[tuple[list[str], bool]], annotations: str) -> bool:
+    """Whether an archive's members ((path parts, is a directory) each) all sit in one
+    top-level directory that is not the dataset itself: it is stripped on extraction, so
+    ``lspet_dataset/joints.mat`` and ``joints.mat`` archives unpack alike."""
+    if any("/".join(parts) == annotations for parts, _is_dir in entries):
+        return False
+    top_levels = {parts[0] for parts, _is_dir in entries if parts}
+    return len(top_levels) == 1 and all(len(parts) > 1 or is_dir for parts, is_dir in entries)
+
+
 def _extract_zip(archive_path: Path, target: Path, annotations: str,
                  limit: int = DEFAULT_MAX_EXTRACTED_BYTES) -> int:
     """Unpack ``archive_path`` into the empty directory ``target``; return the file count.
@@ -778,11 +788,8 @@ def _extract_zip(archive_path: Path, target: Path, annotations: str,
             if declared > limit:
                 raise _too_big(archive_path, f"would unpack to {_human_bytes(declared)}", limit)
 
-            at_root = any("/".join(parts) == annotations for _info, parts in members)
-            top_levels = {parts[0] for _info, parts in members}
-            only_dir = next(iter(top_levels)) if len(top_levels) == 1 else None
-            strip = (not at_root and only_dir is not None
-                     and all(len(parts) > 1 or info.is_dir() for info, parts in members))
+            strip = _strips_top_level([(parts, info.is_dir()) for info, parts in members],
+                                      annotations)
 
             target_resolved = target.resolve()
             count = 0
@@ -905,14 +912,11 @@ def _extract_tar(archive_path: Path, target: Path, annotations: str,
             declared = sum(m.size for m in members if m.isfile())
             if declared > limit:
                 raise _too_big(archive_path, f"would unpack to {_human_bytes(declared)}", limit)
-            parts = {m.name: [p for p in m.name.split("/") if p not in ("", ".")] for m in members}
-            at_root = any("/".join(p) == annotations for p in parts.values())
-            top_levels = {p[0] for p in parts.values() if p}
-            strip = (not at_root and len(top_levels) == 1
-                     and all(len(parts[m.name]) > 1 or m.isdir() for m in members))
+            named = [(m, [p for p in m.name.split("/") if p not in ("", ".")]) for m in members]
+            strip = _strips_top_level([(parts, m.isdir()) for m, parts in named], annotations)
             count = 0
-            for member in members:
-                relative = parts[member.name][1:] if strip else parts[member.name]
+            for member, parts in named:
+                relative = parts[1:] if strip else parts
                 if not relative:
                     continue
                 try:

@@ -17,6 +17,7 @@ from .errors import DeepPoseError
 from .files import atomic_write, atomic_write_text, write_json
 from .weights import ARCHITECTURES
 
+
 def run_meta_problem(meta: Any) -> str | None:
     """What makes a parsed run.json unusable (None when the keys every reader needs are
     there), so a damaged or foreign file gets one clear line rather than a KeyError later."""

@@ -132,7 +132,6 @@ class PoseUpdater(chainer.training.updaters.StandardUpdater):
         self.reporter = reporter
         self.loss_fn = loss_fn
         self.use_visibility = use_visibility
-        self.last_loss = math.nan
         self.train_seconds = 0.0
         self.train_images = 0
 
@@ -143,12 +142,10 @@ class PoseUpdater(chainer.training.updaters.StandardUpdater):
         model = optimizer.target
         batch = next_batch(iterator, self.dataset)
         images, joints, visible = concat_examples(batch, self.input_device)
-        value = train_step(model, self.loss_fn, optimizer, images, joints, visible,
-                           self.use_visibility,
-                           functools.partial(self.reporter.iteration, self.iteration + 1))
+        train_step(model, self.loss_fn, optimizer, images, joints, visible, self.use_visibility,
+                   functools.partial(self.reporter.iteration, self.iteration + 1))
         if self.auto_new_epoch and iterator.is_new_epoch:
             optimizer.new_epoch(auto=True)
-        self.last_loss = value
         self.train_seconds += time.perf_counter() - start
         self.train_images += len(batch)
 

@@ -129,9 +129,10 @@ def load_checkpoint(run: RunDirectory, model: torch.nn.Module,
     if checkpoint.get("framework") != FRAMEWORK:
         raise DeepPoseError(f"{path} is a {checkpoint.get('framework')} checkpoint; "
                             f"resume it with --framework {checkpoint.get('framework')}")
-    saved = checkpoint.get("config") or {}
+    # Checkpoints from before batch norm had none.
+    saved = {"batch_norm": False, **(checkpoint.get("config") or {})}
     for key in ("input_size", "width", "batch_norm"):
-        if saved.get(key, False) != getattr(config, key):
+        if key in saved and saved[key] != getattr(config, key):
             raise DeepPoseError(f"{path} was trained with {key} {saved[key]}, but this run "
                                 f"has {key} {getattr(config, key)}: resume with the same recipe")
     try:
