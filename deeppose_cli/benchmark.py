@@ -129,7 +129,8 @@ class BenchmarkSettings:
     index: str | None = None          # pipeline section: training index (None: skip it)
     pipeline_batch: int = 32
     pipeline_iterations: int = 20
-    workers: int | None = None        # None: the stage-1 recipe's
+    workers: tuple[int, ...] = ()     # pipeline: one row per value (empty: the recipe's)
+    precisions: tuple[str, ...] = ("fp32",)  # training-step arithmetic (compute: each)
     cascade_stages: int = 3
     cli_repeats: int = 5
     sections: tuple[str, ...] = ("compute", "overhead", "pipeline", "cascade", "cli")
@@ -143,6 +144,14 @@ class BenchmarkSettings:
                 raise DeepPoseError(f"framework must be one of {', '.join(FRAMEWORKS)}, "
                                     f"got {name!r}")
         parse_device(self.device)
+        from .config import PRECISIONS
+
+        for name in self.precisions:
+            if name not in PRECISIONS:
+                raise DeepPoseError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                                    f"got {name!r}")
+        if not self.precisions:
+            raise DeepPoseError("give at least one precision")
         for name in ("repeats", "pipeline_batch", "pipeline_iterations", "cascade_stages",
                      "cli_repeats", "input_size"):
             if getattr(self, name) < 1:
@@ -156,7 +165,8 @@ class BenchmarkSettings:
 
 
 def train_config(settings: BenchmarkSettings, framework: str, explicit: bool = False,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, precision: str | None = None,
+                 workers: int | None = None):
     """The stage-1 recipe as training would resolve it, with the benchmark's overrides."""
     from .manifests import load_stage_recipe
     from .config import TrainConfig
@@ -164,9 +174,10 @@ def train_config(settings: BenchmarkSettings, framework: str, explicit: bool = F
     recipe = load_stage_recipe(1)
     recipe.update(input_size=settings.input_size, width=settings.width, seed=settings.seed,
                   device=settings.device, explicit_backward=explicit,
-                  batch_size=batch_size or settings.pipeline_batch)
-    if settings.workers is not None:
-        recipe["workers"] = settings.workers
+                  batch_size=batch_size or settings.pipeline_batch,
+                  precision=precision or settings.precisions[0])
+    if workers is not None:
+        recipe["workers"] = workers
     return TrainConfig.from_recipe(recipe, stage=1, framework=framework,
                                    dataset=settings.dataset, train_index=settings.index or "-",
                                    out="-")
@@ -185,22 +196,30 @@ def random_batch(batch_size: int, settings: BenchmarkSettings, rng: np.random.Ge
 
 def compute_section(settings: BenchmarkSettings, framework: str,
                     log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
-    """Step time per loss implementation and batch size; forward time per batch size."""
+    """Step time per precision, loss implementation and batch size; forward time per batch
+    size (fp32)."""
     rng = np.random.default_rng(settings.seed)
     train_rows, forward_rows = [], []
-    for loss in LOSSES:
-        harness = get_harness(framework)(train_config(settings, framework, loss == "explicit"),
+    for precision, loss in [(p, loss) for p in settings.precisions for loss in LOSSES]:
+        if framework == "chainer" and precision == "bf16":
+            log("chainer has no bfloat16: its bf16 rows are left out")
+            continue
+        harness = get_harness(framework)(train_config(settings, framework, loss == "explicit",
+                                                      precision=precision),
                                            settings.num_joints)
         for batch_size in settings.batch_sizes:
             batch = harness.batch(*random_batch(batch_size, settings, rng))
             timing = time_repeats(lambda: harness.step(batch), settings.repeats,
                                   settings.warmup, harness.sync)
-            train_rows.append({"framework": framework, "loss": loss, "batch_size": batch_size,
+            train_rows.append({"framework": framework, "loss": loss, "precision": precision,
+                               "batch_size": batch_size,
                                "time": timing.to_json(),
                                "images_per_second": images_per_second(batch_size,
                                                                       timing.median)})
-            log(f"{framework} {loss} batch {batch_size}: step {timing.median * 1e3:.1f} ms")
-            if loss == "autograd":
+            log(f"{framework} {loss} {precision} batch {batch_size}: step "
+                f"{timing.median * 1e3:.1f} ms")
+            if loss == "autograd" and not any(r["batch_size"] == batch_size
+                                              for r in forward_rows):
                 timing = time_repeats(lambda: harness.forward(batch), settings.repeats,
                                       settings.warmup, harness.sync)
                 forward_rows.append({"framework": framework, "batch_size": batch_size,
@@ -235,7 +254,7 @@ def overhead_section(settings: BenchmarkSettings, framework: str,
 
 
 def pipeline_section(settings: BenchmarkSettings, framework: str,
-                     log: Callable[[str], None]) -> dict:
+                     log: Callable[[str], None], workers: int | None = None) -> dict:
     """End-to-end training throughput on real images against compute-only throughput.
 
     Compute steps (one fixed device batch) and end-to-end steps (the real data path: index
@@ -248,13 +267,14 @@ def pipeline_section(settings: BenchmarkSettings, framework: str,
     from .manifests import load_dataset_manifest
     from .training import stage1_datasets
 
-    config = train_config(settings, framework)
+    config = train_config(settings, framework, workers=workers)
     manifest = load_dataset_manifest(settings.dataset)
     dataset, _ = stage1_datasets(config, manifest)
     harness = get_harness(framework)(config, manifest.num_joints)
     block = 1 if config.workers == 0 else max(4 * config.workers, 4)
     rounds = max(1, settings.pipeline_iterations // block)
-    batches = harness.pipeline(dataset)
+    # Enough batches for the warm-up and both timed loops, from one loader (workers start once).
+    batches = harness.pipeline(dataset, 1 + 2 * max(settings.warmup, 2) + 2 * rounds * block)
     try:
         fixed = next(batches)
         for _ in range(max(settings.warmup, 2)):
@@ -280,7 +300,8 @@ def pipeline_section(settings: BenchmarkSettings, framework: str,
         batches.close()
     images = block * config.batch_size
     row = {"framework": framework, "batch_size": config.batch_size, "index": settings.index,
-           "records": len(dataset), "workers": config.workers, "block_iterations": block,
+           "records": len(dataset), "workers": config.workers, "precision": config.precision,
+           "block_iterations": block,
            "compute_time": Timing(compute_s).to_json(),
            "end_to_end_time": Timing(end_to_end_s).to_json(),
            "loader_time": Timing(loader_s).to_json()}
@@ -291,7 +312,8 @@ def pipeline_section(settings: BenchmarkSettings, framework: str,
                                     row["end_to_end_time"]["median"])
     if row["efficiency"] > MAX_CREDIBLE_EFFICIENCY:
         row["invalid"] = EFFICIENCY_ERROR
-    log(f"{framework} pipeline: {row['end_to_end_images_per_second']:.1f} img/s end to end, "
+    log(f"{framework} pipeline, {config.workers} workers: "
+        f"{row['end_to_end_images_per_second']:.1f} img/s end to end, "
         f"{row['compute_images_per_second']:.1f} compute only, efficiency "
         f"{row['efficiency']:.3f}")
     return row
@@ -411,7 +433,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the benchmark with the measured value and whether it is met."""
     values: list[tuple[str, str, float]] = []
     for row in result.get("pipeline", []):
-        values.append(("pipeline_efficiency", row["framework"], row["efficiency"]))
+        values.append(("pipeline_efficiency", f"{row['framework']}, {row['workers']} workers",
+                       row["efficiency"]))
     for row in result.get("overhead", []):
         values.append(("model_vs_bare", row["framework"], row["ratio"]))
     for row in result.get("cascade", []):
@@ -472,7 +495,8 @@ def run_benchmark(settings: BenchmarkSettings,
         if "overhead" in settings.sections:
             result["overhead"].append(overhead_section(settings, framework, log))
         if "pipeline" in settings.sections:
-            result["pipeline"].append(pipeline_section(settings, framework, log))
+            for workers in settings.workers or (None,):
+                result["pipeline"].append(pipeline_section(settings, framework, log, workers))
         if "cascade" in settings.sections:
             result["cascade"] += cascade_section(settings, framework, image, box, log)
     if "cli" in settings.sections:
@@ -582,17 +606,19 @@ def report_tables(result: dict[str, Any]) -> list[ReportTable | str]:
     """The report of a benchmark result, section by section: tables and one-line notes."""
     out: list[ReportTable | str] = []
     if result.get("compute"):
-        columns = list(dict.fromkeys((r["framework"], r["loss"]) for r in result["compute"]))
-        frameworks = list(dict.fromkeys(f for f, _ in columns))
+        columns = list(dict.fromkeys((r["framework"], r["loss"], r.get("precision", "fp32"))
+                                     for r in result["compute"]))
+        frameworks = list(dict.fromkeys(f for f, _, _ in columns))
         table = ReportTable("Step time, ms per batch: median (± half IQR); images/s",
-                            ["batch"] + [f"{f} {loss}" for f, loss in columns]
+                            ["batch"] + [f"{f} {loss}" + ("" if p == "fp32" else f" {p}")
+                                         for f, loss, p in columns]
                             + [f"{f} forward" for f in frameworks], [], right_from=0)
         for size in sorted({r["batch_size"] for r in result["compute"]}):
             cells = [str(size)]
-            for framework, loss in columns:
-                row = next(r for r in result["compute"] if (r["framework"], r["loss"],
-                                                             r["batch_size"]) ==
-                           (framework, loss, size))
+            for framework, loss, precision in columns:
+                row = next(r for r in result["compute"]
+                           if (r["framework"], r["loss"], r.get("precision", "fp32"),
+                               r["batch_size"]) == (framework, loss, precision, size))
                 cells.append(f"{_ms(row['time'])}; {row['images_per_second']:.1f}")
             for framework in frameworks:
                 row = next(r for r in result["forward"]
@@ -610,9 +636,10 @@ def report_tables(result: dict[str, Any]) -> list[ReportTable | str]:
     if result.get("pipeline"):
         out.append(ReportTable(
             "Training throughput on real images (images/s from the best step)",
-            ["framework", "batch", "workers", "end to end", "compute only", "loader only",
-             "efficiency", "of medians"],
+            ["framework", "batch", "workers", "precision", "end to end", "compute only",
+             "loader only", "efficiency", "of medians"],
             [[r["framework"], str(r["batch_size"]), str(r["workers"]),
+              r.get("precision", "fp32"),
               f"{r['end_to_end_images_per_second']:.1f}",
               f"{r['compute_images_per_second']:.1f}", f"{r['loader_images_per_second']:.1f}",
               f"{r['efficiency']:.3f}" + (" (invalid)" if r.get("invalid") else ""),

@@ -18,7 +18,8 @@ import numpy as np
 from .annotations import PoseRecord
 from .errors import DeepPoseError
 from .geometry import denormalize_pose, joint_boxes, torso_diameter
-from .pipeline import Augmentation, load_image, make_sample, to_network_input
+from .pipeline import (Augmentation, SampleKey, load_image, make_sample, sample_key,
+                       to_network_input)
 
 Regressor = Callable[[np.ndarray], np.ndarray]  # NCHW float32 -> (N, J, 2) normalized
 
@@ -210,8 +211,6 @@ class RefinementDataset:
                  torso_pair: Sequence[int], aug: Augmentation | None = None, seed: int = 0,
                  samples_per_image: int = 1, train_joints: str = "own",
                  sampling: str = "normal"):
-        from .pipeline import SharedEpoch
-
         self.source_records = list(records)
         self.num_joints = len(self.source_records[0].joints) if self.source_records else 0
         self.stats = stats
@@ -231,7 +230,6 @@ class RefinementDataset:
         self.diameters = record_diameters(self.source_records, torso_pair)
         self.items = [(r, j) for r, rec in enumerate(self.source_records)
                       for j in np.flatnonzero(rec.visible)] * int(samples_per_image)
-        self.epoch = SharedEpoch()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -248,7 +246,6 @@ class RefinementDataset:
         other = copy.copy(self)
         other.stats = DisplacementStatistics.zero(len(self.stats.mean))
         other.aug = Augmentation.none()
-        other.epoch = type(self.epoch)()
         return other
 
     def box(self, k: int, epoch: int) -> np.ndarray:
@@ -278,8 +275,8 @@ class RefinementDataset:
         visible = np.where(marks == 2.0, 1.0, np.where(inside & (marks > 0), 1.0, 0.0))
         return x, target, visible.astype(np.float32)
 
-    def __getitem__(self, k: int):
-        return self.get(int(k), self.epoch.value)
+    def __getitem__(self, key: int | SampleKey):
+        return self.get(*sample_key(key))
 
 
 def refinement_errors(pred: np.ndarray, target: np.ndarray, joints: np.ndarray,

@@ -18,6 +18,7 @@ import click
 
 from . import __version__
 from .backends import FRAMEWORKS
+from .config import PRECISIONS
 from .errors import DeepPoseError
 from .weights import ARCHITECTURES, MIN_INPUT_SIZE
 
@@ -259,6 +260,9 @@ def augmentation_options(command):
               help="Train on invisible joints too (LSPET's carry junk coordinates).")
 @click.option("--max-iterations", type=click.IntRange(1), help="Stop after this many iterations.")
 @click.option("--workers", type=click.IntRange(0), help="Data-loading worker processes.")
+@click.option("--precision", type=click.Choice(PRECISIONS),
+              help="Training-step arithmetic: fp32, or bf16/fp16 autocast with fp32 weights "
+                   "(chainer: fp32 or fp16).")
 @click.option("--architecture", type=click.Choice(ARCHITECTURES),
               help="Backbone (recipe: alexnet).")
 @click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE), help="Crop side in pixels (recipe: 227).")
@@ -618,8 +622,12 @@ BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")
               help="Batch size of the pipeline and overhead tests.")
 @click.option("--iterations", type=click.IntRange(2), default=20, show_default=True,
               help="Timed steps per mode of the pipeline and overhead tests.")
-@click.option("--workers", type=click.IntRange(0),
-              help="Data-loading workers of the pipeline test (default: the recipe's).")
+@click.option("--workers", type=click.IntRange(0), multiple=True,
+              help="Data-loading workers of the pipeline test; repeat to compare (default: "
+                   "the recipe's).")
+@click.option("--precision", "precisions", type=click.Choice(PRECISIONS), multiple=True,
+              help="Training-step arithmetic; repeat to time several (default: fp32). The "
+                   "pipeline test uses the first.")
 @click.option("--stages", type=click.IntRange(1, 9), default=3, show_default=True,
               help="Cascade depth of the predict-latency test.")
 @click.option("--skip", type=click.Choice(BENCHMARK_SECTIONS), multiple=True,
@@ -651,6 +659,8 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
         raise DeepPoseError(f"index file {index_file} not found")
     if max_batch_log2 is None:
         max_batch_log2 = 5 if parse_device(device)[0] == "cpu" else 8
+    if not settings.get("precisions"):
+        settings.pop("precisions", None)
     config = BenchmarkSettings(frameworks=frameworks or FRAMEWORKS, device=device,
                                max_batch_log2=max_batch_log2, dataset=dataset, index=index_file,
                                pipeline_batch=batch_size, pipeline_iterations=iterations,

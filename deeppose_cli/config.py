@@ -11,12 +11,16 @@ from .backends import FRAMEWORKS, MODEL_SUFFIX
 from .errors import DeepPoseError
 from .weights import check_architecture
 
-__all__ = ["DISPLACEMENT_SOURCES", "FRAMEWORKS", "MODEL_SUFFIX", "TrainConfig",
+__all__ = ["DISPLACEMENT_SOURCES", "FRAMEWORKS", "MODEL_SUFFIX", "PRECISIONS", "TrainConfig",
            "apply_init_parameters", "parse_device"]
 
 # Where a refinement stage's displacement statistics come from: the previous stages'
 # predictions on the training split (which they have seen) or on the validation split.
 DISPLACEMENT_SOURCES = ("train", "val")
+
+# Arithmetic of the training step: fp32, or autocast to bfloat16 / float16 with fp32 master
+# weights (PyTorch; Chainer has float16 only, through its mixed16 mode with loss scaling).
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -47,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     workers: int = 0
+    precision: str = "fp32"
     explicit_backward: bool = False
     loss: str = "l2"
     use_visibility: bool = True
@@ -94,6 +99,12 @@ class TrainConfig:
             raise DeepPoseError("max-iterations must be at least 1")
         if self.stage >= 2 and not (self.sigma and self.sigma > 0):
             raise DeepPoseError("sigma must be positive for refinement stages")
+        if self.precision not in PRECISIONS:
+            raise DeepPoseError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                                f"got {self.precision!r}")
+        if self.precision == "bf16" and self.framework == "chainer":
+            raise DeepPoseError("Chainer has no bfloat16: use --precision fp16 (its mixed16 "
+                                "mode) or fp32 with --framework chainer")
         from .losses import check_norm
 
         check_norm(self.loss)

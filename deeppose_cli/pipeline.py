@@ -9,7 +9,6 @@ numbers: the same seed gives identical samples whichever framework, worker or or
 
 from __future__ import annotations
 
-import multiprocessing
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -168,32 +167,23 @@ def erase_rectangle(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-class SharedEpoch:
-    """An epoch counter that forked data-loading workers see change (torch and chainer)."""
+SampleKey = tuple[int, int]  # (epoch, index): all a training sample depends on, with the seed
 
-    def __init__(self) -> None:
-        self._value = multiprocessing.RawValue("l", 0)
 
-    @property
-    def value(self) -> int:
-        return int(self._value.value)
-
-    @value.setter
-    def value(self, epoch: int) -> None:
-        self._value.value = int(epoch)
-
-    def __getstate__(self):  # spawned workers get a plain copy
-        return {"epoch": self.value}
-
-    def __setstate__(self, state):
-        self.__init__()
-        self.value = state["epoch"]
+def sample_key(key: int | SampleKey) -> tuple[int, int]:
+    """``(index, epoch)`` for ``dataset.get`` from a dataset key: ``(epoch, index)`` from
+    :class:`RunSampler`, or a plain index (epoch 0, as validation uses)."""
+    if isinstance(key, tuple):
+        epoch, index = key
+        return int(index), int(epoch)
+    return int(key), 0
 
 
 class PoseDataset:
     """Stage-1 samples: the person box of each record, augmented when ``aug`` says so.
 
-    Indexable (``dataset[i]``), so it serves as a torch ``Dataset`` and a chainer dataset alike.
+    Indexable by ``(epoch, index)`` keys (a plain ``index`` means epoch 0), so it serves as a
+    torch ``Dataset`` and a chainer dataset alike, and the key alone fixes the sample.
     """
 
     def __init__(self, records: Sequence[PoseRecord], input_size: int,
@@ -205,7 +195,6 @@ class PoseDataset:
         self.flip_permutation = list(flip_permutation)
         self.aug = aug or Augmentation.none()
         self.seed = int(seed)
-        self.epoch = SharedEpoch()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -219,8 +208,8 @@ class PoseDataset:
         return make_sample(image, record.box, record.joints, record.visible, self.input_size,
                            self.aug, self.rng(index, epoch), self.flip_permutation)
 
-    def __getitem__(self, index: int):
-        return self.get(int(index), self.epoch.value)
+    def __getitem__(self, key: int | SampleKey):
+        return self.get(*sample_key(key))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -228,3 +217,42 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     interrupted run resumed mid-epoch sees the same batches as an uninterrupted one."""
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
+
+
+class RunSampler:
+    """The keys of every batch a training run draws, from iteration ``first_iteration + 1`` to
+    ``total_iterations``: iteration ``i`` is batch ``(i - 1) % iterations_per_epoch`` of epoch
+    ``(i - 1) // iterations_per_epoch`` in :func:`epoch_order`.
+
+    One sampler spans the whole run, so a loader built on it starts its worker processes once
+    instead of once per epoch, and because each key carries its epoch, a worker that prefetches
+    across an epoch boundary still draws that epoch's augmentation. Both backends iterate it
+    (a torch ``batch_sampler``; the Chainer iterator), so both see the same batches, and a run
+    resumed at iteration ``k`` sees exactly the batches an uninterrupted one saw after ``k``.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, iterations_per_epoch: int,
+                 total_iterations: int, first_iteration: int = 0):
+        self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), int(seed)
+        self.iterations_per_epoch = int(iterations_per_epoch)
+        self.total_iterations = int(total_iterations)
+        self.first_iteration = int(first_iteration)
+
+    def __len__(self) -> int:
+        return max(0, self.total_iterations - self.first_iteration)
+
+    def batch(self, iteration: int, order: np.ndarray | None = None) -> list[SampleKey]:
+        """Keys of the batch of (1-based) ``iteration``; ``order`` is its epoch's order if known."""
+        epoch, position = divmod(iteration - 1, self.iterations_per_epoch)
+        if order is None:
+            order = epoch_order(self.num_samples, self.seed, epoch)
+        start = position * self.batch_size
+        return [(epoch, int(i)) for i in order[start:start + self.batch_size]]
+
+    def __iter__(self):
+        order_epoch, order = -1, None
+        for iteration in range(self.first_iteration + 1, self.total_iterations + 1):
+            epoch = (iteration - 1) // self.iterations_per_epoch
+            if epoch != order_epoch:
+                order_epoch, order = epoch, epoch_order(self.num_samples, self.seed, epoch)
+            yield self.batch(iteration, order)

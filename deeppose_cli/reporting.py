@@ -37,12 +37,14 @@ class TrainingReporter:
 
     def __init__(self, run: RunDirectory, plan: IterationPlan, batch_size: int,
                  log_every: int = 10, show_progress: bool = True,
-                 schedule: Callable[[int], float] | None = None):
+                 schedule: Callable[[int], float] | None = None,
+                 checkpoint_every: int | None = None):
         self.run = run
         self.schedule = schedule
         self.plan = plan
         self.batch_size = batch_size
         self.log_every = log_every
+        self.checkpoint_every = checkpoint_every
         self.show_progress = show_progress
         self._progress = None
         self._window: list[float] = []
@@ -77,17 +79,39 @@ class TrainingReporter:
         self._progress.update(self._epoch_task,
                               completed=iteration // self.plan.iterations_per_epoch)
 
-    def iteration(self, iteration: int, loss: float) -> None:
-        """Record one optimizer step; stops training on a non-finite loss."""
-        if not math.isfinite(loss):
-            last = self.run.checkpoint_path if self.run.checkpoint_path.exists() else None
-            kept = f"; last good checkpoint kept: {last}" if last else "; no checkpoint was written"
-            raise DeepPoseError(f"loss became {loss} at iteration {iteration}: training stopped"
-                                f" (try a lower --lr){kept}")
-        self._window.append(loss)
+    def must_read_loss(self, iteration: int) -> bool:
+        """Whether the loop reads its pending losses after ``iteration``: at every log line,
+        epoch end (validation), checkpoint and at the last iteration. In between the losses
+        stay where they were computed, so an accelerator never waits for the host, and no
+        checkpoint is written before its losses passed the NaN guard."""
+        return (iteration % self.log_every == 0 or iteration == self.plan.total_iterations
+                or iteration % self.plan.iterations_per_epoch == 0
+                or (self.checkpoint_every is not None and iteration % self.checkpoint_every == 0))
+
+    def losses(self, last_iteration: int, values: Sequence[float]) -> None:
+        """Record the losses of the steps up to ``last_iteration`` (one value per step, the
+        last one that of ``last_iteration``); stops training at the first non-finite one.
+
+        The weights in memory may have taken up to ``log_every`` steps past a bad loss, but
+        the loop reads its losses before every checkpoint, validation and the final model, so
+        nothing written to disk has seen it.
+        """
+        first = last_iteration - len(values) + 1
+        for offset, loss in enumerate(values):
+            loss = float(loss)
+            if not math.isfinite(loss):
+                last = self.run.checkpoint_path if self.run.checkpoint_path.exists() else None
+                kept = (f"; last good checkpoint kept: {last}" if last
+                        else "; no checkpoint was written")
+                raise DeepPoseError(f"loss became {loss} at iteration {first + offset}: training"
+                                    f" stopped (try a lower --lr){kept}")
+            self._window.append(loss)
+        iteration = last_iteration
         epoch = self.plan.epoch_of(iteration)
-        self._progress.update(self._iter_task, completed=iteration,
-                              status=f"loss {loss:.4g}  {self.images_per_second:.1f} img/s")
+        if values:
+            self._progress.update(self._iter_task, completed=iteration,
+                                  status=f"loss {float(values[-1]):.4g}  "
+                                         f"{self.images_per_second:.1f} img/s")
         self._progress.update(self._epoch_task, completed=iteration // self.plan.iterations_per_epoch)
         if iteration % self.log_every == 0 or iteration == self.plan.total_iterations:
             now = time.perf_counter()

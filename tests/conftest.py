@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,18 @@ def tiny_config(framework: str, index_dir: Path, out: Path, **overrides):
     return TrainConfig.from_recipe(recipe, framework=framework, dataset="synthetic",
                                    train_index=str(index_dir / "train.jsonl"),
                                    val_index=str(index_dir / "val.jsonl"), out=str(out))
+
+
+def subset_index(index_dir: Path, out: Path, n_train: int, n_val: int) -> Path:
+    """The first records of the fixture's index files, with absolute image paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.jsonl", n_train), ("val.jsonl", n_val)):
+        lines = (index_dir / name).read_text().splitlines()[:n]
+        records = [json.loads(line) for line in lines]
+        for r in records:
+            r["image"] = str((index_dir / r["image"]).resolve())
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out
 
 
 def assert_no_escaped_exception(result) -> None:

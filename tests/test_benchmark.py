@@ -17,7 +17,7 @@ from conftest import assert_no_escaped_exception
 
 TINY = dict(input_size=67, width=0.0625, max_batch_log2=1, repeats=2, warmup=1,
             pipeline_batch=4, pipeline_iterations=4, cascade_stages=2, cli_repeats=1,
-            dataset="synthetic")
+            dataset="synthetic", precisions=("fp32", "bf16"), workers=(0, 2))
 
 
 def test_timing_statistics():
@@ -46,15 +46,15 @@ def test_interleaved_alternates_candidates():
 
 def test_targets_compare_each_value_with_its_bound():
     result = {
-        "pipeline": [{"framework": "pytorch", "efficiency": 0.95},
-                     {"framework": "chainer", "efficiency": 0.85}],
+        "pipeline": [{"framework": "pytorch", "workers": 2, "efficiency": 0.95},
+                     {"framework": "chainer", "workers": 0, "efficiency": 0.85}],
         "overhead": [{"framework": "pytorch", "ratio": 0.96}],
         "cascade": [{"framework": "chainer", "stages": 2, "ratio": 1.31}],
         "cli": {"ratio": 1.2},
     }
     met = {(t["target"], t["what"]): t["met"] for t in targets(result)}
-    assert met == {("pipeline_efficiency", "pytorch"): True,
-                   ("pipeline_efficiency", "chainer"): False,
+    assert met == {("pipeline_efficiency", "pytorch, 2 workers"): True,
+                   ("pipeline_efficiency", "chainer, 0 workers"): False,
                    ("model_vs_bare", "pytorch"): True,
                    ("cascade_vs_forward_sum", "chainer, 2 stages"): False,
                    ("help_vs_import", "cli"): True}
@@ -62,12 +62,12 @@ def test_targets_compare_each_value_with_its_bound():
 
 def test_an_impossible_efficiency_is_reported_as_a_measurement_error():
     """1.878 (end to end faster than compute only) was once printed as a met target."""
-    result = {"pipeline": [{"framework": "pytorch", "efficiency": 1.878},
-                           {"framework": "chainer", "efficiency": 1.04}]}
+    result = {"pipeline": [{"framework": "pytorch", "workers": 0, "efficiency": 1.878},
+                           {"framework": "chainer", "workers": 0, "efficiency": 1.04}]}
     rows = {t["what"]: t for t in targets(result)}
-    assert rows["pytorch"]["met"] is False
-    assert rows["pytorch"]["invalid"].startswith("measurement error")
-    assert rows["chainer"]["met"] is True and "invalid" not in rows["chainer"]
+    assert rows["pytorch, 0 workers"]["met"] is False
+    assert rows["pytorch, 0 workers"]["invalid"].startswith("measurement error")
+    assert rows["chainer, 0 workers"]["met"] is True and "invalid" not in rows["chainer, 0 workers"]
     (table,) = report_tables({"targets": targets(result)})
     assert table.title == "Targets"
     assert [row[-1][:27] for row in table.rows] == ["invalid: measurement error:", "yes"]
@@ -90,9 +90,11 @@ def tiny_result(synthetic_dataset):
 def test_every_section_is_measured_for_both_frameworks(tiny_result):
     result = tiny_result
     assert result["format"] == "deeppose-benchmark"
-    assert {(r["framework"], r["loss"], r["batch_size"]) for r in result["compute"]} == {
-        (f, loss, b) for f in ("chainer", "pytorch") for loss in ("autograd", "explicit")
-        for b in (1, 2)}
+    # Chainer has no bfloat16: only PyTorch has the bf16 rows.
+    assert {(r["framework"], r["loss"], r["precision"], r["batch_size"])
+            for r in result["compute"]} == {
+        (f, loss, p, b) for f, p in (("chainer", "fp32"), ("pytorch", "fp32"), ("pytorch", "bf16"))
+        for loss in ("autograd", "explicit") for b in (1, 2)}
     assert {(r["framework"], r["batch_size"]) for r in result["forward"]} == {
         (f, b) for f in ("chainer", "pytorch") for b in (1, 2)}
     for row in result["compute"] + result["forward"]:
@@ -105,6 +107,8 @@ def test_every_section_is_measured_for_both_frameworks(tiny_result):
     assert [(r["framework"], r["stages"]) for r in result["cascade"]] == [
         ("chainer", 1), ("chainer", 2), ("pytorch", 1), ("pytorch", 2)]
     assert result["cli"]["help_time"]["median"] > 0
+    assert [(r["framework"], r["workers"]) for r in result["pipeline"]] == [
+        ("chainer", 0), ("chainer", 2), ("pytorch", 0), ("pytorch", 2)]
     assert {t["target"] for t in result["targets"]} == {
         "pipeline_efficiency", "model_vs_bare", "cascade_vs_forward_sum", "help_vs_import"}
     json.dumps(result)  # JSON-ready as it is
@@ -113,14 +117,15 @@ def test_every_section_is_measured_for_both_frameworks(tiny_result):
 def test_ratios_are_computed_from_the_measurements(tiny_result):
     for row in tiny_result["pipeline"]:
         images = row["block_iterations"] * row["batch_size"]
-        assert row["end_to_end_time"]["repeats"] == 4  # 4 iterations, blocks of 1
+        # 4 iterations in blocks of 1 without workers; blocks of 8 (4 per worker) with 2
+        assert row["end_to_end_time"]["repeats"] == (4 if row["workers"] == 0 else 1)
         assert row["end_to_end_images_per_second"] == pytest.approx(
             images / row["end_to_end_time"]["min"])
         assert row["compute_images_per_second"] == pytest.approx(
             images / row["compute_time"]["min"])
         assert row["efficiency"] == pytest.approx(row["end_to_end_images_per_second"] /
                                                   row["compute_images_per_second"])
-        assert row["records"] == 480 and row["workers"] == 0
+        assert row["records"] == 480 and row["precision"] == "fp32"
     for row in tiny_result["overhead"]:
         assert row["ratio"] == pytest.approx(row["bare_time"]["min"] / row["model_time"]["min"])
         assert row["ratio_of_medians"] == pytest.approx(row["bare_time"]["median"] /

@@ -60,10 +60,10 @@ def test_same_seed_same_samples_other_seed_or_epoch_differs(records):
     assert not all(np.array_equal(first.get(i, 2)[1], first.get(i, 3)[1]) for i in range(3))
 
 
-def test_shared_epoch_selects_the_randomness(records):
+def test_sample_key_selects_the_randomness(records):
     ds = PoseDataset(records, 67, PERM, Augmentation(0.1, 0.2, True, 0.0), seed=1)
-    ds.epoch.value = 4
-    np.testing.assert_array_equal(ds[2][1], ds.get(2, 4)[1])
+    np.testing.assert_array_equal(ds[(4, 2)][1], ds.get(2, 4)[1])
+    np.testing.assert_array_equal(ds[2][1], ds.get(2, 0)[1])  # a plain index: epoch 0
 
 
 @pytest.mark.parametrize("aug", [Augmentation.none(), Augmentation(0.1, 0.2, False, 0.0),

@@ -207,13 +207,13 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_snapshot(synthetic_data
 def test_explicit_backward_trains_like_autograd(synthetic_dataset, tmp_path, monkeypatch):
     _root, index_dir = synthetic_dataset
     seen: list[float] = []
-    real_iteration = TrainingReporter.iteration
+    real_losses = TrainingReporter.losses
 
-    def spy(self, iteration, loss):
-        seen.append(loss)
-        return real_iteration(self, iteration, loss)
+    def spy(self, iteration, losses):
+        seen.extend(losses)
+        return real_losses(self, iteration, losses)
 
-    monkeypatch.setattr(TrainingReporter, "iteration", spy)
+    monkeypatch.setattr(TrainingReporter, "losses", spy)
     per_mode = {}
     for explicit in (False, True):
         seen.clear()

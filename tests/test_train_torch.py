@@ -22,7 +22,7 @@ from deeppose_cli.errors import DeepPoseError
 from deeppose_cli.rundir import RunDirectory
 from deeppose_cli.training import train_stage1
 
-from conftest import tiny_config
+from conftest import subset_index, tiny_config
 
 TORSO_PAIR = (9, 2)  # LSP: left shoulder, right hip
 NO_AUGMENTATION = dict(jitter_translation=0.0, jitter_scale=0.0, flip=False, colour_noise=0.0)
@@ -31,18 +31,6 @@ NO_AUGMENTATION = dict(jitter_translation=0.0, jitter_scale=0.0, flip=False, col
 LEARNING = dict(input_size=131, width=0.125, batch_size=8, epochs=24, optimizer="Adam",
                 lr=3e-4, weight_decay=0.0, checkpoint_every=500, **NO_AUGMENTATION)
 SMALL = dict(input_size=67, width=0.125, batch_size=16)
-
-
-def subset_index(index_dir: Path, out: Path, n_train: int, n_val: int) -> Path:
-    """The first records of the fixture's index files, with absolute image paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train.jsonl", n_train), ("val.jsonl", n_val)):
-        lines = (index_dir / name).read_text().splitlines()[:n]
-        records = [json.loads(line) for line in lines]
-        for r in records:
-            r["image"] = str((index_dir / r["image"]).resolve())
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,10 @@ arrays, so it stays loadable with plain NumPy.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import multiprocessing
 import time
 import zipfile
 import zlib
@@ -25,6 +27,7 @@ import numpy as np
 
 from ..errors import DeepPoseError
 from ..files import atomic_write
+from ..pipeline import RunSampler
 from ..schedules import schedule_from_config
 from ..config import TrainConfig, apply_init_parameters, parse_device
 from ..reporting import IterationPlan, TrainingReporter, validation_metrics
@@ -81,7 +84,8 @@ def _predictor(model: AlexNetRegressor, device,
         outputs = []
         with chainer.using_config("train", False), chainer.no_backprop_mode():
             for start in range(0, len(images), batch_size):
-                x = device.send(np.ascontiguousarray(images[start:start + batch_size]))
+                x = device.send(np.ascontiguousarray(images[start:start + batch_size],
+                                                     dtype=model.input_dtype))
                 outputs.append(np.asarray(cpu.send(model(x).array), dtype=np.float64))
         if not outputs:
             return np.zeros((0, model.num_joints, 2))
@@ -94,42 +98,127 @@ def _predictor(model: AlexNetRegressor, device,
 
 
 def train_step(model: AlexNetRegressor, loss_fn: Callable, optimizer: "chainer.Optimizer",
-               images, joints, visible, use_visibility: bool,
-               check_loss: Callable[[float], None] | None = None) -> float:
-    """One optimizer step; ``check_loss`` sees the loss before the weights change (the NaN
-    guard), so a bad batch never reaches the model. The benchmark times this same function."""
-    loss = loss_fn(model(images), joints, visible, use_visibility=use_visibility)
-    value = float(loss.array)
-    if check_loss is not None:
-        check_loss(value)
-    chainer.reporter.report({"main/loss": loss})
+               images, joints, visible, use_visibility: bool):
+    """One optimizer step; returns the loss array, still on the device: reading it would make
+    the host wait for the device every step, so the updater reads its losses in batches
+    (``TrainingReporter.must_read_loss``). The benchmark times this same function.
+
+    In float16 (mixed16) the loss is scaled for the backward pass (dynamic loss scaling, so
+    small gradients survive) and the update is done on fp32 master weights."""
+    pred = model(images.astype(model.input_dtype, copy=False))
+    if pred.dtype != np.float32:
+        pred = chainer.functions.cast(pred, np.float32)
+    loss = loss_fn(pred, joints, visible, use_visibility=use_visibility)
     model.cleargrads()
-    loss.backward()
+    loss.backward(loss_scale=getattr(optimizer, "_loss_scale", None))
     optimizer.update()
-    return value
+    return loss.array
 
 
-def next_batch(iterator, dataset) -> list:
-    """The iterator's next batch, with the dataset's shared epoch set first: augmentation
-    randomness is keyed by the epoch, and forked workers see the value too."""
-    shared_epoch = getattr(dataset, "epoch", None)
-    if shared_epoch is not None:
-        shared_epoch.value = iterator.epoch
-    return iterator.next()
+class RunIterator(chainer.dataset.Iterator):
+    """The batches of a :class:`~deeppose_cli.pipeline.RunSampler`, loaded by a pool of worker
+    processes that lives for the whole run (or in this process with ``workers=0``).
+
+    The position is the updater's iteration (``start``), not state of its own, so a resumed
+    run continues with exactly the batches an uninterrupted one saw, and the keys carry their
+    epoch, so prefetching across an epoch boundary cannot mix up the augmentation draws.
+    ``prefetch`` batches per worker are requested ahead.
+    """
+
+    def __init__(self, dataset, sampler_for: Callable[[int], Any], workers: int,
+                 iterations_per_epoch: int, prefetch: int = 2):
+        self.dataset = dataset
+        self.sampler_for = sampler_for
+        self.workers = int(workers)
+        self.iterations_per_epoch = int(iterations_per_epoch)
+        self.prefetch = max(1, prefetch * max(1, self.workers))
+        self.iteration = 0
+        self._keys = None
+        self._pending: collections.deque = collections.deque()
+        self._pool = None
+
+    def start(self, iteration: int) -> None:
+        """Serve the batches after ``iteration`` (0 for a fresh run)."""
+        self.iteration = int(iteration)
+        self._keys = iter(self.sampler_for(self.iteration))
+        self._pending.clear()
+
+    def _request(self) -> None:
+        while len(self._pending) < self.prefetch:
+            keys = next(self._keys, None)
+            if keys is None:
+                return
+            if self._pool is None and self.workers > 0:
+                self._pool = multiprocessing.Pool(self.workers, _init_loader_worker,
+                                                  (self.dataset,))
+            self._pending.append(self._pool.apply_async(_load_batch, (keys,))
+                                 if self._pool is not None else keys)
+
+    def __next__(self) -> list:
+        if self._keys is None:
+            self.start(self.iteration)
+        self._request()
+        if not self._pending:
+            raise StopIteration
+        item = self._pending.popleft()
+        batch = item.get() if self._pool is not None else [self.dataset[k] for k in item]
+        self.iteration += 1
+        self._request()
+        return batch
+
+    next = __next__
+
+    @property
+    def epoch(self) -> int:
+        return self.iteration // self.iterations_per_epoch
+
+    @property
+    def epoch_detail(self) -> float:
+        return self.iteration / self.iterations_per_epoch
+
+    @property
+    def previous_epoch_detail(self) -> float:
+        return max(0, self.iteration - 1) / self.iterations_per_epoch
+
+    @property
+    def is_new_epoch(self) -> bool:
+        return self.iteration > 0 and self.iteration % self.iterations_per_epoch == 0
+
+    def serialize(self, serializer) -> None:
+        """Nothing to save: the updater's iteration is the position."""
+
+    def finalize(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+
+_LOADER_DATASET = None  # the dataset a loader worker process serves
+
+
+def _init_loader_worker(dataset) -> None:
+    global _LOADER_DATASET
+    _LOADER_DATASET = dataset
+
+
+def _load_batch(keys) -> list:
+    return [_LOADER_DATASET[k] for k in keys]
 
 
 class PoseUpdater(chainer.training.updaters.StandardUpdater):
     """One optimizer step per batch, with the loss checked before the weights change.
 
-    The loss goes to the :class:`TrainingReporter` before ``optimizer.update()``: a NaN/inf
-    loss raises there, so neither the model nor the last snapshot on disk ever sees it.
+    Losses stay on the device and go to the :class:`TrainingReporter` at its read points,
+    which come before every snapshot and validation: a NaN/inf loss raises there, so the last
+    snapshot on disk never sees it.
     """
 
-    def __init__(self, iterator, optimizer, device, dataset, reporter: TrainingReporter,
+    def __init__(self, iterator, optimizer, device, reporter: TrainingReporter,
                  loss_fn: Callable, use_visibility: bool):
         super().__init__(iterator, optimizer, input_device=device)
-        self.dataset = dataset
         self.reporter = reporter
+        self._pending: list = []
         self.loss_fn = loss_fn
         self.use_visibility = use_visibility
         self.train_seconds = 0.0
@@ -140,18 +229,25 @@ class PoseUpdater(chainer.training.updaters.StandardUpdater):
         iterator = self.get_iterator("main")
         optimizer = self.get_optimizer("main")
         model = optimizer.target
-        batch = next_batch(iterator, self.dataset)
+        if iterator.iteration != self.iteration:  # a fresh or restored run: start there
+            iterator.start(self.iteration)
+        batch = iterator.next()
         images, joints, visible = concat_examples(batch, self.input_device)
-        train_step(model, self.loss_fn, optimizer, images, joints, visible, self.use_visibility,
-                   functools.partial(self.reporter.iteration, self.iteration + 1))
+        self._pending.append(train_step(model, self.loss_fn, optimizer, images, joints, visible,
+                                        self.use_visibility))
+        if self.reporter.must_read_loss(self.iteration + 1):
+            xp = backend.get_array_module(self._pending[0])
+            values = backend.CpuDevice().send(xp.stack(self._pending)).tolist()
+            self._pending.clear()
+            self.reporter.losses(self.iteration + 1, values)
         if self.auto_new_epoch and iterator.is_new_epoch:
             optimizer.new_epoch(auto=True)
         self.train_seconds += time.perf_counter() - start
         self.train_images += len(batch)
 
     def serialize(self, serializer) -> None:
-        """Also save NumPy's global generator: dropout masks and SerialIterator's shuffling
-        draw from it, so restoring it lets a resumed CPU run repeat an uninterrupted one."""
+        """Also save NumPy's global generator: dropout masks draw from it, so restoring it
+        lets a resumed CPU run repeat an uninterrupted one."""
         super().serialize(serializer)
         name, keys, pos, has_gauss, cached = np.random.get_state()
         keys = np.array(keys, dtype=np.uint32)
@@ -248,16 +344,22 @@ def make_optimizer(config: TrainConfig, model: "chainer.Link") -> "chainer.Optim
     else:
         optimizer = chainer.optimizers.MomentumSGD(lr=config.lr, momentum=config.momentum)
     optimizer.setup(model)
+    if config.precision == "fp16":
+        optimizer.use_fp32_update()  # fp32 master weights behind the float16 parameters
+        optimizer.loss_scaling()     # dynamic: halves on overflow, grows while finite
     if config.weight_decay > 0:
         optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(config.weight_decay))
     return optimizer
 
 
-def make_iterator(config: TrainConfig, dataset):
-    if config.workers > 0:
-        return chainer.iterators.MultiprocessIterator(dataset, config.batch_size,
-                                                      n_processes=config.workers)
-    return chainer.iterators.SerialIterator(dataset, config.batch_size, shuffle=True)
+def make_iterator(config: TrainConfig, dataset, plan: IterationPlan) -> RunIterator:
+    """The run's batches (``pipeline.RunSampler``, the sampler PyTorch uses too), loaded by
+    ``config.workers`` processes started once for the run."""
+    def sampler_for(first_iteration: int) -> RunSampler:
+        return RunSampler(len(dataset), config.batch_size, config.seed,
+                          plan.iterations_per_epoch, plan.total_iterations, first_iteration)
+
+    return RunIterator(dataset, sampler_for, config.workers, plan.iterations_per_epoch)
 
 
 def _load_snapshot(path: Path, trainer) -> None:
@@ -284,8 +386,11 @@ def _load_snapshot(path: Path, trainer) -> None:
 def build_model(config: TrainConfig, num_joints: int,
                 init_params: dict[str, np.ndarray] | None = None) -> AlexNetRegressor:
     """The stage's network, freshly initialized or with ``init_params`` (``--init``)."""
-    model = AlexNetRegressor(num_joints, config.input_size, config.width, config.batch_norm,
-                             config.dropout)
+    # mixed16: float16 parameters and activations (batch norm statistics stay fp32)
+    dtype = chainer.mixed16 if config.precision == "fp16" else np.float32
+    with chainer.using_config("dtype", dtype):
+        model = AlexNetRegressor(num_joints, config.input_size, config.width, config.batch_norm,
+                                 config.dropout)
     apply_init_parameters(load_numpy_params, model, config, init_params)
     return model
 
@@ -312,9 +417,9 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
                                 norm=config.loss)
     schedule = schedule_from_config(config, plan.total_iterations)
     with TrainingReporter(run, plan, config.batch_size, show_progress=show_progress,
-                          schedule=schedule) as reporter:
-        iterator = make_iterator(config, train_set)
-        updater = PoseUpdater(iterator, optimizer, device, train_set, reporter, loss_fn,
+                          schedule=schedule, checkpoint_every=config.checkpoint_every) as reporter:
+        iterator = make_iterator(config, train_set, plan)
+        updater = PoseUpdater(iterator, optimizer, device, reporter, loss_fn,
                               config.use_visibility)
         trainer = chainer.training.Trainer(updater, StopAt(plan.total_iterations),
                                            out=str(run.path))

@@ -13,7 +13,8 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..weights import POOL_KSIZE, POOL_STRIDE, conv_stack, fc_stack
-from .chainer_backend import get_device, make_iterator, make_optimizer, next_batch, train_step
+from ..reporting import IterationPlan
+from .chainer_backend import get_device, make_iterator, make_optimizer, train_step
 from .chainer_compat import import_chainer
 from .chainer_model import AlexNetRegressor, pose_loss, pose_loss_explicit
 
@@ -60,7 +61,9 @@ class Harness:
         if bare:
             self.model = bare_alexnet(num_joints, config.input_size, config.width)
         else:
-            self.model = AlexNetRegressor(num_joints, config.input_size, config.width)
+            dtype = chainer.mixed16 if config.precision == "fp16" else np.float32
+            with chainer.using_config("dtype", dtype):
+                self.model = AlexNetRegressor(num_joints, config.input_size, config.width)
         self.model.to_device(self.device)
         self.optimizer = make_optimizer(config, self.model)
         self.loss_fn = pose_loss_explicit if config.explicit_backward else pose_loss
@@ -88,12 +91,14 @@ class Harness:
         if self.device.xp is not np:
             self.device.device.synchronize()
 
-    def pipeline(self, dataset) -> Iterator[tuple]:
+    def pipeline(self, dataset, iterations: int) -> Iterator[tuple]:
         """Device batches through the training loop's own iterator (as ``PoseUpdater`` reads
-        it), epoch after epoch."""
-        iterator = make_iterator(self.config, dataset)
+        it): one for the whole measurement, so its workers start once, as in training."""
+        plan = IterationPlan.make(len(dataset), self.config.batch_size, 1, None)
+        iterator = make_iterator(self.config, dataset,
+                                 IterationPlan(plan.iterations_per_epoch, iterations))
         try:
-            while True:
-                yield concat_examples(next_batch(iterator, dataset), self.device)
+            for batch in iterator:
+                yield concat_examples(batch, self.device)
         finally:
             iterator.finalize()

@@ -56,6 +56,11 @@ class AlexNetRegressor(chainer.Chain):
                 initial = chainer.initializers.Normal(1e-3) if name == "fc8" else None
                 setattr(self, name, L.Linear(f_in, f_out, initialW=initial))
 
+    @property
+    def input_dtype(self):
+        """dtype the network computes in: float32, or float16 when built in mixed16 mode."""
+        return self.conv1.W.dtype
+
     def _conv(self, k: int, h):
         """conv<k>, its batch normalization if any, then ReLU."""
         h = getattr(self, f"conv{k}")(h)

@@ -17,7 +17,9 @@ Two file formats, both loadable with ``torch.load(..., weights_only=True)``:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import pickle
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import DeepPoseError
 from ..files import atomic_write
-from ..pipeline import epoch_order
+from ..pipeline import RunSampler
 from ..schedules import LearningRateSchedule, schedule_from_config
 from ..config import TrainConfig, apply_init_parameters, parse_device
 from ..reporting import IterationPlan, TrainingReporter, validation_metrics
@@ -44,6 +46,7 @@ MODEL_FORMAT = "deeppose-model"
 FRAMEWORK = "pytorch"
 PREDICT_BATCH = 64
 
+LOADER_PREFETCH = 2  # batches each worker keeps ready (as the Chainer iterator)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 
@@ -83,28 +86,67 @@ def collate(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
                  for a in (images, joints, visible))
 
 
-def make_loader(dataset, config: TrainConfig, device: torch.device, epoch: int,
-                skip_batches: int = 0) -> DataLoader:
-    """A loader over epoch ``epoch``'s shuffled order, after its first ``skip_batches``
-    batches (a resumed run has done those), with the dataset's shared epoch set so the
-    augmentation draws are this epoch's.
+def make_loader(dataset, config: TrainConfig, device: torch.device, plan: IterationPlan,
+                first_iteration: int = 0) -> DataLoader:
+    """One loader for the rest of the run: the batches of iterations ``first_iteration + 1``
+    to ``plan.total_iterations`` (a resumed run has done the others), keyed by
+    ``(epoch, index)`` so every sample is the one an uninterrupted run draws.
 
-    It gets its own generator so creating it never draws from the global torch RNG: that RNG
-    drives dropout and must advance identically in resumed and uninterrupted runs.
+    Spanning the run, it starts its worker processes once; they keep loading ahead while the
+    main process validates or saves. It gets its own generator so creating it never draws
+    from the global torch RNG: that RNG drives dropout and must advance identically in
+    resumed and uninterrupted runs.
     """
-    order = epoch_order(len(dataset), config.seed, epoch)[skip_batches * config.batch_size:]
-    dataset.epoch.value = epoch
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=order.tolist(),
-                      num_workers=config.workers, collate_fn=collate, drop_last=False,
+    sampler = RunSampler(len(dataset), config.batch_size, config.seed, plan.iterations_per_epoch,
+                         plan.total_iterations, first_iteration)
+    workers = config.workers
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=device.type == "cuda",
+                      prefetch_factor=LOADER_PREFETCH if workers else None,
                       generator=torch.Generator().manual_seed(config.seed))
+
+
+class StepPrecision:
+    """The arithmetic of a training step (``config.precision``): fp32, or autocast to
+    bfloat16 / float16 around the forward pass with fp32 weights, optimizer state and loss;
+    float16 adds dynamic loss scaling (``torch.amp.GradScaler``) so small gradients survive.
+    On CUDA the reduced precisions also use channels-last tensors, faster there for
+    AlexNet's convolutions in bf16 and fp16."""
+
+    def __init__(self, precision: str, device: torch.device):
+        self.precision = precision
+        self.device_type = device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.channels_last = device.type == "cuda" and self.dtype is not None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def save_checkpoint(run: RunDirectory, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    iteration: int, config: TrainConfig) -> None:
+                    iteration: int, config: TrainConfig,
+                    precision: StepPrecision | None = None) -> None:
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "framework": FRAMEWORK,
@@ -116,11 +158,14 @@ def save_checkpoint(run: RunDirectory, model: torch.nn.Module, optimizer: torch.
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+    if precision is not None and precision.scaler is not None:
+        checkpoint["grad_scaler"] = precision.scaler.state_dict()
     atomic_write(run.checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def load_checkpoint(run: RunDirectory, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, config: TrainConfig) -> int:
+                    optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    precision: StepPrecision | None = None) -> int:
     """Restore model, optimizer and RNG state from the run's checkpoint; returns its iteration."""
     path = run.checkpoint_path
     checkpoint = _torch_load(path, "checkpoint")
@@ -141,6 +186,8 @@ def load_checkpoint(run: RunDirectory, model: torch.nn.Module,
     except (KeyError, RuntimeError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DeepPoseError(f"{path} does not match this model: {first_line}") from None
+    if precision is not None and precision.scaler is not None and "grad_scaler" in checkpoint:
+        precision.scaler.load_state_dict(checkpoint["grad_scaler"])
     torch.set_rng_state(checkpoint["torch_rng_state"])
     if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
         states = checkpoint["cuda_rng_state"]
@@ -172,25 +219,31 @@ def predictor(model: AlexNetRegressor, device: torch.device
     return predict
 
 
-def device_batches(loader: DataLoader, device: torch.device):
+def device_batches(loader: DataLoader, device: torch.device,
+                   precision: StepPrecision | None = None):
     """The loader's batches moved to ``device`` (asynchronously from pinned memory on CUDA)."""
-    for batch in loader:
-        yield tuple(t.to(device, non_blocking=True) for t in batch)
+    for x, joints, visible in loader:
+        x = x.to(device, non_blocking=True)
+        yield (precision.input(x) if precision else x, joints.to(device, non_blocking=True),
+               visible.to(device, non_blocking=True))
 
 
 def train_step(model: torch.nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
                x: torch.Tensor, joints: torch.Tensor, visible: torch.Tensor,
-               use_visibility: bool, check_loss: Callable[[float], None] | None = None) -> float:
-    """One optimizer step; ``check_loss`` sees the loss before the weights change (the NaN
-    guard), so a bad batch never reaches the model. The benchmark times this same function."""
-    loss = loss_fn(model(x), joints, visible, use_visibility)
-    value = loss.item()
-    if check_loss is not None:
-        check_loss(value)
+               use_visibility: bool, precision: StepPrecision | None = None) -> torch.Tensor:
+    """One optimizer step; returns the loss, detached and still on the device: reading it
+    would make the host wait for the device every step, so the loop reads its losses in
+    batches (``TrainingReporter.must_read_loss``). The benchmark times this same function."""
+    with precision.autocast() if precision else contextlib.nullcontext():
+        pred = model(x)
+    loss = loss_fn(pred.float(), joints, visible, use_visibility)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return value
+    if precision is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        precision.backward_and_step(loss, optimizer)
+    return loss.detach()
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -200,26 +253,28 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def train_one_epoch(model: AlexNetRegressor, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-                    loader: DataLoader, device: torch.device, config: TrainConfig,
-                    reporter: TrainingReporter, run: RunDirectory, first_iteration: int,
-                    last_iteration: int, schedule: LearningRateSchedule) -> tuple[int, int]:
-    """Train on ``loader`` from iteration ``first_iteration + 1`` up to ``last_iteration``.
+                    batches, config: TrainConfig, reporter: TrainingReporter, run: RunDirectory,
+                    first_iteration: int, last_iteration: int, schedule: LearningRateSchedule,
+                    precision: StepPrecision) -> tuple[int, int]:
+    """Train on the next batches of the run's loader, iterations ``first_iteration + 1`` to
+    ``last_iteration``; returns (iteration, images).
 
-    The loss is reported before the step, so a NaN stops training before it reaches the
-    weights and the last checkpoint stays the last good one. Returns (iteration, images).
+    Losses are read at the reporter's read points, which include every checkpoint: a NaN
+    stops training before any file sees the weights it reached.
     """
     model.train()
-    iteration, images = first_iteration, 0
-    for x, joints, visible in device_batches(loader, device):
+    iteration, images, pending = first_iteration, 0, []
+    for x, joints, visible in itertools.islice(batches, last_iteration - first_iteration):
         iteration += 1
         set_learning_rate(optimizer, schedule(iteration))
-        train_step(model, loss_fn, optimizer, x, joints, visible, config.use_visibility,
-                   functools.partial(reporter.iteration, iteration))
+        pending.append(train_step(model, loss_fn, optimizer, x, joints, visible,
+                                  config.use_visibility, precision))
         images += len(x)
+        if reporter.must_read_loss(iteration):
+            reporter.losses(iteration, torch.stack(pending).tolist())
+            pending.clear()
         if iteration % config.checkpoint_every == 0:
-            save_checkpoint(run, model, optimizer, iteration, config)
-        if iteration >= last_iteration:
-            break
+            save_checkpoint(run, model, optimizer, iteration, config, precision)
     return iteration, images
 
 
@@ -237,16 +292,19 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
           init_params: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Train one stage and write ``run.model_path``; returns a summary of the run.
 
-    With a fixed seed, CPU and ``workers=0``, a run interrupted at any iteration and resumed
-    ends with exactly the weights of an uninterrupted one: the sample order depends only on
-    (seed, epoch), augmentation on (seed, epoch, index) and dropout on the torch RNG state
-    saved in the checkpoint.
+    With a fixed seed on CPU, a run interrupted at any iteration and resumed ends with exactly
+    the weights of an uninterrupted one, with or without loader workers: the sample order
+    depends only on (seed, epoch), augmentation on (seed, epoch, index) and dropout on the
+    torch RNG state saved in the checkpoint.
     """
     device = resolve_device(config.device)
     if len(train_set) == 0:
         raise DeepPoseError("the training set is empty")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
     torch.manual_seed(config.seed)
-    model = build_model(config, train_set.num_joints, init_params).to(device)
+    precision = StepPrecision(config.precision, device)
+    model = precision.prepare(build_model(config, train_set.num_joints, init_params).to(device))
     optimizer = build_optimizer(config, model)
     loss_fn = functools.partial(pose_loss_explicit if config.explicit_backward else pose_loss,
                                 norm=config.loss)
@@ -256,7 +314,7 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
 
     iteration = 0
     if resume:
-        iteration = load_checkpoint(run, model, optimizer, config)
+        iteration = load_checkpoint(run, model, optimizer, config, precision)
         if iteration > plan.total_iterations:
             raise DeepPoseError(f"{run.checkpoint_path} is at iteration {iteration}, beyond this"
                                 f" run's {plan.total_iterations} iterations")
@@ -265,27 +323,28 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
     metrics: dict[str, float] = {}
     train_seconds, train_images = 0.0, 0
     with TrainingReporter(run, plan, config.batch_size, show_progress=show_progress,
-                          schedule=schedule) as reporter:
+                          schedule=schedule, checkpoint_every=config.checkpoint_every) as reporter:
         reporter.start(iteration)
-        while iteration < plan.total_iterations:
-            epoch = plan.epoch_of(iteration + 1)
-            done_in_epoch = iteration - epoch * plan.iterations_per_epoch
-            loader = make_loader(train_set, config, device, epoch, done_in_epoch)
-            last = min((epoch + 1) * plan.iterations_per_epoch, plan.total_iterations)
-            start = time.perf_counter()
-            iteration, images = train_one_epoch(model, loss_fn, optimizer, loader, device,
-                                                config, reporter, run, iteration, last, schedule)
-            train_seconds += time.perf_counter() - start
-            train_images += images
-            if val_set is not None:
-                metrics = validation_metrics(predictor(model, device), val_set, config.batch_size,
-                                      torso_pair)
-                reporter.validation(iteration, metrics)
+        loader = make_loader(train_set, config, device, plan, iteration)
+        with contextlib.closing(device_batches(loader, device, precision)) as batches:
+            while iteration < plan.total_iterations:
+                epoch = plan.epoch_of(iteration + 1)
+                last = min((epoch + 1) * plan.iterations_per_epoch, plan.total_iterations)
+                start = time.perf_counter()
+                iteration, images = train_one_epoch(model, loss_fn, optimizer, batches, config,
+                                                    reporter, run, iteration, last, schedule,
+                                                    precision)
+                train_seconds += time.perf_counter() - start
+                train_images += images
+                if val_set is not None:
+                    metrics = validation_metrics(predictor(model, device), val_set,
+                                                 config.batch_size, torso_pair)
+                    reporter.validation(iteration, metrics)
         if val_set is not None and not metrics:  # resumed at the end: still report the model
             metrics = validation_metrics(predictor(model, device), val_set, config.batch_size,
-                                  torso_pair)
+                                         torso_pair)
             reporter.validation(iteration, metrics)
-    save_checkpoint(run, model, optimizer, iteration, config)
+    save_checkpoint(run, model, optimizer, iteration, config, precision)
     write_model(to_numpy_params(model), model_meta(model), run.model_path)
 
     return {

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..weights import POOL_KSIZE, POOL_STRIDE, conv_stack, fc_stack
-from .torch_backend import (build_optimizer, device_batches, make_loader, resolve_device,
-                            train_step)
+from ..reporting import IterationPlan
+from .torch_backend import (StepPrecision, build_optimizer, device_batches, make_loader,
+                            resolve_device, train_step)
 from .torch_model import AlexNetRegressor, pose_loss, pose_loss_explicit
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -59,13 +60,16 @@ class Harness:
             self.model = bare_alexnet(num_joints, config.input_size, config.width)
         else:
             self.model = AlexNetRegressor(num_joints, config.input_size, config.width)
-        self.model.to(self.device).train()
+        self.precision = StepPrecision(config.precision, self.device)
+        self.model = self.precision.prepare(self.model.to(self.device)).train()
         self.optimizer = build_optimizer(config, self.model)
         self.loss_fn = pose_loss_explicit if config.explicit_backward else pose_loss
 
     def batch(self, images: np.ndarray, joints: np.ndarray, visible: np.ndarray) -> Batch:
-        return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
-                     for a in (images, joints, visible))
+        x, joints, visible = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)
+                                               ).to(self.device)
+                              for a in (images, joints, visible))
+        return self.precision.input(x), joints, visible
 
     def step(self, batch: Batch) -> None:
         x, joints, visible = batch
@@ -76,7 +80,7 @@ class Harness:
             self.optimizer.step()
         else:
             train_step(self.model, self.loss_fn, self.optimizer, x, joints, visible,
-                       self.config.use_visibility)
+                       self.config.use_visibility, self.precision)
 
     def forward(self, batch: Batch) -> None:
         self.model.eval()
@@ -88,10 +92,10 @@ class Harness:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def pipeline(self, dataset) -> Iterator[Batch]:
-        """Device batches through the training loop's own loader, epoch after epoch."""
-        epoch = 0
-        while True:
-            yield from device_batches(make_loader(dataset, self.config, self.device, epoch),
-                                      self.device)
-            epoch += 1
+    def pipeline(self, dataset, iterations: int) -> Iterator[Batch]:
+        """Device batches through the training loop's own loader: one loader for the whole
+        measurement, so its workers start once, as in training."""
+        plan = IterationPlan.make(len(dataset), self.config.batch_size, 1, None)
+        plan = IterationPlan(plan.iterations_per_epoch, iterations)
+        yield from device_batches(make_loader(dataset, self.config, self.device, plan),
+                                  self.device, self.precision)

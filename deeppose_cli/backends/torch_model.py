@@ -163,7 +163,7 @@ def _tensor_of(model: AlexNetRegressor, name: str) -> torch.Tensor:
 def to_numpy_params(model: AlexNetRegressor) -> dict[str, np.ndarray]:
     """The model's parameters (and batch-norm statistics) as ``{"conv1/W": array, ...}``
     float32 copies (see ``deeppose_cli.weights``)."""
-    return {name: _tensor_of(model, name).detach().cpu().numpy().astype(np.float32, copy=True)
+    return {name: _tensor_of(model, name).detach().contiguous().cpu().numpy().astype(np.float32, copy=True)
             for name in parameter_names(model.batch_norm)}
 
 

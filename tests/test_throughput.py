@@ -1,0 +1,195 @@
+"""What keeps an accelerator busy, checked on CPU: one loader (and one set of worker
+processes) per run with unchanged determinism, losses read from the device in batches, and
+reduced-precision training steps that still learn."""
+
+from __future__ import annotations
+
+import multiprocessing.process
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from deeppose_cli.backends import get_backend
+from deeppose_cli.cli import main
+from deeppose_cli.errors import DeepPoseError
+from deeppose_cli.pipeline import RunSampler, epoch_order
+from deeppose_cli.reporting import IterationPlan, TrainingReporter
+from deeppose_cli.rundir import RunDirectory
+from deeppose_cli.training import train_stage1
+
+from conftest import subset_index, tiny_config
+
+FRAMEWORKS = ("pytorch", "chainer")
+SMALL = dict(input_size=67, width=0.125, batch_size=16, checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def small_index(synthetic_dataset, tmp_path_factory):
+    _, index_dir = synthetic_dataset
+    return subset_index(index_dir, tmp_path_factory.mktemp("small"), 64, 16)
+
+
+def config_for(framework, index_dir, out, **overrides):
+    return tiny_config(framework, index_dir, out, **{**SMALL, **overrides})
+
+
+def params_of(framework: str, run_dir) -> dict[str, np.ndarray]:
+    backend = get_backend(framework)
+    return backend.read_params(RunDirectory(run_dir).model_path)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def test_run_sampler_walks_the_epoch_orders_and_resumes_anywhere():
+    sampler = RunSampler(10, 4, seed=3, iterations_per_epoch=3, total_iterations=7)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 7
+    for epoch in range(3):
+        order = epoch_order(10, 3, epoch)
+        expected = [order[0:4], order[4:8], order[8:10]][: 7 - 3 * epoch]
+        got = batches[3 * epoch: 3 * epoch + 3]
+        assert [[i for _, i in b] for b in got] == [list(e) for e in expected]
+        assert all(e == epoch for b in got for e, _ in b)
+    for first in range(8):
+        resumed = RunSampler(10, 4, 3, 3, 7, first_iteration=first)
+        assert list(resumed) == batches[first:]
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+@pytest.fixture
+def process_starts(monkeypatch):
+    """How many processes this test starts (loader workers start through Process.start)."""
+    started = []
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def counting_start(self):
+        started.append(self.name)
+        return real_start(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", counting_start)
+    return started
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_loader_workers_start_once_per_run(framework, small_index, tmp_path, process_starts):
+    # 3 epochs of 4 iterations, each ending with a validation: a loader per epoch started 6
+    config = config_for(framework, small_index, tmp_path / "run", epochs=3, workers=2)
+    _run, summary = train_stage1(config, show_progress=False)
+    assert summary["iterations"] == 12
+    assert len(process_starts) == 2
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_workers_and_resume_leave_the_weights_bit_identical(framework, small_index, tmp_path):
+    """Samples depend on (seed, epoch, index) only: loading them in worker processes, or
+    resuming mid-epoch between checkpoints with workers, gives the very same weights."""
+    settings = dict(epochs=3, checkpoint_every=4, dropout=0.5)
+    train_stage1(config_for(framework, small_index, tmp_path / "serial", workers=0, **settings),
+                 show_progress=False)
+    train_stage1(config_for(framework, small_index, tmp_path / "full", workers=2, **settings),
+                 show_progress=False)
+    part = config_for(framework, small_index, tmp_path / "part", workers=2, max_iterations=6,
+                      **settings)
+    train_stage1(part, show_progress=False)
+    _, summary = train_stage1(config_for(framework, small_index, tmp_path / "part", workers=2,
+                                         **settings), resume=True, show_progress=False)
+    assert summary["iterations"] == 12
+    serial = params_of(framework, tmp_path / "serial")
+    for name in ("full", "part"):
+        other = params_of(framework, tmp_path / name)
+        assert serial.keys() == other.keys()
+        assert all(np.array_equal(serial[k], other[k]) for k in serial), name
+
+
+# ----------------------------------------------------------------------------- loss reads
+
+
+def test_loss_read_points():
+    plan = IterationPlan(iterations_per_epoch=16, total_iterations=40)
+    reporter = TrainingReporter(None, plan, 4, log_every=10, checkpoint_every=25)
+    due = [i for i in range(1, 41) if reporter.must_read_loss(i)]
+    assert due == [10, 16, 20, 25, 30, 32, 40]  # logs, epoch ends, a checkpoint, the end
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_losses_are_read_in_batches_not_every_step(framework, small_index, tmp_path,
+                                                   monkeypatch):
+    reads: list[tuple[int, int]] = []
+    real_losses = TrainingReporter.losses
+
+    def spy(self, iteration, values):
+        reads.append((iteration, len(values)))
+        return real_losses(self, iteration, values)
+
+    monkeypatch.setattr(TrainingReporter, "losses", spy)
+    # 64 images in batches of 4: 16 iterations per epoch; logs every 10
+    config = config_for(framework, small_index, tmp_path / "run", batch_size=4, epochs=2,
+                        checkpoint_every=500)
+    train_stage1(config, show_progress=False)
+    assert reads == [(10, 10), (16, 6), (20, 4), (30, 10), (32, 2)]
+    logged = [r["iteration"] for r in RunDirectory(tmp_path / "run").read_log() if "loss" in r]
+    assert logged == [10, 20, 30, 32]
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+@pytest.mark.slow
+def test_bf16_steps_learn_like_fp32(synthetic_dataset, tmp_path):
+    """A short run in bfloat16 autocast ends within noise of the same run in fp32."""
+    from test_train_torch import LEARNING
+
+    _, index_dir = synthetic_dataset
+    pdj = {}
+    for precision in ("fp32", "bf16"):
+        config = tiny_config("pytorch", index_dir, tmp_path / precision, precision=precision,
+                             **LEARNING)
+        _run, summary = train_stage1(config, show_progress=False)
+        pdj[precision] = summary["val"]["pdj@0.2"]
+    assert pdj["fp32"] > 0.4  # off the mean pose's plateau (~0.31 PDJ@0.2 on this set)
+    assert abs(pdj["bf16"] - pdj["fp32"]) < 0.05, pdj
+
+
+def test_fp16_keeps_its_loss_scale_across_a_resume(small_index, tmp_path):
+    import torch
+
+    settings = dict(input_size=67, width=0.0625, batch_size=8, precision="fp16", epochs=1,
+                    checkpoint_every=2)
+    config = config_for("pytorch", small_index, tmp_path / "run", max_iterations=2, **settings)
+    train_stage1(config, show_progress=False)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["config"]["precision"] == "fp16"
+    assert checkpoint["grad_scaler"]["scale"] > 0
+    _, summary = train_stage1(config_for("pytorch", small_index, tmp_path / "run",
+                                         max_iterations=4, **settings),
+                              resume=True, show_progress=False)
+    assert summary["iterations"] == 4 and np.isfinite(summary["final_loss"])
+
+
+def test_chainer_fp16_trains_in_mixed16_and_writes_a_float32_model(small_index, tmp_path):
+    from deeppose_cli.backends import chainer_backend as cb
+
+    config = config_for("chainer", small_index, tmp_path / "run", width=0.0625, batch_size=8,
+                        precision="fp16", max_iterations=3)
+    assert cb.build_model(config, 14).input_dtype == np.float16
+    _run, summary = train_stage1(config, show_progress=False)
+    assert np.isfinite(summary["final_loss"])
+    params = params_of("chainer", tmp_path / "run")
+    assert all(p.dtype == np.float32 and np.isfinite(p).all() for p in params.values())
+
+
+def test_chainer_refuses_bf16_in_one_line(small_index, tmp_path):
+    with pytest.raises(DeepPoseError, match="Chainer has no bfloat16"):
+        config_for("chainer", small_index, tmp_path / "run", precision="bf16")
+    result = CliRunner().invoke(main, ["train-stage", "1", "--framework", "chainer",
+                                       "--precision", "bf16", "--train",
+                                       str(small_index / "train.jsonl"),
+                                       "--out", str(tmp_path / "cli")])
+    assert result.exit_code != 0 and result.exception is None or \
+        isinstance(result.exception, SystemExit)
+    assert "Chainer has no bfloat16" in result.output
+    assert not (tmp_path / "cli").exists()
