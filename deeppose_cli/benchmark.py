@@ -356,11 +356,12 @@ def cascade_section(settings: BenchmarkSettings, framework: str, image: np.ndarr
     backend = get_backend(framework)
     with tempfile.TemporaryDirectory(prefix="deeppose-benchmark-") as tmp:
         paths = _random_model_files(settings, framework, Path(tmp), settings.cascade_stages)
-        stages = [StageModel(stage=k + 1, framework=framework,
-                             regress=backend.load_regressor(path, meta, settings.device),
+        regressors = [backend.load_regressor(path, meta, settings.device) for path in paths]
+        stages = [StageModel(stage=k + 1, framework=framework, regress=regress,
                              # sigma changes which pixels are cropped, not how many
-                             input_size=settings.input_size, sigma=None if k == 0 else 2.0)
-                  for k, path in enumerate(paths)]
+                             input_size=settings.input_size, sigma=None if k == 0 else 2.0,
+                             regress_crops=getattr(regress, "regress_crops", None))
+                  for k, regress in enumerate(regressors)]
     # The raw forward passes: the same stage networks on ready-made network inputs, so the
     # ratio shows what cropping, normalizing and mapping back cost on top of them.
     rng = np.random.default_rng(settings.seed)

@@ -22,6 +22,9 @@ from .pipeline import (Augmentation, SampleKey, load_image, make_sample, sample_
                        to_network_input)
 
 Regressor = Callable[[np.ndarray], np.ndarray]  # NCHW float32 -> (N, J, 2) normalized
+# (images HxWx3 uint8, boxes (N, K, 4), flip) -> (N, K, J, 2) normalized: crops cut where the
+# model runs (a GPU), so only the images travel there, not N x K crops.
+CropRegressor = Callable[[Sequence[np.ndarray], np.ndarray, bool], np.ndarray]
 
 
 @dataclass
@@ -33,6 +36,7 @@ class StageModel:
     regress: Regressor
     input_size: int
     sigma: float | None = None
+    regress_crops: CropRegressor | None = None  # the backend's device-side crops, if any
 
 
 def flip_averaged(stage: StageModel, flip_permutation: Sequence[int]) -> StageModel:
@@ -41,14 +45,42 @@ def flip_averaged(stage: StageModel, flip_permutation: Sequence[int]) -> StageMo
     flip augmentation makes the network's second, nearly independent opinion."""
     perm = list(flip_permutation)
 
-    def regress(images: np.ndarray) -> np.ndarray:
-        plain = np.asarray(stage.regress(images))
-        mirrored = np.asarray(stage.regress(np.ascontiguousarray(images[..., ::-1])))
-        mirrored = mirrored[:, perm].copy()
+    def average(plain: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+        mirrored = np.asarray(mirrored)[..., perm, :].copy()
         mirrored[..., 0] = -mirrored[..., 0]
-        return (plain + mirrored) / 2.0
+        return (np.asarray(plain) + mirrored) / 2.0
 
-    return StageModel(stage.stage, stage.framework, regress, stage.input_size, stage.sigma)
+    def regress(images: np.ndarray) -> np.ndarray:
+        return average(stage.regress(images),
+                       stage.regress(np.ascontiguousarray(images[..., ::-1])))
+
+    regress_crops = None
+    if stage.regress_crops is not None:
+        def regress_crops(images, boxes, flip=False):
+            return average(stage.regress_crops(images, boxes, flip),
+                           stage.regress_crops(images, boxes, not flip))
+
+    return StageModel(stage.stage, stage.framework, regress, stage.input_size, stage.sigma,
+                      regress_crops)
+
+
+def regress_boxes(stage: StageModel, images: Sequence[np.ndarray], boxes: np.ndarray,
+                  batch_size: int = 256) -> np.ndarray:
+    """(N, K, J, 2) normalized predictions of the K boxes of each image (boxes (N, K, 4)).
+
+    With the backend's device-side crops (a model on a GPU) the crops are cut there;
+    otherwise here with OpenCV and sent ``batch_size`` at a time."""
+    from .geometry import crop_and_resize
+
+    boxes = np.asarray(boxes, dtype=np.float64)
+    n_images, n_boxes = boxes.shape[:2]
+    if stage.regress_crops is not None:
+        return np.asarray(stage.regress_crops(images, boxes, False), dtype=np.float64)
+    crops = [to_network_input(crop_and_resize(images[n], boxes[n, k], stage.input_size))
+             for n in range(n_images) for k in range(n_boxes)]
+    outputs = np.concatenate([np.asarray(stage.regress(np.stack(crops[s:s + batch_size])))
+                              for s in range(0, len(crops), batch_size)])
+    return outputs.reshape(n_images, n_boxes, -1, 2)
 
 
 def safe_diameter(joints: np.ndarray, torso_pair: Sequence[int], box: np.ndarray) -> np.ndarray:
@@ -66,17 +98,11 @@ def refine(stage: StageModel, images: Sequence[np.ndarray], previous: np.ndarray
     """One refinement stage on a chunk of images: the crops of every joint of every image go
     through the network together (``batch_size`` crops per forward pass); joint i takes the
     output i of its own crop, mapped back through that crop's box."""
-    from .geometry import crop_and_resize
-
     n_images, num_joints = previous.shape[:2]
     boxes = np.stack([joint_boxes(previous[n], safe_diameter(previous[n], torso_pair,
                                                              person_boxes[n]), stage.sigma)
                       for n in range(n_images)])  # (N, J, 4)
-    crops = [to_network_input(crop_and_resize(images[n], boxes[n, j], stage.input_size))
-             for n in range(n_images) for j in range(num_joints)]
-    outputs = np.concatenate([np.asarray(stage.regress(np.stack(crops[s:s + batch_size])))
-                              for s in range(0, len(crops), batch_size)])
-    outputs = outputs.reshape(n_images, num_joints, num_joints, 2)  # image, crop, joint
+    outputs = regress_boxes(stage, images, boxes, batch_size)  # image, crop, joint
     own = outputs[:, np.arange(num_joints), np.arange(num_joints)]  # (N, J, 2)
     return denormalize_pose(own[:, :, None, :], boxes)[:, :, 0, :]  # each through its box
 
@@ -85,16 +111,13 @@ def run_cascade(stages: Sequence[StageModel], images: Sequence[np.ndarray],
                 person_boxes: np.ndarray, torso_pair: Sequence[int],
                 batch_size: int = 32) -> list[np.ndarray]:
     """Predictions (N, J, 2) in image pixels after each stage: [stage 1, 1-2, 1-2-3, ...]."""
-    from .geometry import crop_and_resize
-
     first = stages[0]
     outputs = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        boxes = person_boxes[start:start + batch_size]
-        crops = np.stack([to_network_input(crop_and_resize(im, b, first.input_size))
-                          for im, b in zip(chunk, boxes)])
-        outputs.append(denormalize_pose(np.asarray(first.regress(crops)), boxes))
+        boxes = np.asarray(person_boxes[start:start + batch_size], dtype=np.float64)
+        own = regress_boxes(first, chunk, boxes[:, None, :], batch_size)[:, 0]
+        outputs.append(denormalize_pose(own, boxes))
     per_stage = [np.concatenate(outputs)]
     for stage in stages[1:]:
         per_stage.append(refine(stage, images, per_stage[-1], person_boxes, torso_pair))

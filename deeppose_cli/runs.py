@@ -77,7 +77,8 @@ def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = No
     model_path = _verified_model(run, meta, expected_sha, recorded_by)
     regress = get_backend(meta["framework"]).load_regressor(model_path, meta, device)
     return StageModel(stage=meta["stage"], framework=meta["framework"], regress=regress,
-                      input_size=meta["input_size"], sigma=meta.get("sigma"))
+                      input_size=meta["input_size"], sigma=meta.get("sigma"),
+                      regress_crops=getattr(regress, "regress_crops", None))
 
 
 def chain_dirs(run_dir: Path) -> list[tuple[Path, str | None]]:

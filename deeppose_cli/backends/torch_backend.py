@@ -219,6 +219,57 @@ def predictor(model: AlexNetRegressor, device: torch.device
     return predict
 
 
+def crop_predictor(model: AlexNetRegressor, device: torch.device
+                   ) -> Callable[[Sequence[np.ndarray], np.ndarray, bool], np.ndarray]:
+    """(images HxWx3 uint8 RGB, boxes (N, K, 4), flip) -> (N, K, J, 2) normalized predictions,
+    with every crop cut on ``device`` by bilinear grid sampling: each image goes to the
+    device once instead of K crops going there.
+
+    The geometry is ``geometry.crop_matrix``'s (pixel centres at integers, black outside the
+    image, ``flip`` mirrors the crop), then ``pipeline.to_network_input``'s normalization;
+    the only difference from the OpenCV path is that OpenCV rounds its crops to uint8.
+    """
+    import torch.nn.functional as F
+
+    from ..pipeline import IMAGE_MEAN, IMAGE_STD
+
+    scale = torch.tensor(1.0 / (255.0 * IMAGE_STD), device=device).view(1, 3, 1, 1)
+    bias = torch.tensor(-IMAGE_MEAN / IMAGE_STD, device=device).view(1, 3, 1, 1)
+    size = model.input_size
+    offsets = (np.arange(size) - (size - 1) / 2.0) / size  # crop pixels, in box sides
+
+    def regress(images: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False
+                ) -> np.ndarray:
+        boxes = np.asarray(boxes, dtype=np.float64)
+        was_training = model.training
+        model.eval()
+        crops = []
+        with torch.no_grad():
+            for image, image_boxes in zip(images, boxes):
+                height, width = image.shape[:2]
+                pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+                pixels = pixels.permute(2, 0, 1)[None].float()
+                across = -offsets if flip else offsets
+                xs = image_boxes[:, 0:1] + across[None] * image_boxes[:, 2:3]  # (K, size)
+                ys = image_boxes[:, 1:2] + offsets[None] * image_boxes[:, 3:4]
+                # align_corners=True: -1 and 1 are the centres of the first and last pixels
+                gx = torch.from_numpy(xs * 2.0 / max(width - 1, 1) - 1.0).float().to(device)
+                gy = torch.from_numpy(ys * 2.0 / max(height - 1, 1) - 1.0).float().to(device)
+                k = len(image_boxes)
+                grid = torch.stack((gx[:, None, :].expand(k, size, size),
+                                    gy[:, :, None].expand(k, size, size)), dim=-1)
+                crops.append(F.grid_sample(pixels.expand(k, -1, -1, -1), grid, mode="bilinear",
+                                           padding_mode="zeros", align_corners=True))
+            x = torch.cat(crops) * scale + bias if crops else torch.zeros(0, 3, size, size)
+            out = [model(x[s:s + PREDICT_BATCH]) for s in range(0, len(x), PREDICT_BATCH)]
+            pred = torch.cat(out).cpu().numpy() if out else np.zeros((0, 2 * model.num_joints))
+        model.train(was_training)
+        return pred.reshape(boxes.shape[0], boxes.shape[1], model.num_joints, 2
+                            ).astype(np.float64)
+
+    return regress
+
+
 def device_batches(loader: DataLoader, device: torch.device,
                    precision: StepPrecision | None = None):
     """The loader's batches moved to ``device`` (asynchronously from pinned memory on CUDA)."""
@@ -446,7 +497,11 @@ def load_regressor(model_path: Path, meta: dict, device: str = "cpu"
                                 f" {in_run[key]}")
     model = AlexNetRegressor(**in_file)
     load_numpy_params(model, _params_of(obj, Path(model_path)))
-    return predictor(model.to(torch_device).eval(), torch_device)
+    model = model.to(torch_device).eval()
+    predict = predictor(model, torch_device)
+    if torch_device.type == "cuda":  # cascade.run_cascade cuts this stage's crops there
+        predict.regress_crops = crop_predictor(model, torch_device)
+    return predict
 
 
 def devices() -> str:
