@@ -198,23 +198,40 @@ def test_chainer_refuses_bf16_in_one_line(small_index, tmp_path):
 # ----------------------------------------------------------------------------- device crops
 
 
-def test_crops_cut_by_grid_sampling_match_the_opencv_crops():
-    """The GPU path (crops cut where the model runs) on CPU against the OpenCV path, through
-    a 2-stage cascade with and without test-time flipping, on boxes reaching outside the
-    image: the only difference is OpenCV rounding its crops to uint8."""
+def regressor_pair(framework: str, seed: int):
+    """(predictor, device-side crop predictor) on CPU of one random network whose outputs
+    depend on the pixels by a few box sides (the same weights in both frameworks)."""
     import torch
 
     from deeppose_cli.backends import torch_backend as tb
-    from deeppose_cli.backends.torch_model import AlexNetRegressor
+    from deeppose_cli.backends.torch_model import AlexNetRegressor, to_numpy_params
+
+    torch.manual_seed(seed)
+    model = AlexNetRegressor(14, 67, 0.125, batch_norm=True).eval()
+    torch.nn.init.normal_(model.fc8.weight, std=0.2)
+    if framework == "pytorch":
+        cpu = torch.device("cpu")
+        return tb.predictor(model, cpu), tb.crop_predictor(model, cpu)
+    from deeppose_cli.backends import chainer_backend as cb
+    from deeppose_cli.backends.chainer_model import AlexNetRegressor as ChainerRegressor
+    from deeppose_cli.backends.chainer_model import load_numpy_params
+
+    converted = ChainerRegressor(14, 67, 0.125, batch_norm=True)
+    load_numpy_params(converted, to_numpy_params(model))
+    device = cb.get_device("cpu")
+    return cb._predictor(converted, device), cb.crop_predictor(converted, device)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_crops_cut_by_grid_sampling_match_the_opencv_crops(framework):
+    """The GPU path (crops cut where the model runs) on CPU against the OpenCV path, through
+    a 2-stage cascade with and without test-time flipping, on boxes reaching outside the
+    image: the only difference is OpenCV rounding its crops to uint8."""
     from deeppose_cli.cascade import StageModel, flip_averaged, run_cascade
     from deeppose_cli.geometry import crop_and_resize
     from deeppose_cli.pipeline import to_network_input
 
-    torch.manual_seed(0)
-    models = [AlexNetRegressor(14, 67, 0.125, batch_norm=True).eval() for _ in range(2)]
-    for model in models:  # outputs that depend on the pixels, a few box sides large
-        torch.nn.init.normal_(model.fc8.weight, std=0.2)
-    cpu = torch.device("cpu")
+    pairs = [regressor_pair(framework, seed) for seed in (0, 1)]
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (90 + 13 * n, 120 - 9 * n, 3), dtype=np.uint8)
               for n in range(4)]
@@ -223,10 +240,9 @@ def test_crops_cut_by_grid_sampling_match_the_opencv_crops():
 
     def stages(device_crops: bool, flip: bool):
         out = []
-        for k, model in enumerate(models):
-            stage = StageModel(k + 1, "pytorch", tb.predictor(model, cpu), 67,
-                               None if k == 0 else 1.0,
-                               tb.crop_predictor(model, cpu) if device_crops else None)
+        for k, (regress, regress_crops) in enumerate(pairs):
+            stage = StageModel(k + 1, framework, regress, 67, None if k == 0 else 1.0,
+                               regress_crops if device_crops else None)
             out.append(flip_averaged(stage, perm) if flip else stage)
         return out
 
@@ -235,13 +251,12 @@ def test_crops_cut_by_grid_sampling_match_the_opencv_crops():
         grid = run_cascade(stages(True, flip), images, boxes, (9, 2))
         for a, b in zip(opencv, grid):
             np.testing.assert_allclose(a, b, atol=0.1)  # pixels; boxes half a pixel off give 1.1
-        assert np.abs(opencv[1] - opencv[0]).max() > 5  # refinement moved joints: teeth
+        assert np.abs(opencv[1] - opencv[0]).max() > 2  # refinement moved joints: teeth
     # one crop, directly: within OpenCV's uint8 rounding of the normalized input
-    crop = to_network_input(crop_and_resize(images[0], boxes[0], 67))
-    direct = tb.predictor(models[0], cpu)(crop[None])
-    np.testing.assert_allclose(tb.crop_predictor(models[0], cpu)(images[:1], boxes[:1, None],
-                                                                 False)[:, 0], direct,
-                               atol=2e-3)
+    regress, regress_crops = pairs[0]
+    direct = regress(to_network_input(crop_and_resize(images[0], boxes[0], 67))[None])
+    np.testing.assert_allclose(regress_crops(images[:1], boxes[:1, None], False)[:, 0], direct,
+                               atol=1e-2)
 
 
 def load_flip_permutation():

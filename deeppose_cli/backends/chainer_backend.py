@@ -94,6 +94,52 @@ def _predictor(model: AlexNetRegressor, device,
     return predict
 
 
+def crop_predictor(model: AlexNetRegressor, device, batch_size: int = PREDICT_BATCH
+                   ) -> Callable[[Sequence[np.ndarray], np.ndarray, bool], np.ndarray]:
+    """(images HxWx3 uint8 RGB, boxes (N, K, 4), flip) -> (N, K, J, 2) normalized predictions,
+    with every crop cut on ``device`` by ``F.spatial_transformer_sampler`` (bilinear, zeros
+    outside the image, -1 and 1 at the centres of the first and last pixels): the geometry of
+    ``geometry.crop_matrix``, as ``torch_backend.crop_predictor`` does it in PyTorch."""
+    from ..pipeline import IMAGE_MEAN, IMAGE_STD
+
+    xp = device.xp
+    scale = xp.asarray((1.0 / (255.0 * IMAGE_STD)).reshape(1, 3, 1, 1), dtype=np.float32)
+    bias = xp.asarray((-IMAGE_MEAN / IMAGE_STD).reshape(1, 3, 1, 1), dtype=np.float32)
+    size = model.input_size
+    offsets = (np.arange(size) - (size - 1) / 2.0) / size  # crop pixels, in box sides
+    cpu = backend.CpuDevice()
+
+    def regress(images: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False
+                ) -> np.ndarray:
+        boxes = np.asarray(boxes, dtype=np.float64)
+        outputs = []
+        with chainer.using_config("train", False), chainer.no_backprop_mode():
+            crops = []
+            for image, image_boxes in zip(images, boxes):
+                height, width = image.shape[:2]
+                k = len(image_boxes)
+                pixels = device.send(np.ascontiguousarray(image))  # uint8 travels, not floats
+                pixels = xp.ascontiguousarray(pixels.transpose(2, 0, 1)[None].astype(np.float32))
+                across = -offsets if flip else offsets
+                xs = image_boxes[:, 0:1] + across[None] * image_boxes[:, 2:3]  # (K, size)
+                ys = image_boxes[:, 1:2] + offsets[None] * image_boxes[:, 3:4]
+                gx = device.send((xs * 2.0 / max(width - 1, 1) - 1.0).astype(np.float32))
+                gy = device.send((ys * 2.0 / max(height - 1, 1) - 1.0).astype(np.float32))
+                grid = xp.stack(xp.broadcast_arrays(gx[:, None, :], gy[:, :, None]), axis=1)
+                source = xp.ascontiguousarray(xp.broadcast_to(pixels, (k,) + pixels.shape[1:]))
+                crops.append(chainer.functions.spatial_transformer_sampler(
+                    source, xp.ascontiguousarray(grid)).array)
+            if crops:
+                x = (xp.concatenate(crops) * scale + bias).astype(model.input_dtype)
+                for start in range(0, len(x), batch_size):
+                    outputs.append(np.asarray(cpu.send(model(x[start:start + batch_size]).array),
+                                              dtype=np.float64))
+        pred = np.concatenate(outputs) if outputs else np.zeros((0, 2 * model.num_joints))
+        return pred.reshape(boxes.shape[0], boxes.shape[1], model.num_joints, 2)
+
+    return regress
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -514,7 +560,10 @@ def load_regressor(model_path: Path, meta: dict,
     except DeepPoseError as e:
         raise DeepPoseError(f"{model_path}: {e}") from None
     model.to_device(chainer_device)
-    return _predictor(model, chainer_device)
+    predict = _predictor(model, chainer_device)
+    if chainer_device.xp is not np:  # cascade.run_cascade cuts this stage's crops on the GPU
+        predict.regress_crops = crop_predictor(model, chainer_device)
+    return predict
 
 
 def _architecture(meta: dict, path: Path) -> dict[str, Any]:
