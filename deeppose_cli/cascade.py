@@ -54,14 +54,12 @@ def flip_averaged(stage: StageModel, flip_permutation: Sequence[int]) -> StageMo
         return average(stage.regress(images),
                        stage.regress(np.ascontiguousarray(images[..., ::-1])))
 
-    regress_crops = None
-    if stage.regress_crops is not None:
-        def regress_crops(images, boxes, flip=False):
-            return average(stage.regress_crops(images, boxes, flip),
-                           stage.regress_crops(images, boxes, not flip))
+    def regress_crops(images, boxes, flip=False):
+        return average(stage.regress_crops(images, boxes, flip),
+                       stage.regress_crops(images, boxes, not flip))
 
     return StageModel(stage.stage, stage.framework, regress, stage.input_size, stage.sigma,
-                      regress_crops)
+                      regress_crops if stage.regress_crops is not None else None)
 
 
 def regress_boxes(stage: StageModel, images: Sequence[np.ndarray], boxes: np.ndarray,
