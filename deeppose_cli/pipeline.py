@@ -256,3 +256,25 @@ class RunSampler:
             if epoch != order_epoch:
                 order_epoch, order = epoch, epoch_order(self.num_samples, self.seed, epoch)
             yield self.batch(iteration, order)
+
+
+class RunBatches:
+    """The run's batches as a dataset of whole batches: item ``i`` is the stacked
+    ``(images, joints, visible)`` of the sampler's ``i``-th batch. A loader that fetches items
+    of this dataset in worker processes (Chainer's ``MultiprocessIterator``) gets samples
+    drawn and collated there and moves one batch through shared memory per iteration."""
+
+    def __init__(self, dataset, sampler: RunSampler):
+        self.dataset = dataset
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        keys = self.sampler.batch(self.sampler.first_iteration + 1 + int(i))
+        samples = [self.dataset[key] for key in keys]
+        return tuple(np.stack(arrays).astype(np.float32, copy=False)
+                     for arrays in zip(*samples))

@@ -13,10 +13,8 @@ arrays, so it stays loadable with plain NumPy.
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
-import multiprocessing
 import time
 import zipfile
 import zlib
@@ -27,7 +25,7 @@ import numpy as np
 
 from ..errors import DeepPoseError
 from ..files import atomic_write
-from ..pipeline import RunSampler
+from ..pipeline import RunBatches, RunSampler
 from ..schedules import schedule_from_config
 from ..config import TrainConfig, apply_init_parameters, parse_device
 from ..reporting import IterationPlan, TrainingReporter, validation_metrics
@@ -40,7 +38,6 @@ from .chainer_compat import import_chainer
 chainer = import_chainer()
 from chainer import backend  # noqa: E402
 from chainer.backends import cuda  # noqa: E402
-from chainer.dataset import concat_examples  # noqa: E402
 from chainer.training import extensions  # noqa: E402
 
 from .chainer_model import (AlexNetRegressor, load_numpy_params, pose_loss,  # noqa: E402
@@ -162,54 +159,50 @@ def train_step(model: AlexNetRegressor, loss_fn: Callable, optimizer: "chainer.O
 
 
 class RunIterator(chainer.dataset.Iterator):
-    """The batches of a :class:`~deeppose_cli.pipeline.RunSampler`, loaded by a pool of worker
-    processes that lives for the whole run (or in this process with ``workers=0``).
+    """The batches of a :class:`~deeppose_cli.pipeline.RunSampler` as stacked
+    ``(images, joints, visible)`` arrays, drawn and collated by ``workers`` processes of one
+    ``MultiprocessIterator`` that lives for the whole run (shared memory carries the
+    batches), or in this process with ``workers=0``.
 
     The position is the updater's iteration (``start``), not state of its own, so a resumed
     run continues with exactly the batches an uninterrupted one saw, and the keys carry their
     epoch, so prefetching across an epoch boundary cannot mix up the augmentation draws.
-    ``prefetch`` batches per worker are requested ahead.
     """
 
-    def __init__(self, dataset, sampler_for: Callable[[int], Any], workers: int,
+    def __init__(self, dataset, sampler_for: Callable[[int], RunSampler], workers: int,
                  iterations_per_epoch: int, prefetch: int = 2):
         self.dataset = dataset
         self.sampler_for = sampler_for
         self.workers = int(workers)
         self.iterations_per_epoch = int(iterations_per_epoch)
-        self.prefetch = max(1, prefetch * max(1, self.workers))
+        self.prefetch = prefetch
         self.iteration = 0
-        self._keys = None
-        self._pending: collections.deque = collections.deque()
-        self._pool = None
+        self._batches: RunBatches | None = None
+        self._source = None
+        self._position = 0
 
     def start(self, iteration: int) -> None:
         """Serve the batches after ``iteration`` (0 for a fresh run)."""
+        self.finalize()
         self.iteration = int(iteration)
-        self._keys = iter(self.sampler_for(self.iteration))
-        self._pending.clear()
+        self._batches = RunBatches(self.dataset, self.sampler_for(self.iteration))
+        self._position = 0
+        if self.workers > 0:
+            self._source = chainer.iterators.MultiprocessIterator(
+                self._batches, 1, repeat=False, shuffle=False, n_processes=self.workers,
+                n_prefetch=self.prefetch)
 
-    def _request(self) -> None:
-        while len(self._pending) < self.prefetch:
-            keys = next(self._keys, None)
-            if keys is None:
-                return
-            if self._pool is None and self.workers > 0:
-                self._pool = multiprocessing.Pool(self.workers, _init_loader_worker,
-                                                  (self.dataset,))
-            self._pending.append(self._pool.apply_async(_load_batch, (keys,))
-                                 if self._pool is not None else keys)
-
-    def __next__(self) -> list:
-        if self._keys is None:
+    def __next__(self) -> tuple:
+        if self._batches is None:
             self.start(self.iteration)
-        self._request()
-        if not self._pending:
+        if self._source is not None:
+            (batch,) = self._source.next()
+        elif self._position < len(self._batches):
+            batch = self._batches[self._position]
+            self._position += 1
+        else:
             raise StopIteration
-        item = self._pending.popleft()
-        batch = item.get() if self._pool is not None else [self.dataset[k] for k in item]
         self.iteration += 1
-        self._request()
         return batch
 
     next = __next__
@@ -234,22 +227,9 @@ class RunIterator(chainer.dataset.Iterator):
         """Nothing to save: the updater's iteration is the position."""
 
     def finalize(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
-
-
-_LOADER_DATASET = None  # the dataset a loader worker process serves
-
-
-def _init_loader_worker(dataset) -> None:
-    global _LOADER_DATASET
-    _LOADER_DATASET = dataset
-
-
-def _load_batch(keys) -> list:
-    return [_LOADER_DATASET[k] for k in keys]
+        if self._source is not None:
+            self._source.finalize()
+            self._source = None
 
 
 class PoseUpdater(chainer.training.updaters.StandardUpdater):
@@ -277,8 +257,7 @@ class PoseUpdater(chainer.training.updaters.StandardUpdater):
         model = optimizer.target
         if iterator.iteration != self.iteration:  # a fresh or restored run: start there
             iterator.start(self.iteration)
-        batch = iterator.next()
-        images, joints, visible = concat_examples(batch, self.input_device)
+        images, joints, visible = (self.input_device.send(a) for a in iterator.next())
         self._pending.append(train_step(model, self.loss_fn, optimizer, images, joints, visible,
                                         self.use_visibility))
         if self.reporter.must_read_loss(self.iteration + 1):
@@ -289,7 +268,7 @@ class PoseUpdater(chainer.training.updaters.StandardUpdater):
         if self.auto_new_epoch and iterator.is_new_epoch:
             optimizer.new_epoch(auto=True)
         self.train_seconds += time.perf_counter() - start
-        self.train_images += len(batch)
+        self.train_images += len(images)
 
     def serialize(self, serializer) -> None:
         """Also save NumPy's global generator: dropout masks draw from it, so restoring it

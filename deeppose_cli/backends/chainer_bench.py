@@ -2,7 +2,7 @@
 ``chainer_backend.train`` runs, and the same network written with bare Chainer links.
 
 The harness only wraps the backend's own functions (``train_step``, ``make_iterator``,
-``concat_examples`` onto the device), so a benchmark figure is the figure of real training.
+``RunIterator`` onto the device), so a benchmark figure is the figure of real training.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from .chainer_model import AlexNetRegressor, pose_loss, pose_loss_explicit
 chainer = import_chainer()
 import chainer.functions as F  # noqa: E402
 import chainer.links as L  # noqa: E402
-from chainer.dataset import concat_examples  # noqa: E402
 
 
 def bare_alexnet(num_joints: int, input_size: int, width: float) -> "chainer.Sequential":
@@ -99,6 +98,6 @@ class Harness:
                                  IterationPlan(plan.iterations_per_epoch, iterations))
         try:
             for batch in iterator:
-                yield concat_examples(batch, self.device)
+                yield tuple(self.device.send(a) for a in batch)
         finally:
             iterator.finalize()
