@@ -129,7 +129,8 @@ class BenchmarkSettings:
     index: str | None = None          # pipeline section: training index (None: skip it)
     pipeline_batch: int = 32
     pipeline_iterations: int = 20
-    workers: tuple[int, ...] = ()     # pipeline: one row per value (empty: the recipe's)
+    # pipeline: one row per value; in-process loading, and workers that live for the run
+    workers: tuple[int, ...] = (0, 2)
     precisions: tuple[str, ...] = ("fp32",)  # training-step arithmetic (compute: each)
     cascade_stages: int = 3
     cli_repeats: int = 5
@@ -152,6 +153,8 @@ class BenchmarkSettings:
                                     f"got {name!r}")
         if not self.precisions:
             raise DeepPoseError("give at least one precision")
+        if not self.workers or min(self.workers) < 0:
+            raise DeepPoseError("workers: give one or more counts, each at least 0")
         for name in ("repeats", "pipeline_batch", "pipeline_iterations", "cascade_stages",
                      "cli_repeats", "input_size"):
             if getattr(self, name) < 1:
@@ -496,7 +499,7 @@ def run_benchmark(settings: BenchmarkSettings,
         if "overhead" in settings.sections:
             result["overhead"].append(overhead_section(settings, framework, log))
         if "pipeline" in settings.sections:
-            for workers in settings.workers or (None,):
+            for workers in settings.workers:
                 result["pipeline"].append(pipeline_section(settings, framework, log, workers))
         if "cascade" in settings.sections:
             result["cascade"] += cascade_section(settings, framework, image, box, log)

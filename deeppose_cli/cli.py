@@ -624,7 +624,7 @@ BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")
               help="Timed steps per mode of the pipeline and overhead tests.")
 @click.option("--workers", type=click.IntRange(0), multiple=True,
               help="Data-loading workers of the pipeline test; repeat to compare (default: "
-                   "the recipe's).")
+                   "0 and 2).")
 @click.option("--precision", "precisions", type=click.Choice(PRECISIONS), multiple=True,
               help="Training-step arithmetic; repeat to time several (default: fp32). The "
                    "pipeline test uses the first.")
@@ -659,8 +659,9 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
         raise DeepPoseError(f"index file {index_file} not found")
     if max_batch_log2 is None:
         max_batch_log2 = 5 if parse_device(device)[0] == "cpu" else 8
-    if not settings.get("precisions"):
-        settings.pop("precisions", None)
+    for axis in ("precisions", "workers"):  # not given: the settings' defaults
+        if not settings.get(axis):
+            settings.pop(axis, None)
     config = BenchmarkSettings(frameworks=frameworks or FRAMEWORKS, device=device,
                                max_batch_log2=max_batch_log2, dataset=dataset, index=index_file,
                                pipeline_batch=batch_size, pipeline_iterations=iterations,

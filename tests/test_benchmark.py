@@ -76,6 +76,10 @@ def test_an_impossible_efficiency_is_reported_as_a_measurement_error():
 def test_settings_are_checked():
     with pytest.raises(DeepPoseError, match="framework"):
         run_benchmark(BenchmarkSettings(frameworks=("tensorflow",)))
+    with pytest.raises(DeepPoseError, match="workers"):
+        run_benchmark(BenchmarkSettings(frameworks=("pytorch",), workers=()))
+    with pytest.raises(DeepPoseError, match="precision must be one of"):
+        run_benchmark(BenchmarkSettings(frameworks=("pytorch",), precisions=("fp8",)))
     with pytest.raises(DeepPoseError, match="needs a training index"):
         run_benchmark(BenchmarkSettings(frameworks=("pytorch",), index=None,
                                         sections=("pipeline",)))
