@@ -387,6 +387,8 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
                                                     precision)
                 train_seconds += time.perf_counter() - start
                 train_images += images
+                if images == 0:  # RunSampler yields every planned batch; never spin
+                    raise DeepPoseError("the data loader ended before the run did")
                 if val_set is not None:
                     metrics = validation_metrics(predictor(model, device), val_set,
                                                  config.batch_size, torso_pair)
