@@ -203,10 +203,11 @@ def compute_section(settings: BenchmarkSettings, framework: str,
     size (fp32)."""
     rng = np.random.default_rng(settings.seed)
     train_rows, forward_rows = [], []
-    for precision, loss in [(p, loss) for p in settings.precisions for loss in LOSSES]:
-        if framework == "chainer" and precision == "bf16":
-            log("chainer has no bfloat16: its bf16 rows are left out")
-            continue
+    precisions = settings.precisions
+    if framework == "chainer" and "bf16" in precisions:
+        log("chainer has no bfloat16: its bf16 rows are left out")
+        precisions = tuple(p for p in precisions if p != "bf16")
+    for precision, loss in [(p, loss) for p in precisions for loss in LOSSES]:
         harness = get_harness(framework)(train_config(settings, framework, loss == "explicit",
                                                       precision=precision),
                                            settings.num_joints)
