@@ -119,6 +119,21 @@ def crop_and_resize(image: np.ndarray, box: Box, size: int, flip: bool = False) 
     return warp_crop(image, crop_matrix(box, size, flip), size)
 
 
+def crop_sampling_grid(boxes: np.ndarray, width: int, height: int, size: int,
+                       flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel of the ``size`` x ``size`` crops of ``boxes`` (K, 4) samples an image
+    of ``width`` x ``height``, as (K, size) x and (K, size) y coordinates in the [-1, 1] units
+    of grid samplers that put -1 and 1 at the centres of the first and last pixels
+    (``align_corners=True``): :func:`crop_matrix`'s geometry, for crops cut on a GPU."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    offsets = (np.arange(size) - (size - 1) / 2.0) / size  # crop pixels, in box sides
+    across = -offsets if flip else offsets
+    xs = boxes[:, 0:1] + across[None] * boxes[:, 2:3]
+    ys = boxes[:, 1:2] + offsets[None] * boxes[:, 3:4]
+    return (xs * 2.0 / max(width - 1, 1) - 1.0).astype(np.float32), \
+        (ys * 2.0 / max(height - 1, 1) - 1.0).astype(np.float32)
+
+
 def normalized_to_crop_pixels(normalized: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(normalized) * size + (size - 1) / 2.0
 

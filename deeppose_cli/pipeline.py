@@ -76,6 +76,17 @@ def load_image(path) -> np.ndarray:
     return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2RGB)
 
 
+def input_scale_bias(gain: np.ndarray | None = None, shift: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float32 ``(scale, bias)`` with ``pixels * scale + bias`` the network input
+    of uint8 RGB pixels: ImageNet normalization, then the colour noise ``x * gain + shift``."""
+    gain = np.ones(3) if gain is None else np.asarray(gain, dtype=np.float64)
+    shift = np.zeros(3) if shift is None else np.asarray(shift, dtype=np.float64)
+    inv_std = 1.0 / IMAGE_STD.astype(np.float64)
+    return ((gain * inv_std / 255.0).astype(np.float32),
+            (shift - gain * inv_std * IMAGE_MEAN).astype(np.float32))
+
+
 def to_network_input(crop: np.ndarray, gain: np.ndarray | None = None,
                      shift: np.ndarray | None = None) -> np.ndarray:
     """RGB uint8 HWC crop -> float32 CHW normalized the way the networks expect.
@@ -90,11 +101,7 @@ def to_network_input(crop: np.ndarray, gain: np.ndarray | None = None,
 
     if crop.ndim != 3 or crop.shape[2] != 3:
         raise ValueError(f"to_network_input needs an HxWx3 crop, got shape {crop.shape}")
-    gain = np.ones(3) if gain is None else np.asarray(gain, dtype=np.float64)
-    shift = np.zeros(3) if shift is None else np.asarray(shift, dtype=np.float64)
-    inv_std = 1.0 / IMAGE_STD.astype(np.float64)
-    scale = (gain * inv_std / 255.0).astype(np.float32)
-    bias = (shift - gain * inv_std * IMAGE_MEAN).astype(np.float32)
+    scale, bias = input_scale_bias(gain, shift)
     out = np.empty((3,) + crop.shape[:2], dtype=np.float32)
     for c, plane in enumerate(cv2.split(crop)):  # contiguous planes: faster than strided views
         np.multiply(plane, scale[c], out=out[c], dtype=np.float32)

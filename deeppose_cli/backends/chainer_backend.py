@@ -97,13 +97,12 @@ def crop_predictor(model: AlexNetRegressor, device, batch_size: int = PREDICT_BA
     with every crop cut on ``device`` by ``F.spatial_transformer_sampler`` (bilinear, zeros
     outside the image, -1 and 1 at the centres of the first and last pixels): the geometry of
     ``geometry.crop_matrix``, as ``torch_backend.crop_predictor`` does it in PyTorch."""
-    from ..pipeline import IMAGE_MEAN, IMAGE_STD
+    from ..geometry import crop_sampling_grid
+    from ..pipeline import input_scale_bias
 
     xp = device.xp
-    scale = xp.asarray((1.0 / (255.0 * IMAGE_STD)).reshape(1, 3, 1, 1), dtype=np.float32)
-    bias = xp.asarray((-IMAGE_MEAN / IMAGE_STD).reshape(1, 3, 1, 1), dtype=np.float32)
+    scale, bias = (device.send(a.reshape(1, 3, 1, 1)) for a in input_scale_bias())
     size = model.input_size
-    offsets = (np.arange(size) - (size - 1) / 2.0) / size  # crop pixels, in box sides
     cpu = backend.CpuDevice()
 
     def regress(images: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False
@@ -117,11 +116,8 @@ def crop_predictor(model: AlexNetRegressor, device, batch_size: int = PREDICT_BA
                 k = len(image_boxes)
                 pixels = device.send(np.ascontiguousarray(image))  # uint8 travels, not floats
                 pixels = xp.ascontiguousarray(pixels.transpose(2, 0, 1)[None].astype(np.float32))
-                across = -offsets if flip else offsets
-                xs = image_boxes[:, 0:1] + across[None] * image_boxes[:, 2:3]  # (K, size)
-                ys = image_boxes[:, 1:2] + offsets[None] * image_boxes[:, 3:4]
-                gx = device.send((xs * 2.0 / max(width - 1, 1) - 1.0).astype(np.float32))
-                gy = device.send((ys * 2.0 / max(height - 1, 1) - 1.0).astype(np.float32))
+                gx, gy = (device.send(a) for a in
+                          crop_sampling_grid(image_boxes, width, height, size, flip))
                 grid = xp.stack(xp.broadcast_arrays(gx[:, None, :], gy[:, :, None]), axis=1)
                 source = xp.ascontiguousarray(xp.broadcast_to(pixels, (k,) + pixels.shape[1:]))
                 crops.append(chainer.functions.spatial_transformer_sampler(

@@ -231,12 +231,11 @@ def crop_predictor(model: AlexNetRegressor, device: torch.device
     """
     import torch.nn.functional as F
 
-    from ..pipeline import IMAGE_MEAN, IMAGE_STD
+    from ..geometry import crop_sampling_grid
+    from ..pipeline import input_scale_bias
 
-    scale = torch.tensor(1.0 / (255.0 * IMAGE_STD), device=device).view(1, 3, 1, 1)
-    bias = torch.tensor(-IMAGE_MEAN / IMAGE_STD, device=device).view(1, 3, 1, 1)
+    scale, bias = (torch.from_numpy(a).to(device).view(1, 3, 1, 1) for a in input_scale_bias())
     size = model.input_size
-    offsets = (np.arange(size) - (size - 1) / 2.0) / size  # crop pixels, in box sides
 
     def regress(images: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False
                 ) -> np.ndarray:
@@ -249,12 +248,8 @@ def crop_predictor(model: AlexNetRegressor, device: torch.device
                 height, width = image.shape[:2]
                 pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)
                 pixels = pixels.permute(2, 0, 1)[None].float()
-                across = -offsets if flip else offsets
-                xs = image_boxes[:, 0:1] + across[None] * image_boxes[:, 2:3]  # (K, size)
-                ys = image_boxes[:, 1:2] + offsets[None] * image_boxes[:, 3:4]
-                # align_corners=True: -1 and 1 are the centres of the first and last pixels
-                gx = torch.from_numpy(xs * 2.0 / max(width - 1, 1) - 1.0).float().to(device)
-                gy = torch.from_numpy(ys * 2.0 / max(height - 1, 1) - 1.0).float().to(device)
+                gx, gy = (torch.from_numpy(a).to(device) for a in
+                          crop_sampling_grid(image_boxes, width, height, size, flip))
                 k = len(image_boxes)
                 grid = torch.stack((gx[:, None, :].expand(k, size, size),
                                     gy[:, :, None].expand(k, size, size)), dim=-1)
