@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import DeepPoseError
+from .pipeline import RunSampler
 from .rundir import RunDirectory
 
 @dataclass
@@ -30,6 +31,13 @@ class IterationPlan:
     def epoch_of(self, iteration: int) -> int:
         """Epoch (0-based) that iteration ``iteration`` (1-based) belongs to."""
         return (iteration - 1) // self.iterations_per_epoch
+
+    def sampler(self, num_samples: int, batch_size: int, seed: int,
+                first_iteration: int = 0) -> RunSampler:
+        """The batch keys of this plan's iterations after ``first_iteration``: what both
+        backends' loaders follow."""
+        return RunSampler(num_samples, batch_size, seed, self.iterations_per_epoch,
+                          self.total_iterations, first_iteration)
 
 
 class TrainingReporter:

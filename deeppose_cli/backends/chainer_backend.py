@@ -376,11 +376,9 @@ def make_optimizer(config: TrainConfig, model: "chainer.Link") -> "chainer.Optim
 def make_iterator(config: TrainConfig, dataset, plan: IterationPlan) -> RunIterator:
     """The run's batches (``pipeline.RunSampler``, the sampler PyTorch uses too), loaded by
     ``config.workers`` processes started once for the run."""
-    def sampler_for(first_iteration: int) -> RunSampler:
-        return RunSampler(len(dataset), config.batch_size, config.seed,
-                          plan.iterations_per_epoch, plan.total_iterations, first_iteration)
-
-    return RunIterator(dataset, sampler_for, config.workers, plan.iterations_per_epoch)
+    return RunIterator(dataset, functools.partial(plan.sampler, len(dataset), config.batch_size,
+                                                  config.seed),
+                       config.workers, plan.iterations_per_epoch)
 
 
 def _load_snapshot(path: Path, trainer) -> None:

@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader
 
 from ..errors import DeepPoseError
 from ..files import atomic_write
-from ..pipeline import RunSampler
 from ..schedules import LearningRateSchedule, schedule_from_config
 from ..config import TrainConfig, apply_init_parameters, parse_device
 from ..reporting import IterationPlan, TrainingReporter, validation_metrics
@@ -97,8 +96,7 @@ def make_loader(dataset, config: TrainConfig, device: torch.device, plan: Iterat
     from the global torch RNG: that RNG drives dropout and must advance identically in
     resumed and uninterrupted runs.
     """
-    sampler = RunSampler(len(dataset), config.batch_size, config.seed, plan.iterations_per_epoch,
-                         plan.total_iterations, first_iteration)
+    sampler = plan.sampler(len(dataset), config.batch_size, config.seed, first_iteration)
     workers = config.workers
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=device.type == "cuda",
