@@ -18,8 +18,8 @@ import numpy as np
 from .annotations import PoseRecord
 from .errors import DeepPoseError
 from .geometry import denormalize_pose, joint_boxes, torso_diameter
-from .pipeline import (Augmentation, SampleKey, load_image, make_sample, sample_key,
-                       to_network_input)
+from .pipeline import (Augmentation, ImageCache, SampleKey, load_image, make_sample, read_image,
+                       sample_key, to_network_input)
 
 Regressor = Callable[[np.ndarray], np.ndarray]  # NCHW float32 -> (N, J, 2) normalized
 # (images HxWx3 uint8, boxes (N, K, 4), flip) -> (N, K, J, 2) normalized: crops cut where the
@@ -231,8 +231,9 @@ class RefinementDataset:
                  sigma: float, input_size: int, flip_permutation: Sequence[int],
                  torso_pair: Sequence[int], aug: Augmentation | None = None, seed: int = 0,
                  samples_per_image: int = 1, train_joints: str = "own",
-                 sampling: str = "normal"):
+                 sampling: str = "normal", images: ImageCache | None = None):
         self.source_records = list(records)
+        self.images = images
         self.num_joints = len(self.source_records[0].joints) if self.source_records else 0
         self.stats = stats
         self.sigma = float(sigma)
@@ -284,12 +285,12 @@ class RefinementDataset:
         if self.train_joints == "own":
             mask = np.zeros(len(record.joints), dtype=np.float32)
             mask[j] = 1.0
-            return make_sample(load_image(record.image), self.box(k, epoch), record.joints,
+            return make_sample(read_image(record.image, self.images), self.box(k, epoch), record.joints,
                                mask, self.input_size, self.aug, rng, self.flip_permutation)
         # "all": the crop's joint is marked 2 so it can be told apart after a flip's label swap
         mask = np.asarray(record.visible, dtype=np.float32).copy()
         mask[j] = 2.0
-        x, target, marks = make_sample(load_image(record.image), self.box(k, epoch),
+        x, target, marks = make_sample(read_image(record.image, self.images), self.box(k, epoch),
                                        record.joints, mask, self.input_size, self.aug, rng,
                                        self.flip_permutation)
         inside = (np.abs(target) <= 0.5).all(axis=-1)

@@ -260,6 +260,11 @@ def augmentation_options(command):
               help="Train on invisible joints too (LSPET's carry junk coordinates).")
 @click.option("--max-iterations", type=click.IntRange(1), help="Stop after this many iterations.")
 @click.option("--workers", type=click.IntRange(0), help="Data-loading worker processes.")
+@click.option("--val-every", type=click.IntRange(1),
+              help="Validate after every N-th epoch and at the end (recipe: 1).")
+@click.option("--image-cache", "image_cache_gib", type=click.FloatRange(0),
+              help="GiB of decoded images each loading process keeps in memory (recipe: 2; "
+                   "0: decode every time).")
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="Training-step arithmetic: fp32, or bf16/fp16 autocast with fp32 weights "
                    "(chainer: fp32 or fp16).")

@@ -51,11 +51,13 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     workers: int = 0
+    image_cache_gib: float = 2.0
     precision: str = "fp32"
     explicit_backward: bool = False
     loss: str = "l2"
     use_visibility: bool = True
     checkpoint_every: int = 500
+    val_every: int = 1
     jitter_translation: float = 0.05
     jitter_scale: float = 0.1
     flip: bool = True
@@ -97,6 +99,10 @@ class TrainConfig:
                 raise DeepPoseError(f"{name.replace('_', '-')} must be positive")
         if self.max_iterations is not None and self.max_iterations < 1:
             raise DeepPoseError("max-iterations must be at least 1")
+        if not (isinstance(self.val_every, int) and self.val_every >= 1):
+            raise DeepPoseError(f"val-every must be a whole number of epochs >= 1, got {self.val_every!r}")
+        if not self.image_cache_gib >= 0:
+            raise DeepPoseError(f"image-cache must be >= 0 GiB, got {self.image_cache_gib!r}")
         if self.stage >= 2 and not (self.sigma and self.sigma > 0):
             raise DeepPoseError("sigma must be positive for refinement stages")
         if self.precision not in PRECISIONS:

@@ -76,6 +76,40 @@ def load_image(path) -> np.ndarray:
     return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2RGB)
 
 
+class ImageCache:
+    """Decoded images kept in memory, up to ``budget_bytes`` per process, so an epoch after
+    the first decodes nothing: on a small network decoding costs as much CPU as the
+    training step it feeds. Cached images are read-only and identical to fresh decodes, so
+    samples do not depend on the cache. Images past the budget are decoded every time.
+    Each loader worker process fills its own copy."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = int(budget_bytes)
+        self.used_bytes = 0
+        self.images: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def of_gib(cls, gib: float) -> "ImageCache | None":
+        """A cache of ``gib`` GiB, or None for 0 (no caching)."""
+        return cls(int(gib * 2 ** 30)) if gib > 0 else None
+
+    def load(self, path) -> np.ndarray:
+        key = str(path)
+        image = self.images.get(key)
+        if image is None:
+            image = load_image(path)
+            if self.used_bytes + image.nbytes <= self.budget_bytes:
+                image.flags.writeable = False
+                self.images[key] = image
+                self.used_bytes += image.nbytes
+        return image
+
+
+def read_image(path, cache: ImageCache | None) -> np.ndarray:
+    """``path`` decoded as RGB uint8 HWC, through ``cache`` when there is one."""
+    return cache.load(path) if cache is not None else load_image(path)
+
+
 def input_scale_bias(gain: np.ndarray | None = None, shift: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel float32 ``(scale, bias)`` with ``pixels * scale + bias`` the network input
@@ -194,8 +228,10 @@ class PoseDataset:
     """
 
     def __init__(self, records: Sequence[PoseRecord], input_size: int,
-                 flip_permutation: Sequence[int], aug: Augmentation | None = None, seed: int = 0):
+                 flip_permutation: Sequence[int], aug: Augmentation | None = None, seed: int = 0,
+                 images: ImageCache | None = None):
         self.records = list(records)
+        self.images = images
         # Every target of this dataset has this many joints (the index reader checks it).
         self.num_joints = len(self.records[0].joints) if self.records else 0
         self.input_size = int(input_size)
@@ -211,7 +247,7 @@ class PoseDataset:
 
     def get(self, index: int, epoch: int = 0):
         record = self.records[index]
-        image = load_image(record.image)
+        image = read_image(record.image, self.images)
         return make_sample(image, record.box, record.joints, record.visible, self.input_size,
                            self.aug, self.rng(index, epoch), self.flip_permutation)
 

@@ -32,6 +32,12 @@ class IterationPlan:
         """Epoch (0-based) that iteration ``iteration`` (1-based) belongs to."""
         return (iteration - 1) // self.iterations_per_epoch
 
+    def validates_at(self, iteration: int, val_every: int = 1) -> bool:
+        """Whether a run validates after ``iteration``: at the end of every ``val_every``-th
+        epoch and at its last iteration. Both backends ask this, so their logs line up."""
+        return (iteration % (self.iterations_per_epoch * max(1, int(val_every))) == 0
+                or iteration == self.total_iterations)
+
     def sampler(self, num_samples: int, batch_size: int, seed: int,
                 first_iteration: int = 0) -> RunSampler:
         """The batch keys of this plan's iterations after ``first_iteration``: what both

@@ -26,17 +26,19 @@ from .rundir import (RunDirectory, RunLock, is_run_directory, publish_run, resum
 def stage1_datasets(config: TrainConfig, manifest):
     """Training (augmented) and validation (plain) datasets of a stage-1 run."""
     from .annotations import read_index
-    from .pipeline import Augmentation, PoseDataset
+    from .pipeline import Augmentation, ImageCache, PoseDataset
 
     train_records = read_index(Path(config.train_index), manifest.num_joints)
     aug = Augmentation.from_recipe(config.to_json())
+    images = ImageCache.of_gib(config.image_cache_gib)
     train_set = PoseDataset(train_records, config.input_size, manifest.flip_permutation, aug,
-                            seed=config.seed)
+                            seed=config.seed, images=images)
     val_set = None
     if config.val_index:
         val_set = PoseDataset(read_index(Path(config.val_index), manifest.num_joints),
                               config.input_size,
-                              manifest.flip_permutation, Augmentation.none(), seed=config.seed)
+                              manifest.flip_permutation, Augmentation.none(), seed=config.seed,
+                              images=images)
     return train_set, val_set
 
 
@@ -236,12 +238,13 @@ def refinement_datasets(config: TrainConfig, manifest, stats, train_records, val
     """Simulated training (augmented, fresh draws per epoch) and validation (fixed draws)
     samples of a refinement stage."""
     from .cascade import RefinementDataset
-    from .pipeline import Augmentation
+    from .pipeline import Augmentation, ImageCache
 
     aug = Augmentation.from_recipe(config.to_json())
     common = dict(stats=stats, sigma=config.sigma, input_size=config.input_size,
                   flip_permutation=manifest.flip_permutation,
-                  torso_pair=manifest.torso_diameter, seed=config.seed)
+                  torso_pair=manifest.torso_diameter, seed=config.seed,
+                  images=ImageCache.of_gib(config.image_cache_gib))
     train_set = RefinementDataset(train_records, aug=aug,
                                   samples_per_image=config.samples_per_image,
                                   train_joints=config.refine_joints,

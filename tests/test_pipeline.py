@@ -5,8 +5,8 @@ from deeppose_cli.annotations import PoseRecord
 from deeppose_cli.geometry import (crop_and_resize, flip_image, flip_normalized,
                                    normalize_pose, normalized_to_crop_pixels, person_box)
 from deeppose_cli.manifests import load_dataset_manifest
-from deeppose_cli.pipeline import (IMAGE_MEAN, IMAGE_STD, Augmentation, PoseDataset, epoch_order,
-                                   jitter_box, make_sample, to_network_input)
+from deeppose_cli.pipeline import (IMAGE_MEAN, IMAGE_STD, Augmentation, ImageCache, PoseDataset,
+                                   epoch_order, jitter_box, make_sample, to_network_input)
 
 PERM = load_dataset_manifest("lsp").flip_permutation
 
@@ -58,6 +58,30 @@ def test_same_seed_same_samples_other_seed_or_epoch_differs(records):
     other_seed = PoseDataset(records, 67, PERM, aug, seed=8)
     assert not all(np.array_equal(first.get(i, 2)[1], other_seed.get(i, 2)[1]) for i in range(3))
     assert not all(np.array_equal(first.get(i, 2)[1], first.get(i, 3)[1]) for i in range(3))
+
+
+def test_cached_images_give_the_same_samples_and_stay_within_budget(records, monkeypatch):
+    import deeppose_cli.pipeline as pipeline
+
+    aug = Augmentation(0.1, 0.2, True, 0.2, rotation=20.0, occlusion=0.5)
+    plain = PoseDataset(records, 67, PERM, aug, seed=3)
+    one_image = 120 * 100 * 3
+    cache = ImageCache(2 * one_image + one_image // 2)  # room for two of the three images
+    cached = PoseDataset(records, 67, PERM, aug, seed=3, images=cache)
+    expected = [[plain.get(i, epoch) for i in range(3)] for epoch in range(3)]
+    decodes = []
+    real_load = pipeline.load_image
+    monkeypatch.setattr(pipeline, "load_image", lambda path: decodes.append(path) or real_load(path))
+    for epoch in range(3):
+        for i in range(3):
+            for x, y in zip(expected[epoch][i], cached.get(i, epoch)):
+                np.testing.assert_array_equal(x, y)
+    assert cache.used_bytes == 2 * one_image <= cache.budget_bytes
+    assert sorted(cache.images) == [str(records[0].image), str(records[1].image)]
+    # images 0 and 1 are decoded once; image 2, past the budget, every epoch
+    assert [str(p) for p in decodes] == [str(records[i].image) for i in (0, 1, 2, 2, 2)]
+    assert all(not image.flags.writeable for image in cache.images.values())
+    assert ImageCache.of_gib(0) is None
 
 
 def test_sample_key_selects_the_randomness(records):

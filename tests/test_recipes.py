@@ -18,7 +18,7 @@ from deeppose_cli.manifests import load_dataset_manifest
 from deeppose_cli.pipeline import IMAGE_MEAN, IMAGE_STD, Augmentation, make_sample
 from deeppose_cli.schedules import LearningRateSchedule
 
-from conftest import tiny_config
+from conftest import subset_index, tiny_config
 
 PERM = load_dataset_manifest("lsp").flip_permutation
 
@@ -100,6 +100,22 @@ def test_both_frameworks_step_with_the_schedules_learning_rate(optimizer, synthe
         logged = {r["iteration"]: r["lr"] for r in RunDirectory(tmp_path / run).read_log()
                   if "lr" in r}
         assert logged[12] == pytest.approx(expected[-1])
+
+
+@pytest.mark.parametrize("framework", ["pytorch", "chainer"])
+def test_val_every_validates_every_nth_epoch_and_at_the_end(framework, synthetic_dataset,
+                                                             tmp_path):
+    from deeppose_cli.rundir import RunDirectory
+    from deeppose_cli.training import train_stage1
+
+    _, index_dir = synthetic_dataset
+    small = subset_index(index_dir, tmp_path / "index", 32, 8)  # 2 iterations an epoch
+    config = tiny_config(framework, small, tmp_path / "run", width=0.0625, epochs=5, val_every=2)
+    assert config.to_json()["val_every"] == 2
+    train_stage1(config, show_progress=False)
+    validated = [r["iteration"] for r in RunDirectory(tmp_path / "run").read_log()
+                 if "val_loss" in r]
+    assert validated == [4, 8, 10]  # after epochs 2 and 4, and the last one
 
 
 # ----------------------------------------------------------------------------- augmentation

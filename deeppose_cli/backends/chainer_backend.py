@@ -448,7 +448,8 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
             validation = Validation(_predictor(model, device), val_set, config.batch_size,
                                     torso_pair, reporter)
             trainer.extend(validation, name="validation",
-                           trigger=EveryOrAt(plan.iterations_per_epoch, plan.total_iterations))
+                           trigger=lambda t: plan.validates_at(t.updater.iteration,
+                                                               config.val_every))
         # Chainer writes snapshots to a temporary directory beside the target, then moves
         # them into place: an interrupted save leaves the previous checkpoint intact.
         # Uncompressed: trained weights barely compress, and zlib would triple the save time.
