@@ -7,8 +7,7 @@ from deeppose_cli.annotations import PoseRecord
 from deeppose_cli.cascade import (DisplacementStatistics, RefinementDataset, StageModel,
                                   displacement_statistics, record_diameters, refine,
                                   run_cascade)
-from deeppose_cli.geometry import (crop_pixels_to_normalized, denormalize_pose,
-                                   normalize_pose, person_box)
+from deeppose_cli.geometry import denormalize_pose, person_box
 from deeppose_cli.manifests import load_dataset_manifest
 from conftest import random_pose
 
@@ -45,7 +44,6 @@ def test_refinement_output_is_a_displacement_scaled_by_the_box():
 
 
 def test_cascade_runs_stage_one_then_refinements():
-    rng = np.random.default_rng(2)
     images = [np.zeros((120, 120, 3), np.uint8)] * 3
     boxes = np.array([[60.0, 60.0, 100.0, 100.0]] * 3)
     stages = [StageModel(1, "test", constant_regressor(0.1), 67),
