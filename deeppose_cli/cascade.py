@@ -282,17 +282,17 @@ class RefinementDataset:
         r, j = self.items[k]
         record = self.source_records[r]
         rng = np.random.default_rng([self.seed, epoch, k, 2])
+        image = read_image(record.image, self.images)
         if self.train_joints == "own":
             mask = np.zeros(len(record.joints), dtype=np.float32)
             mask[j] = 1.0
-            return make_sample(read_image(record.image, self.images), self.box(k, epoch), record.joints,
-                               mask, self.input_size, self.aug, rng, self.flip_permutation)
+            return make_sample(image, self.box(k, epoch), record.joints, mask, self.input_size,
+                               self.aug, rng, self.flip_permutation)
         # "all": the crop's joint is marked 2 so it can be told apart after a flip's label swap
         mask = np.asarray(record.visible, dtype=np.float32).copy()
         mask[j] = 2.0
-        x, target, marks = make_sample(read_image(record.image, self.images), self.box(k, epoch),
-                                       record.joints, mask, self.input_size, self.aug, rng,
-                                       self.flip_permutation)
+        x, target, marks = make_sample(image, self.box(k, epoch), record.joints, mask,
+                                       self.input_size, self.aug, rng, self.flip_permutation)
         inside = (np.abs(target) <= 0.5).all(axis=-1)
         visible = np.where(marks == 2.0, 1.0, np.where(inside & (marks > 0), 1.0, 0.0))
         return x, target, visible.astype(np.float32)
