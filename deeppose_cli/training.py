@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .backends import get_backend
-from .config import MODEL_SUFFIX, TrainConfig
+from .config import MODEL_SUFFIX, TrainConfig, default_workers
 from .errors import DeepPoseError
 from .files import sha256_of
 from .rundir import (RunDirectory, RunLock, is_run_directory, publish_run, resume_directory,
@@ -83,6 +83,8 @@ def resolve_train_config(stage: int, framework: str, *, out: str | None = None,
         else:
             previous = str(latest_run(dataset=dataset, stage=stage - 1))
     recipe.update(given)
+    if recipe.get("workers") is None:  # a resumed run keeps the count it saved
+        recipe["workers"] = default_workers(recipe.get("device", "cpu"))
     if stage >= 2 and not resume:
         recipe = inherit_architecture(recipe, RunDirectory(previous).meta(), given)
     if no_visibility:

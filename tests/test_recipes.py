@@ -506,3 +506,26 @@ def test_empirical_displacements_draw_only_measured_vectors():
     assert (9.0, 9.0) not in drawn and len(drawn) == 3  # invisible joints are not measured
     normal = np.array([again.draw(0, rng, "normal") for _ in range(500)])
     assert len({tuple(v) for v in normal}) == 500
+
+
+def test_loader_workers_default_to_none_on_cpu_and_most_cores_on_a_gpu(synthetic_dataset,
+                                                                       tmp_path, monkeypatch):
+    from deeppose_cli import config as config_module
+    from deeppose_cli.config import default_workers
+    from deeppose_cli.training import resolve_train_config
+
+    assert default_workers("cpu", cpu_count=64) == 0
+    assert [default_workers("cuda", cpu_count=n) for n in (1, 4, 5, 16, 64)] == [1, 1, 1, 12, 16]
+    assert default_workers("cuda:1", cpu_count=8) == 4
+
+    monkeypatch.setattr(config_module.os, "cpu_count", lambda: 16)
+    _, index_dir = synthetic_dataset
+
+    def resolved(**flags):
+        return resolve_train_config(1, "pytorch", out=str(tmp_path / "run"), dataset="synthetic",
+                                    index_dir_of=lambda name: index_dir, overrides=flags)
+
+    assert resolved().workers == 0
+    assert resolved(device="cuda").workers == 12  # no GPU needed: the recipe only
+    assert resolved(device="cuda", workers=3).workers == 3
+    assert resolved(workers=2).workers == 2
