@@ -113,3 +113,27 @@ def test_train_stage_resume_and_bad_device_through_the_cli(framework, synthetic_
     assert_no_escaped_exception(bad)
     assert "cuda" in bad.output.lower()
     assert sorted(p.name for p in out.iterdir()) == before  # the earlier run is untouched
+
+
+@pytest.mark.slow
+def test_cascade_example_trains_every_stage_and_evaluates_both_ways(synthetic_dataset, tmp_path):
+    import os
+    from pathlib import Path
+
+    root, _ = synthetic_dataset
+    runs = tmp_path / "runs"
+    env = {**os.environ, "DEEPPOSE": str(Path(sys.executable).parent / "deeppose"),
+           "DEEPPOSE_DATA": str(root), "RUNS": str(runs), "STAGES": "3",
+           "TRAIN_FLAGS": "--input-size 67 --width 0.125 --batch-size 4 --max-iterations 3"}
+    script = Path(__file__).resolve().parents[1] / "examples" / "cascade.sh"
+    done = subprocess.run(["bash", str(script), "synthetic", "cpu"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    walls = (runs / "wall.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in walls] == ["stage 1", "stage 2", "stage 3"]
+    stage3 = json.loads((runs / "stage3" / "run.json").read_text())
+    assert stage3["stage"] == 3 and stage3["complete"]
+    plain = json.loads((runs / "stage3" / "eval" / "metrics.json").read_text())
+    flipped = json.loads((runs / "stage3" / "eval" / "metrics-flip.json").read_text())
+    assert [r["name"] for r in plain["rows"]][-1] == "stages 1-2-3"
+    assert not plain["flip_test"] and flipped["flip_test"]
