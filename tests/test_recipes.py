@@ -521,11 +521,13 @@ def test_loader_workers_default_to_none_on_cpu_and_most_cores_on_a_gpu(synthetic
     monkeypatch.setattr(config_module.os, "cpu_count", lambda: 16)
     _, index_dir = synthetic_dataset
 
-    def resolved(**flags):
-        return resolve_train_config(1, "pytorch", out=str(tmp_path / "run"), dataset="synthetic",
-                                    index_dir_of=lambda name: index_dir, overrides=flags)
+    for framework in ("chainer", "pytorch"):
+        def resolved(**flags):
+            return resolve_train_config(1, framework, out=str(tmp_path / framework),
+                                        dataset="synthetic", index_dir_of=lambda name: index_dir,
+                                        overrides=flags)
 
-    assert resolved().workers == 0
-    assert resolved(device="cuda").workers == 12  # no GPU needed: the recipe only
-    assert resolved(device="cuda", workers=3).workers == 3
-    assert resolved(workers=2).workers == 2
+        assert resolved().workers == 0
+        assert resolved(device="cuda").workers == 12  # no GPU needed: the recipe only
+        assert resolved(device="cuda", workers=3).workers == 3
+        assert resolved(workers=2).workers == 2
