@@ -220,6 +220,8 @@ def augmentation_options(command):
                      help="Augmentation: log-scale jitter."),
         click.option("--jitter-translation", type=click.FloatRange(0),
                      help="Augmentation: shift, fraction of the box side."),
+        click.option("--flip/--no-flip", default=None,
+                     help="Augmentation: mirror half the samples, swapping left/right labels."),
         click.option("--colour-noise", type=click.FloatRange(0),
                      help="Augmentation: colour gain/shift."),
         click.option("--occlusion", type=click.FloatRange(0, 1),
@@ -407,16 +409,17 @@ def _default_eval_index(run_dir: Path) -> Path:
 @click.option("--save-predictions", type=click.Path(dir_okay=False),
               help="Per-image predictions (default RUN_DIR/eval/predictions.json).")
 @click.option("--stages", type=click.IntRange(1), help="Evaluate stages 1..K only.")
-@click.option("--flip-test", is_flag=True,
-              help="Average each crop's prediction with its mirror image's.")
+@click.option("--flip-test/--no-flip-test", default=None,
+              help="Average each crop's prediction with its mirror image's (default: on for "
+                   "every stage trained on mirrored images, as the recipes do).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_obj
 def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
              json_out: str | None, plot: str | None, save_predictions: str | None,
-             stages: int | None, flip_test: bool, device: str) -> None:
+             stages: int | None, flip_test: bool | None, device: str) -> None:
     """PCP and PDJ of every cascade stage beside the mean-pose baseline."""
     from .annotations import read_index
-    from .cascade import flip_averaged, run_cascade_on_records
+    from .cascade import run_cascade_on_records, with_flip_test
     from .evaluation import (evaluate_predictions, metrics_json, plot_pdj,
                              predictions_json, refinement_reports)
     from .files import write_json
@@ -430,8 +433,8 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     records = read_index(index_path, run_meta.get("num_joints"))
     cascade, meta = load_cascade(run_dir, device, stages)
     manifest = load_dataset_manifest(meta["dataset"])
-    if flip_test:
-        cascade = [flip_averaged(stage, manifest.flip_permutation) for stage in cascade]
+    cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test)
+    flipped = [stage.stage for stage in cascade if stage.flip_test]
     started = time.perf_counter()
     per_stage = run_cascade_on_records(cascade, records, manifest.torso_diameter)
     seconds = time.perf_counter() - started  # loading, cropping and every stage's forward
@@ -444,13 +447,14 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     pred_path = Path(save_predictions) if save_predictions else eval_dir / "predictions.json"
     write_json(json_path, metrics_json(rows, manifest, {
         "run": str(run_dir), "index": str(index_path), "images": len(records),
-        "flip_test": flip_test, "seconds": round(seconds, 6),
+        "flip_test": bool(flipped), "flip_test_stages": flipped, "seconds": round(seconds, 6),
         "images_per_second": round(len(records) / seconds, 2) if seconds > 0 else None,
         "refinement": [r.to_json(manifest.joint_names) for r in refinements]}))
     plot_pdj(rows, plot_path, f"{meta['dataset']}: {index_path.name} ({len(records)} images)")
     write_json(pred_path, predictions_json(records, per_stage, manifest.joint_names))
     _print_evaluation(rows, manifest, f"{run_dir} on {index_path} ({len(records)} images, "
-                      f"{len(records) / max(seconds, 1e-9):.1f} images/s through the cascade)")
+                      f"{len(records) / max(seconds, 1e-9):.1f} images/s through the cascade; test-time flip: "
+                      f"{_stage_list(flipped)})")
     if refinements:
         _print_refinements(refinements, manifest)
     console().print(f"metrics: {json_path}\nPDJ curves: {plot_path}\npredictions: {pred_path}")
@@ -459,6 +463,10 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
 
 PCP_SHORT = {"upper_arms": "u.arm", "lower_arms": "l.arm", "upper_legs": "u.leg",
              "lower_legs": "l.leg", "head": "head", "torso": "torso", "mean": "PCP"}
+
+
+def _stage_list(stages: list[int]) -> str:
+    return ("stage " if len(stages) == 1 else "stages ") + ", ".join(map(str, stages)) if stages else "off"
 
 
 def _print_evaluation(rows, manifest, title: str) -> None:
@@ -546,13 +554,14 @@ def _parse_bbox(text: str | None):
               show_default=True, help="Where --draw writes images.")
 @click.option("--json", "as_json", is_flag=True, help="Print COCO-keypoint-like JSON.")
 @click.option("--stages", type=click.IntRange(1), help="Run stages 1..K only.")
-@click.option("--flip-test", is_flag=True,
-              help="Average each crop's prediction with its mirror image's.")
+@click.option("--flip-test/--no-flip-test", default=None,
+              help="Average each crop's prediction with its mirror image's (default: on for "
+                   "every stage trained on mirrored images, as the recipes do).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_obj
 def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
             bbox: str | None, draw: bool, out_dir: str, as_json: bool, stages: int | None,
-            flip_test: bool, device: str) -> None:
+            flip_test: bool | None, device: str) -> None:
     """Predict joints on IMAGE files with a trained cascade."""
     import json
 

@@ -32,16 +32,16 @@ class ImagePrediction:
 
 def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] | None,
                    draw_dir: Path | None, stages: int | None = None, device: str = "cpu",
-                   flip_test: bool = False, chunk: int = 32
+                   flip_test: bool | None = None, chunk: int = 32
                    ) -> tuple[list[ImagePrediction], list[tuple[Path, str]]]:
     """Predictions for every readable image, and (path, reason) for the others.
 
     Without ``bbox`` the whole image is the person box (square, centred), as for a photo
-    already framed around one person.
+    already framed around one person. ``flip_test``: as ``cascade.with_flip_test``.
     """
     import cv2
 
-    from .cascade import run_cascade
+    from .cascade import run_cascade, with_flip_test
     from .drawing import draw_pose
     from .geometry import box_from_xywh, box_to_xywh
     from .manifests import load_dataset_manifest
@@ -49,10 +49,7 @@ def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] |
 
     cascade, meta = load_cascade(run_dir, device, stages)
     manifest = load_dataset_manifest(meta["dataset"])
-    if flip_test:
-        from .cascade import flip_averaged
-
-        cascade = [flip_averaged(stage, manifest.flip_permutation) for stage in cascade]
+    cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test)
     results, failures = [], []
     for start in range(0, len(paths), chunk):
         readable = []  # (path, bgr, box) of this chunk's images that decode

@@ -78,7 +78,18 @@ def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = No
     regress = get_backend(meta["framework"]).load_regressor(model_path, meta, device)
     return StageModel(stage=meta["stage"], framework=meta["framework"], regress=regress,
                       input_size=meta["input_size"], sigma=meta.get("sigma"),
-                      regress_crops=getattr(regress, "regress_crops", None))
+                      regress_crops=getattr(regress, "regress_crops", None),
+                      trained_on_mirrors=_trained_on_mirrors(run))
+
+
+def _trained_on_mirrors(run: RunDirectory) -> bool:
+    """Whether the run's recipe flipped its training images; a run without a readable
+    recipe.json (a bare model made into a run) counts as the recipes' default, which does."""
+    try:
+        recipe = json.loads(run.recipe_path.read_text())
+    except (OSError, ValueError):
+        return True
+    return recipe.get("flip", True) is not False if isinstance(recipe, dict) else True
 
 
 def chain_dirs(run_dir: Path) -> list[tuple[Path, str | None]]:

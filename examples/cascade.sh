@@ -25,7 +25,7 @@ for stage in $(seq 1 "$STAGES"); do
   previous=(--previous "$RUNS/stage$stage")
 done
 last="$RUNS/stage$STAGES"
-"$DEEPPOSE" evaluate --model "$last" --device "$DEVICE"
+"$DEEPPOSE" evaluate --model "$last" --device "$DEVICE" --no-flip-test
 "$DEEPPOSE" evaluate --model "$last" --device "$DEVICE" --flip-test \
   --json "$last/eval/metrics-flip.json" --plot "$last/eval/pdj-flip.png" \
   --save-predictions "$last/eval/predictions-flip.json"

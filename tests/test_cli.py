@@ -115,6 +115,37 @@ def test_train_stage_resume_and_bad_device_through_the_cli(framework, synthetic_
     assert sorted(p.name for p in out.iterdir()) == before  # the earlier run is untouched
 
 
+def test_evaluate_flips_by_default_only_stages_trained_on_mirrored_images(synthetic_dataset,
+                                                                          tmp_path):
+    _, index_dir = synthetic_dataset
+    runner = CliRunner()
+    flipped_stages = {}
+    for name, flip in (("mirrored", []), ("unmirrored", ["--no-flip"])):
+        out = tmp_path / name
+        trained = runner.invoke(main, ["train-stage", "1", "--framework", "pytorch", "--train",
+                                       str(index_dir / "train.jsonl"), "--dataset", "synthetic",
+                                       "--out", str(out), "--input-size", "67", "--width",
+                                       "0.125", "--batch-size", "4", "--max-iterations", "1",
+                                       "--quiet", *flip])
+        assert trained.exit_code == 0, trained.output
+        assert json.loads((out / "recipe.json").read_text())["flip"] is not bool(flip)
+        for choice in ([], ["--flip-test"], ["--no-flip-test"]):
+            metrics = tmp_path / f"{name}{''.join(choice)}.json"
+            done = runner.invoke(main, ["evaluate", "--model", str(out), "--index",
+                                        str(index_dir / "val.jsonl"), "--json", str(metrics),
+                                        "--plot", str(tmp_path / "pdj.png"), "--save-predictions",
+                                        str(tmp_path / "predictions.json"), *choice])
+            assert done.exit_code == 0, done.output
+            saved = json.loads(metrics.read_text())
+            flipped_stages[name, tuple(choice)] = saved["flip_test_stages"]
+            assert saved["flip_test"] is bool(saved["flip_test_stages"])
+            assert ("test-time flip: off" in done.output) is not saved["flip_test"]
+    assert flipped_stages == {("mirrored", ()): [1], ("mirrored", ("--flip-test",)): [1],
+                              ("mirrored", ("--no-flip-test",)): [],
+                              ("unmirrored", ()): [], ("unmirrored", ("--flip-test",)): [1],
+                              ("unmirrored", ("--no-flip-test",)): []}
+
+
 @pytest.mark.slow
 def test_cascade_example_trains_every_stage_and_evaluates_both_ways(synthetic_dataset, tmp_path):
     import os

@@ -427,6 +427,24 @@ def test_flip_test_leaves_a_mirror_symmetric_regressor_alone_and_cancels_a_bias(
     np.testing.assert_allclose(flip_averaged(biased, [1, 0]).regress(images)[..., 1], 0.1)
 
 
+def test_flip_test_defaults_to_the_stages_trained_on_mirrored_images():
+    from deeppose_cli.cascade import StageModel, flip_averaged, with_flip_test
+
+    biased = lambda x: np.tile([[0.2, 0.1]], (len(x), 2, 1))  # noqa: E731
+    images = np.zeros((2, 3, 9, 9), np.float32)
+    cascade = [StageModel(1, "test", biased, 9), StageModel(2, "test", biased, 9,
+                                                            trained_on_mirrors=False)]
+    chosen = {None: [1], True: [1, 2], False: []}
+    for flip_test, flipped in chosen.items():
+        stages = with_flip_test(cascade, [1, 0], flip_test)
+        assert [s.stage for s in stages if s.flip_test] == flipped
+        for stage, original in zip(stages, cascade):
+            expected = (flip_averaged(original, [1, 0]) if stage.flip_test else original).regress(images)
+            np.testing.assert_allclose(stage.regress(images), expected)
+    assert with_flip_test(cascade, [1, 0])[0].regress(images)[..., 0] == pytest.approx(0.0)
+    assert not any(s.flip_test for s in cascade)  # the stages given are left as they were
+
+
 # ----------------------------------------------------------------------------- batch norm
 
 
