@@ -287,8 +287,9 @@ def augmentation_options(command):
               help="Stage >= 2: run directory of stage N-1 (default: the latest one).")
 @click.option("--samples-per-image", type=click.IntRange(1),
               help="Stage >= 2: simulated boxes per joint and image, per epoch.")
-@click.option("--loss", type=click.Choice(["l2", "l1"]),
-              help="Pose loss: squared error (DeepPose) or absolute error.")
+@click.option("--loss", type=click.Choice(["l2", "l1", "laplace"]),
+              help="Pose loss: squared error (DeepPose), absolute error, or the Laplace "
+                   "likelihood with scales the network predicts.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "step"]),
               help="Learning-rate schedule after the warm-up.")
 @click.option("--lr-warmup", type=click.IntRange(0), help="Linear warm-up iterations.")

@@ -114,7 +114,7 @@ class TrainConfig:
                                 "mode) or fp32 with --framework chainer")
         from .losses import check_norm
 
-        check_norm(self.loss)
+        check_norm(self.loss, explicit=self.explicit_backward)
         if self.displacement_source not in DISPLACEMENT_SOURCES:
             raise DeepPoseError(f"displacement-source must be one of "
                                 f"{', '.join(DISPLACEMENT_SOURCES)}, got {self.displacement_source!r}")
@@ -180,8 +180,10 @@ def apply_init_parameters(load: Callable[[Any, dict], None], model: Any, config:
     ``load_numpy_params``), or say in one line why they do not fit."""
     if init_params is None:
         return
-    try:
-        load(model, init_params)
+    from .weights import SCALE_NAMES
+
+    try:  # a network that predicts its uncertainty may start from one that did not
+        load(model, init_params, optional=SCALE_NAMES)
     except DeepPoseError as e:
         raise DeepPoseError(f"--init {config.init} does not fit this network (input size "
                             f"{config.input_size}, width {config.width}, batch norm "

@@ -19,6 +19,7 @@ from .backends import get_backend
 from .config import MODEL_SUFFIX, TrainConfig, default_workers
 from .errors import DeepPoseError
 from .files import sha256_of
+from .losses import predicts_uncertainty
 from .rundir import (RunDirectory, RunLock, is_run_directory, publish_run, resume_directory,
                      staging_path)
 
@@ -131,6 +132,7 @@ def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
         "input_size": config.input_size,
         "width": config.width,
         "batch_norm": config.batch_norm,
+        "uncertainty": predicts_uncertainty(config.loss),
         "model_file": f"model{MODEL_SUFFIX[config.framework]}",
         "complete": False,
     }

@@ -27,11 +27,18 @@ BN_LAYERS: tuple[str, ...] = ("bn1", "bn2", "bn3", "bn4", "bn5")
 BN_ARRAYS: tuple[str, ...] = ("gamma", "beta", "avg_mean", "avg_var")
 BN_EPS = 1e-5       # both frameworks: Chainer's default is 2e-5, torch's 1e-5
 BN_DECAY = 0.9      # running statistics: 0.9 * old + 0.1 * batch (torch momentum 0.1)
+# The uncertainty variant (``uncertainty=True``, for the ``laplace`` loss) adds a second
+# output layer beside fc8, on fc7 too: the log of each coordinate's Laplace scale. A layer of
+# its own, not wider fc8 rows, so fc8 keeps one shape and weights move between the variants
+# (``--init``): the one missing layer starts fresh, an extra one is ignored.
+SCALE_LAYER = "fc8_scale"
+SCALE_NAMES: tuple[str, ...] = (f"{SCALE_LAYER}/W", f"{SCALE_LAYER}/b")
+LOG_SCALE_INIT = -3.0  # initial log scale: about 0.05 box sides, a typical early error
 
 
-def parameter_names(batch_norm: bool = False) -> tuple[str, ...]:
+def parameter_names(batch_norm: bool = False, uncertainty: bool = False) -> tuple[str, ...]:
     """Canonical names of every array of the model, in order."""
-    return tuple(parameter_shapes(1, MIN_INPUT_SIZE, 1.0, batch_norm))
+    return tuple(parameter_shapes(1, MIN_INPUT_SIZE, 1.0, batch_norm, uncertainty))
 
 # AlexNet as in DeepPose: (name, output channels at width 1, kernel, stride, pad, max-pool 3/2 after).
 CONV_LAYERS: tuple[tuple[str, int, int, int, int, bool], ...] = (
@@ -81,7 +88,8 @@ def conv_stack(width: float, architecture: str = "alexnet"
 
 def fc_stack(num_joints: int, input_size: int, width: float, architecture: str = "alexnet"
              ) -> tuple[tuple[str, int, int], ...]:
-    """(name, in features, out features) of fc6, fc7 and the fc8 regression output."""
+    """(name, in features, out features) of fc6, fc7 and the fc8 regression output (the
+    uncertainty variant's ``SCALE_LAYER`` has fc8's shape)."""
     if num_joints < 1:
         raise DeepPoseError(f"num_joints must be at least 1, got {num_joints}")
     last_conv = conv_stack(width, architecture)[-1]
@@ -108,9 +116,10 @@ def feature_map_size(input_size: int) -> int:
 
 
 def parameter_shapes(num_joints: int = 14, input_size: int = 227, width: float = 1.0,
-                     batch_norm: bool = False) -> dict[str, tuple[int, ...]]:
+                     batch_norm: bool = False, uncertainty: bool = False
+                     ) -> dict[str, tuple[int, ...]]:
     """Shape of every parameter of ``AlexNetRegressor(num_joints, input_size, width,
-    batch_norm)``, in order."""
+    batch_norm, uncertainty=uncertainty)``, in order."""
     fcs = fc_stack(num_joints, input_size, width)
     shapes: dict[str, tuple[int, ...]] = {}
     for name, in_channels, out_channels, ksize, _stride, _pad, _pooled in conv_stack(width):
@@ -122,6 +131,8 @@ def parameter_shapes(num_joints: int = 14, input_size: int = 227, width: float =
     for name, in_features, out_features in fcs:
         shapes[f"{name}/W"] = (out_features, in_features)
         shapes[f"{name}/b"] = (out_features,)
+    if uncertainty:
+        shapes[SCALE_NAMES[0]], shapes[SCALE_NAMES[1]] = shapes["fc8/W"], shapes["fc8/b"]
     return shapes
 
 
@@ -148,13 +159,14 @@ def check_parameters(params: Mapping[str, object], expected_shapes: Mapping[str,
             raise DeepPoseError(f"parameters do not match the model: {name!r} holds dtype kind {kind!r}, not real numbers")
 
 
-ARCHITECTURE_KEYS = ("num_joints", "input_size", "width", "batch_norm")
+ARCHITECTURE_KEYS = ("num_joints", "input_size", "width", "batch_norm", "uncertainty")
 
 
 def architecture(meta: Mapping[str, object]) -> dict[str, object]:
     """The constructor arguments of the regressor described by ``meta`` (a run.json, a model
-    file's metadata): ``batch_norm`` defaults to False, as in models written before it existed;
-    ``architecture`` (absent before it existed) must be a known one."""
+    file's metadata): ``batch_norm`` and ``uncertainty`` default to False, as in models written
+    before they existed; ``architecture`` (absent before it existed) must be a known one."""
     check_architecture(meta.get("architecture", "alexnet"))
     return {"num_joints": int(meta["num_joints"]), "input_size": int(meta["input_size"]),
-            "width": float(meta["width"]), "batch_norm": bool(meta.get("batch_norm", False))}
+            "width": float(meta["width"]), "batch_norm": bool(meta.get("batch_norm", False)),
+            "uncertainty": bool(meta.get("uncertainty", False))}

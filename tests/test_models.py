@@ -424,3 +424,126 @@ def test_an_unknown_architecture_is_refused():
     with pytest.raises(DeepPoseError, match="unknown architecture"):
         TrainConfig(stage=1, framework="pytorch", dataset="lsp", train_index="x", out="y",
                     architecture="resnet").validate()
+
+
+# ----------------------------------------------------------------------------- laplace loss
+
+
+def laplace_inputs(n: int = 4, j: int = 5, seed: int = 0):
+    """(N, 4J) predictions: coordinates, then log scales spread over and beyond the clip range."""
+    pred, target, visible = loss_inputs(n, j, seed=seed)
+    log_scale = np.random.default_rng(seed + 100).uniform(-9.0, 5.0, (n, 2 * j)).astype(np.float32)
+    return np.concatenate([pred, log_scale], axis=1), target, visible
+
+
+def reference_laplace(pred, target, visible) -> float:
+    n, j = visible.shape
+    d = np.abs(pred[:, :2 * j].reshape(n, j, 2).astype(np.float64) - target)
+    s = np.clip(pred[:, 2 * j:].reshape(n, j, 2).astype(np.float64), -7.0, 4.0)
+    nll = d / np.exp(s) + np.log(2 * np.exp(s))  # -log of the Laplace density (1 / 2b) e^(-|d| / b)
+    return float((visible[..., None] * nll).sum() / max(visible.sum(), 1))
+
+
+def laplace_loss_and_grad(pred, target, visible) -> dict:
+    torch_fn = lambda p, t, v, u: tm.pose_loss(p, t, v, u, norm="laplace")  # noqa: E731
+    chainer_fn = lambda p, t, v, u: cm.pose_loss(p, t, v, u, norm="laplace")  # noqa: E731
+    return {"torch": torch_loss_and_grad(torch_fn, pred, target, visible),
+            "chainer": chainer_loss_and_grad(chainer_fn, pred, target, visible)}
+
+
+def test_laplace_loss_is_the_negative_log_likelihood_in_both_frameworks():
+    pred, target, visible = laplace_inputs()
+    n, j = visible.shape
+    results = laplace_loss_and_grad(pred, target, visible)
+    expected = reference_laplace(pred, target, visible)
+    for name, (value, grad) in results.items():
+        assert value == pytest.approx(expected, rel=1e-5), name
+        np.testing.assert_allclose(grad, results["torch"][1], rtol=1e-4, atol=1e-6, err_msg=name)
+    grad = results["torch"][1]
+    log_scale = pred[:, 2 * j:].reshape(n, j, 2)
+    scale_grad = grad[:, 2 * j:].reshape(n, j, 2)
+    clipped = (log_scale < -7.0) | (log_scale > 4.0)
+    assert clipped.any() and not scale_grad[clipped].any()  # no pull beyond the clip range
+    # d/ds (|d| e^-s + s) = 1 - |d| e^-s: a scale above the error shrinks, below it grows
+    d = np.abs(pred[:, :2 * j].reshape(n, j, 2) - target)
+    inside = ~clipped & (visible[..., None] > 0)
+    expected_scale_grad = (1 - d * np.exp(-log_scale)) / visible.sum()
+    np.testing.assert_allclose(scale_grad[inside], expected_scale_grad[inside], rtol=1e-4, atol=1e-7)
+    # the coordinates get the L1 gradient weighted by 1 / b
+    coord_grad = grad[:, :2 * j].reshape(n, j, 2)
+    expected_coord = np.sign(pred[:, :2 * j].reshape(n, j, 2) - target) * np.exp(
+        -np.clip(log_scale, -7.0, 4.0)) / visible.sum()
+    vis = np.broadcast_to(visible[..., None] > 0, coord_grad.shape)
+    np.testing.assert_allclose(coord_grad[vis], expected_coord[vis], rtol=1e-4)
+
+
+def test_laplace_loss_ignores_invisible_joints_and_needs_the_scale_outputs():
+    pred, target, visible = laplace_inputs(seed=3)
+    before = laplace_loss_and_grad(pred, target, visible)
+    moved = target.copy()
+    moved[visible == 0] = np.nan
+    after = laplace_loss_and_grad(pred, moved, visible)
+    for name in before:
+        assert after[name][0] == before[name][0]
+        np.testing.assert_array_equal(after[name][1], before[name][1])
+    j = visible.shape[1]
+    with pytest.raises(DeepPoseError, match="4 \\* num_joints"):
+        tm.pose_loss(torch.tensor(pred[:, :2 * j]), torch.tensor(target), torch.tensor(visible),
+                     norm="laplace")
+    with pytest.raises(DeepPoseError, match="4 \\* num_joints"):
+        cm.pose_loss(pred[:, :2 * j], target, visible, norm="laplace")
+    for explicit in (tm.pose_loss_explicit, cm.pose_loss_explicit):
+        with pytest.raises(DeepPoseError, match="explicit-backward"):
+            explicit(torch.tensor(pred) if explicit is tm.pose_loss_explicit else pred,
+                     torch.tensor(target) if explicit is tm.pose_loss_explicit else target,
+                     torch.tensor(visible) if explicit is tm.pose_loss_explicit else visible,
+                     norm="laplace")
+
+
+def test_uncertainty_models_agree_across_frameworks_and_predict_coordinates_in_eval_mode():
+    config = dict(TINY, uncertainty=True)
+    torch_model, chainer_model = make_models(config)
+    params = with_large_fc8(tm.to_numpy_params(torch_model))
+    assert set(params) == set(weights.parameter_names(False, True))
+    assert params["fc8_scale/W"].shape == params["fc8/W"].shape
+    np.testing.assert_array_equal(params["fc8_scale/b"], weights.LOG_SCALE_INIT)
+    np.testing.assert_array_equal(cm.to_numpy_params(chainer_model)["fc8_scale/b"],
+                                  weights.LOG_SCALE_INIT)
+    params["fc8_scale/W"] = np.random.default_rng(2).normal(0, 0.3, params["fc8/W"].shape
+                                                            ).astype(np.float32)
+    tm.load_numpy_params(torch_model, params)
+    cm.load_numpy_params(chainer_model, params)
+    x = images(3, TINY["input_size"])
+    coords = forward_torch(torch_model, x)
+    assert coords.shape == (3, 2 * NUM_JOINTS)
+    np.testing.assert_allclose(forward_chainer(chainer_model, x), coords, atol=1e-4, rtol=0)
+    # in training mode the log scales follow the coordinates (batch norm in neither model,
+    # no dropout, so the coordinates are the eval-mode ones)
+    torch_model.dropout = chainer_model.dropout = 0.0
+    with torch.no_grad():
+        trained = torch_model.train()(torch.from_numpy(x)).numpy()
+    with chainer.using_config("train", True), chainer.no_backprop_mode():
+        trained_chainer = chainer_model(x).array
+    assert trained.shape == trained_chainer.shape == (3, 4 * NUM_JOINTS)
+    np.testing.assert_allclose(trained[:, :2 * NUM_JOINTS], coords, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(trained_chainer, trained, atol=1e-4, rtol=0)
+    assert np.abs(trained[:, 2 * NUM_JOINTS:] - weights.LOG_SCALE_INIT).max() > 0.1
+
+
+@pytest.mark.parametrize("backend", [tm, cm])
+def test_uncertainty_weights_load_only_where_they_fit(backend):
+    """The scale layer may be missing from --init weights (it starts fresh) but not from a model."""
+    np.random.seed(0)
+    torch.manual_seed(0)
+    plain = backend.to_numpy_params(backend.AlexNetRegressor(**TINY))
+    model = backend.AlexNetRegressor(**TINY, uncertainty=True)
+    fresh = backend.to_numpy_params(model)
+    with pytest.raises(DeepPoseError, match="fc8_scale"):
+        backend.load_numpy_params(model, plain)
+    backend.load_numpy_params(model, plain, optional=weights.SCALE_NAMES)
+    loaded = backend.to_numpy_params(model)
+    for name, value in plain.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    for name in weights.SCALE_NAMES:
+        np.testing.assert_array_equal(loaded[name], fresh[name])
+    backend.load_numpy_params(backend.AlexNetRegressor(**TINY), loaded)  # the extra layer is ignored

@@ -330,6 +330,51 @@ def test_init_with_a_different_network_fails_before_touching_the_run(synthetic_d
     assert not (tmp_path / "c").exists()
 
 
+def test_laplace_runs_carry_their_scale_layer_through_files_init_and_conversion(
+        synthetic_dataset, tmp_path):
+    """A Chainer run trained with the laplace loss writes its scale layer; a PyTorch run
+    started from it (--init) and its conversion predict exactly what it does."""
+    import torch
+
+    from deeppose_cli.backends import chainer_backend, torch_backend
+    from deeppose_cli.pipeline import PoseDataset
+    from deeppose_cli.runs import convert_run, initial_parameters
+    from deeppose_cli.rundir import RunDirectory
+    from deeppose_cli.training import train_stage1
+
+    _, index_dir = synthetic_dataset
+    chainer_run, _ = train_stage1(tiny_config("chainer", index_dir, tmp_path / "c", input_size=67,
+                                              width=0.125, max_iterations=3, loss="laplace"),
+                                  show_progress=False)
+    meta = RunDirectory(chainer_run.path).meta()
+    assert meta["uncertainty"] is True
+    params = chainer_backend.read_params(chainer_run.model_path)
+    assert {"fc8_scale/W", "fc8_scale/b"} <= set(params)
+    records = read_index(index_dir / "val.jsonl")[:8]
+    images = np.stack([PoseDataset(records, 67, PERM)[i][0] for i in range(8)])
+    theirs = chainer_backend.load_regressor(chainer_run.model_path, meta)(images)
+    assert theirs.shape == (8, 14, 2)
+
+    config = tiny_config("pytorch", index_dir, tmp_path / "t", input_size=67, width=0.125,
+                         loss="laplace", init=str(chainer_run.path))
+    model = torch_backend.build_model(config, 14, initial_parameters(config.init))
+    np.testing.assert_array_equal(torch_backend.to_numpy_params(model)["fc8_scale/W"],
+                                  params["fc8_scale/W"])
+    ours = torch_backend.predictor(model, torch.device("cpu"))(images)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+    converted = convert_run(chainer_run.path, "pytorch", tmp_path / "converted")
+    converted_meta = RunDirectory(converted).meta()
+    assert converted_meta["uncertainty"] is True
+    model_file = converted / converted_meta["model_file"]
+    assert torch.load(model_file, weights_only=True)["uncertainty"] is True
+    np.testing.assert_allclose(torch_backend.load_regressor(model_file, converted_meta)(images),
+                               theirs, atol=1e-5)
+    with pytest.raises(DeepPoseError, match="explicit-backward must be one of l2, l1"):
+        tiny_config("pytorch", index_dir, tmp_path / "e", loss="laplace",
+                    explicit_backward=True).validate()
+
+
 # ----------------------------------------------------------------------------- displacements
 
 

@@ -119,7 +119,8 @@ def test_model_file_holds_canonical_names_and_metadata(quick):
         assert str(npz["deeppose_framework"]) == "chainer"
         assert (int(npz["num_joints"]), int(npz["input_size"]), float(npz["width"])) == (14, 67, 0.25)
     assert keys == set(PARAMETER_NAMES) | {"deeppose_format", "deeppose_framework",
-                                            "num_joints", "input_size", "width", "batch_norm"}
+                                            "num_joints", "input_size", "width", "batch_norm",
+                                            "uncertainty"}
     params = cb.read_params(run.model_path)
     assert set(params) == set(PARAMETER_NAMES)
     assert all(p.dtype == np.float32 for p in params.values())

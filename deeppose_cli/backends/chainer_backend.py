@@ -25,13 +25,14 @@ import numpy as np
 
 from ..errors import DeepPoseError
 from ..files import atomic_write
+from ..losses import predicts_uncertainty
 from ..pipeline import RunBatches, RunSampler
 from ..schedules import schedule_from_config
 from ..config import TrainConfig, apply_init_parameters, parse_device
 from ..reporting import IterationPlan, TrainingReporter, validation_metrics
 from ..rundir import RunDirectory
-from ..weights import (ARCHITECTURE_KEYS, PARAMETER_NAMES, architecture, check_parameters,
-                       parameter_names, parameter_shapes)
+from ..weights import (ARCHITECTURE_KEYS, PARAMETER_NAMES, SCALE_NAMES, architecture,
+                       check_parameters, parameter_names, parameter_shapes)
 from . import framework_of_model_file
 from .chainer_compat import import_chainer
 
@@ -409,7 +410,7 @@ def build_model(config: TrainConfig, num_joints: int,
     dtype = chainer.mixed16 if config.precision == "fp16" else np.float32
     with chainer.using_config("dtype", dtype):
         model = AlexNetRegressor(num_joints, config.input_size, config.width, config.batch_norm,
-                                 config.dropout)
+                                 config.dropout, predicts_uncertainty(config.loss))
     apply_init_parameters(load_numpy_params, model, config, init_params)
     return model
 
@@ -469,7 +470,7 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
             iterator.finalize()  # stops MultiprocessIterator's workers on every path
 
     meta = {"num_joints": num_joints, "input_size": config.input_size, "width": config.width,
-            "batch_norm": config.batch_norm}
+            "batch_norm": config.batch_norm, "uncertainty": predicts_uncertainty(config.loss)}
     params = to_numpy_params(model)
     atomic_write(run.model_path, lambda tmp: write_model(params, meta, tmp))
     seconds = updater.train_seconds
@@ -492,13 +493,14 @@ def write_model(params: dict[str, np.ndarray], meta: dict, path: Path) -> None:
     spec = _architecture(meta, Path(path))
     check_parameters(params, parameter_shapes(**spec))
     arrays = {name: np.asarray(params[name], dtype=np.float32)
-              for name in parameter_names(spec["batch_norm"])}
+              for name in parameter_names(spec["batch_norm"], spec["uncertainty"])}
     arrays["deeppose_format"] = np.array(MODEL_FORMAT)
     arrays["deeppose_framework"] = np.array(FRAMEWORK)
     arrays["num_joints"] = np.array(spec["num_joints"], dtype=np.int64)
     arrays["input_size"] = np.array(spec["input_size"], dtype=np.int64)
     arrays["width"] = np.array(spec["width"], dtype=np.float64)
     arrays["batch_norm"] = np.array(spec["batch_norm"])
+    arrays["uncertainty"] = np.array(spec["uncertainty"])
     # A file object: np.savez would append ".npz" to a path that lacks it.
     with open(path, "wb") as f:
         np.savez_compressed(f, **arrays)
@@ -521,9 +523,10 @@ def load_regressor(model_path: Path, meta: dict,
     params, file_meta = _read_model(model_path)
     spec = _architecture({**file_meta, **{k: meta[k] for k in ARCHITECTURE_KEYS if k in meta}},
                          model_path)
-    if spec["batch_norm"] != bool(file_meta["batch_norm"]):  # _read_model always sets it
-        raise DeepPoseError(f"{model_path} has batch_norm {bool(file_meta['batch_norm'])}, "
-                            f"but its run.json says {spec['batch_norm']}")
+    for key in ("batch_norm", "uncertainty"):  # _read_model always sets them
+        if spec[key] != bool(file_meta[key]):
+            raise DeepPoseError(f"{model_path} has {key} {bool(file_meta[key])}, "
+                                f"but its run.json says {spec[key]}")
     state = np.random.get_state()  # building the model draws initial weights; leave no trace
     try:
         model = AlexNetRegressor(**spec)
@@ -569,7 +572,8 @@ def _read_model(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     file_meta = {k: _scalar(arrays[k]) for k in ARCHITECTURE_KEYS if k in arrays}
     # Files written before batch_norm existed say nothing; their arrays tell.
     file_meta.setdefault("batch_norm", "bn1/gamma" in arrays)
-    names = parameter_names(bool(file_meta["batch_norm"]))
+    file_meta.setdefault("uncertainty", SCALE_NAMES[0] in arrays)
+    names = parameter_names(bool(file_meta["batch_norm"]), bool(file_meta["uncertainty"]))
     try:
         if all(k in file_meta for k in META_KEYS):
             check_parameters(arrays, parameter_shapes(**_architecture(file_meta, path)))

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..losses import check_norm
-from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, POOL_KSIZE, POOL_STRIDE, check_parameters,
-                       conv_stack, fc_stack, parameter_names)
+from ..losses import (LOG_2, LOG_SCALE_MAX, LOG_SCALE_MIN, check_norm,
+                      check_uncertainty_outputs)
+from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, LOG_SCALE_INIT, POOL_KSIZE, POOL_STRIDE,
+                       SCALE_LAYER, check_parameters, conv_stack, fc_stack, parameter_names)
 from .chainer_compat import import_chainer
 
 chainer = import_chainer()
@@ -30,17 +31,21 @@ class AlexNetRegressor(chainer.Chain):
     ``width`` scales every channel count and the fc6/fc7 sizes, so tests and demos can run a
     tiny variant; ``input_size`` is the side of the square crop and fixes fc6's input size.
     Dropout and batch normalization (``batch_norm``: after each convolution, before its ReLU)
-    follow ``chainer.config.train``.
+    follow ``chainer.config.train``. ``uncertainty`` adds the ``fc8_scale`` layer: in training
+    mode the output is then ``(N, 4 * num_joints)``, the coordinates followed by the log of
+    each coordinate's Laplace scale, which only the ``laplace`` loss reads; in test mode it is
+    the coordinates alone.
     """
 
     def __init__(self, num_joints: int = 14, input_size: int = 227, width: float = 1.0,
-                 batch_norm: bool = False, dropout: float = 0.5):
+                 batch_norm: bool = False, dropout: float = 0.5, uncertainty: bool = False):
         super().__init__()
         self.dropout = float(dropout)  # fc6/fc7, training only; not part of the weights
         self.num_joints = num_joints
         self.input_size = input_size
         self.width = width
         self.batch_norm = bool(batch_norm)
+        self.uncertainty = bool(uncertainty)
         self.convs = conv_stack(width)
         with self.init_scope():
             for name, c_in, c_out, ksize, stride, pad, _pooled in self.convs:
@@ -55,6 +60,10 @@ class AlexNetRegressor(chainer.Chain):
             for name, f_in, f_out in fc_stack(num_joints, input_size, width):
                 initial = chainer.initializers.Normal(1e-3) if name == "fc8" else None
                 setattr(self, name, L.Linear(f_in, f_out, initialW=initial))
+            if self.uncertainty:  # every scale starts near exp(LOG_SCALE_INIT)
+                setattr(self, SCALE_LAYER, L.Linear(f_in, f_out,
+                                                    initialW=chainer.initializers.Normal(1e-3),
+                                                    initial_bias=LOG_SCALE_INIT))
 
     @property
     def input_dtype(self):
@@ -78,6 +87,8 @@ class AlexNetRegressor(chainer.Chain):
                 h = F.max_pooling_2d(h, POOL_KSIZE, POOL_STRIDE, cover_all=False)
         h = F.dropout(F.relu(self.fc6(h)), self.dropout)  # Linear flattens (N, C, H, W) row-major like torch
         h = F.dropout(F.relu(self.fc7(h)), self.dropout)
+        if self.uncertainty and chainer.config.train:
+            return F.concat((self.fc8(h), self.fc8_scale(h)), axis=1)
         return self.fc8(h)
 
 
@@ -114,12 +125,20 @@ def pose_loss(pred, target, visible, use_visibility: bool = True,
     xp = backend.get_array_module(pred)
     mask, denom = _mask_and_denominator(_as_array(visible), pred.dtype, use_visibility)
     n, j = mask.shape
+    check_norm(norm)
+    log_scale = None
+    if norm == "laplace":  # pred (N, 4J): the coordinates, then their log scales
+        check_uncertainty_outputs(pred.shape[1], j)
+        pred, log_scale = pred[:, :2 * j], pred[:, 2 * j:]
     diff = F.reshape(pred, (n, j, 2)) - F.cast(chainer.as_variable(target), pred.dtype)
     counts = xp.broadcast_to(mask[..., None] > 0, diff.shape)
     # where(), not just mask * diff: an unlabelled joint may carry NaN coordinates.
     diff = F.where(counts, diff, xp.zeros(diff.shape, diff.dtype))
     weights = xp.broadcast_to(mask[..., None], diff.shape)
-    check_norm(norm)
+    if log_scale is not None:
+        log_scale = F.clip(F.reshape(log_scale, (n, j, 2)), LOG_SCALE_MIN, LOG_SCALE_MAX)
+        nll = F.absolute(diff) * F.exp(-log_scale) + log_scale + LOG_2
+        return F.sum(nll * weights) / denom
     if norm == "l1":
         return F.sum(F.absolute(diff) * weights) / denom
     return F.sum(diff * diff * weights) / denom
@@ -133,7 +152,7 @@ class PoseLossFunction(chainer.FunctionNode):
     """
 
     def __init__(self, use_visibility: bool = True, norm: str = "l2"):
-        check_norm(norm)
+        check_norm(norm, explicit=True)
         self.use_visibility = use_visibility
         self.norm = norm
 
@@ -201,15 +220,18 @@ def to_numpy_params(model: AlexNetRegressor) -> dict[str, np.ndarray]:
     float32 NumPy copies (also from a GPU)."""
     cpu = backend.CpuDevice()
     return {name: np.array(cpu.send(_array_of(model, name)), dtype=np.float32, copy=True)
-            for name in parameter_names(model.batch_norm)}
+            for name in parameter_names(model.batch_norm, model.uncertainty)}
 
 
-def load_numpy_params(model: AlexNetRegressor, params: dict[str, np.ndarray]) -> None:
-    """Copy ``{"conv1/W": array, ...}`` into the model in place, keeping its device and dtype.
+def load_numpy_params(model: AlexNetRegressor, params: dict[str, np.ndarray],
+                      optional: tuple[str, ...] = ()) -> None:
+    """Copy ``{"conv1/W": array, ...}`` into the model in place, keeping its device and dtype;
+    the ``optional`` names ``params`` lacks keep the model's values.
 
     Raises ``DeepPoseError`` (before changing anything) on a missing key or a wrong shape.
     """
-    names = parameter_names(model.batch_norm)
+    names = [name for name in parameter_names(model.batch_norm, model.uncertainty)
+             if name in params or name not in optional]
     check_parameters(params, {name: _array_of(model, name).shape for name in names})
     for name in names:
         target = _array_of(model, name)

@@ -11,7 +11,7 @@ Two file formats, both loadable with ``torch.load(..., weights_only=True)``:
   "model", "optimizer", "iteration", "torch_rng_state", "config"}``, rewritten atomically
   every ``checkpoint_every`` iterations so ``--resume`` continues exactly where it stopped;
 * model (``model.pt``): ``{"format": "deeppose-model", "framework": "pytorch", "num_joints",
-  "input_size", "width", "batch_norm", "params": {"conv1/W": tensor, ...}}``, the canonical parameter
+  "input_size", "width", "batch_norm", "uncertainty", "params": {"conv1/W": tensor, ...}}``, the canonical parameter
   names of ``deeppose_cli.weights`` so ``deeppose convert`` can move it to Chainer.
 """
 
@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import DeepPoseError
 from ..files import atomic_write
+from ..losses import predicts_uncertainty
 from ..schedules import LearningRateSchedule, schedule_from_config
 from ..config import TrainConfig, apply_init_parameters, parse_device
 from ..reporting import IterationPlan, TrainingReporter, validation_metrics
@@ -326,7 +327,7 @@ def build_model(config: TrainConfig, num_joints: int,
                 init_params: dict[str, np.ndarray] | None = None) -> AlexNetRegressor:
     """The stage's network, freshly initialized or with ``init_params`` (``--init``)."""
     model = AlexNetRegressor(num_joints, config.input_size, config.width, config.batch_norm,
-                             config.dropout)
+                             config.dropout, predicts_uncertainty(config.loss))
     apply_init_parameters(load_numpy_params, model, config, init_params)
     return model
 
@@ -405,7 +406,7 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
 
 def model_meta(model: AlexNetRegressor) -> dict[str, Any]:
     return {"num_joints": model.num_joints, "input_size": model.input_size, "width": model.width,
-            "batch_norm": model.batch_norm}
+            "batch_norm": model.batch_norm, "uncertainty": model.uncertainty}
 
 
 def write_model(params: dict[str, np.ndarray], meta: dict, path: Path) -> None:
@@ -420,6 +421,7 @@ def write_model(params: dict[str, np.ndarray], meta: dict, path: Path) -> None:
         "input_size": int(meta["input_size"]),
         "width": float(meta["width"]),
         "batch_norm": spec["batch_norm"],
+        "uncertainty": spec["uncertainty"],
         "params": {name: torch.from_numpy(np.array(params[name], dtype=np.float32))
                    for name in shapes},
     }

@@ -17,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..losses import check_norm
-from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, POOL_KSIZE, POOL_STRIDE, check_parameters,
-                       conv_stack, fc_stack, parameter_names)
+from ..losses import (LOG_2, LOG_SCALE_MAX, LOG_SCALE_MIN, check_norm,
+                      check_uncertainty_outputs)
+from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, LOG_SCALE_INIT, POOL_KSIZE, POOL_STRIDE,
+                       SCALE_LAYER, check_parameters, conv_stack, fc_stack, parameter_names)
 
 
 class AlexNetRegressor(nn.Module):
@@ -29,17 +30,21 @@ class AlexNetRegressor(nn.Module):
     tiny variant; ``input_size`` is the side of the square crop and fixes fc6's input size.
     ``batch_norm`` adds a batch normalization after each convolution (before its ReLU): the
     paper's network trains from scratch only slowly, and normalized activations let it learn
-    in far fewer iterations.
+    in far fewer iterations. ``uncertainty`` adds the ``fc8_scale`` layer: in training mode
+    the output is then ``(N, 4 * num_joints)``, the coordinates followed by the log of each
+    coordinate's Laplace scale, which only the ``laplace`` loss reads; in eval mode it is the
+    coordinates alone, like every other variant's.
     """
 
     def __init__(self, num_joints: int = 14, input_size: int = 227, width: float = 1.0,
-                 batch_norm: bool = False, dropout: float = 0.5):
+                 batch_norm: bool = False, dropout: float = 0.5, uncertainty: bool = False):
         super().__init__()
         self.dropout = float(dropout)  # fc6/fc7, training only; not part of the weights
         self.num_joints = num_joints
         self.input_size = input_size
         self.width = width
         self.batch_norm = bool(batch_norm)
+        self.uncertainty = bool(uncertainty)
         self.convs = conv_stack(width)
         for name, c_in, c_out, ksize, stride, pad, _pooled in self.convs:
             setattr(self, name, nn.Conv2d(c_in, c_out, kernel_size=ksize, stride=stride,
@@ -52,6 +57,10 @@ class AlexNetRegressor(nn.Module):
         # Start every prediction near 0, the box centre, instead of at a random pose.
         nn.init.normal_(self.fc8.weight, std=1e-3)
         nn.init.zeros_(self.fc8.bias)
+        if self.uncertainty:  # every scale starts near exp(LOG_SCALE_INIT)
+            setattr(self, SCALE_LAYER, nn.Linear(self.fc8.in_features, self.fc8.out_features))
+            nn.init.normal_(self.fc8_scale.weight, std=1e-3)
+            nn.init.constant_(self.fc8_scale.bias, LOG_SCALE_INIT)
 
     def _conv(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """conv<k>, its batch normalization if any, then ReLU."""
@@ -70,6 +79,8 @@ class AlexNetRegressor(nn.Module):
         h = torch.flatten(h, 1)
         h = F.dropout(F.relu(self.fc6(h)), self.dropout, training=self.training)
         h = F.dropout(F.relu(self.fc7(h)), self.dropout, training=self.training)
+        if self.uncertainty and self.training:
+            return torch.cat((self.fc8(h), self.fc8_scale(h)), dim=1)
         return self.fc8(h)
 
 
@@ -102,10 +113,29 @@ def pose_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor, u
     holds (even NaN), so unlabelled joints need no special value.
     """
     check_norm(norm)
+    if norm == "laplace":
+        return _laplace_nll(pred, target, visible, use_visibility)
     diff, mask, denom = _masked_diff(pred, target.to(pred.dtype), visible.to(pred.dtype), use_visibility)
     if norm == "l1":
         return (mask[..., None] * diff.abs()).sum() / denom
     return (mask[..., None] * diff * diff).sum() / denom
+
+
+def _laplace_nll(pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor,
+                 use_visibility: bool) -> torch.Tensor:
+    """``laplace``: ``pred`` (N, 4J) holds the coordinates, then their log scales ``s``::
+
+        loss = sum(mask[..., None] * (|d| * exp(-s) + s + log 2)) / max(sum(mask), 1)
+
+    with ``s`` clipped to [LOG_SCALE_MIN, LOG_SCALE_MAX] (see ``deeppose_cli.losses``).
+    """
+    n, j = visible.shape
+    check_uncertainty_outputs(pred.shape[1], j)
+    diff, mask, denom = _masked_diff(pred[:, :2 * j], target.to(pred.dtype), visible.to(pred.dtype),
+                                     use_visibility)
+    log_scale = pred[:, 2 * j:].reshape(n, j, 2).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+    nll = diff.abs() * torch.exp(-log_scale) + log_scale + LOG_2
+    return (mask[..., None] * nll).sum() / denom
 
 
 class PoseLossFunction(torch.autograd.Function):
@@ -118,7 +148,7 @@ class PoseLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor, use_visibility: bool = True,
                 norm: str = "l2") -> torch.Tensor:
-        check_norm(norm)
+        check_norm(norm, explicit=True)
         diff, mask, denom = _masked_diff(pred, target.to(pred.dtype), visible.to(pred.dtype), use_visibility)
         ctx.save_for_backward(diff, mask, denom)
         ctx.pred_shape = pred.shape
@@ -164,15 +194,18 @@ def to_numpy_params(model: AlexNetRegressor) -> dict[str, np.ndarray]:
     """The model's parameters (and batch-norm statistics) as ``{"conv1/W": array, ...}``
     float32 copies (see ``deeppose_cli.weights``)."""
     return {name: _tensor_of(model, name).detach().contiguous().cpu().numpy().astype(np.float32, copy=True)
-            for name in parameter_names(model.batch_norm)}
+            for name in parameter_names(model.batch_norm, model.uncertainty)}
 
 
-def load_numpy_params(model: AlexNetRegressor, params: dict[str, np.ndarray]) -> None:
-    """Copy ``{"conv1/W": array, ...}`` into the model in place, keeping its device and dtype.
+def load_numpy_params(model: AlexNetRegressor, params: dict[str, np.ndarray],
+                      optional: tuple[str, ...] = ()) -> None:
+    """Copy ``{"conv1/W": array, ...}`` into the model in place, keeping its device and dtype;
+    the ``optional`` names ``params`` lacks keep the model's values.
 
     Raises ``DeepPoseError`` (before changing anything) on a missing key or a wrong shape.
     """
-    names = parameter_names(model.batch_norm)
+    names = [name for name in parameter_names(model.batch_norm, model.uncertainty)
+             if name in params or name not in optional]
     check_parameters(params, {name: tuple(_tensor_of(model, name).shape) for name in names})
     with torch.no_grad():
         for name in names:
