@@ -118,6 +118,9 @@ def pose_loss(pred, target, visible, use_visibility: bool = True,
         mask = visible if use_visibility else ones
         loss = sum(mask[..., None] * (pred.reshape(N, J, 2) - target) ** 2) / max(sum(mask), 1)
 
+    ``norm="laplace"`` takes ``pred`` (N, 4J), the coordinates then their log scales ``s``
+    (clipped to [LOG_SCALE_MIN, LOG_SCALE_MAX]), and sums ``|d| * exp(-s) + s + log 2``.
+
     Invisible joints contribute exactly 0 to the loss and its gradient whatever their target
     holds (even NaN), so unlabelled joints need no special value.
     """

@@ -109,6 +109,7 @@ def pose_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor, u
         l2: loss = sum(mask[..., None] * (pred.reshape(N, J, 2) - target) ** 2) / max(sum(mask), 1)
         l1: loss = sum(mask[..., None] * |pred.reshape(N, J, 2) - target|) / max(sum(mask), 1)
 
+    ``norm="laplace"`` takes ``pred`` (N, 4J), coordinates then log scales (``_laplace_nll``).
     Invisible joints contribute exactly 0 to the loss and its gradient whatever their target
     holds (even NaN), so unlabelled joints need no special value.
     """
