@@ -171,10 +171,9 @@ def train_config(settings: BenchmarkSettings, framework: str, explicit: bool = F
                  batch_size: int | None = None, precision: str | None = None,
                  workers: int | None = None):
     """The stage-1 recipe as training would resolve it, with the benchmark's overrides."""
-    from .manifests import load_stage_recipe
     from .config import TrainConfig
-
     from .losses import EXPLICIT_NORMS
+    from .manifests import load_stage_recipe
 
     recipe = load_stage_recipe(1)
     if recipe["loss"] not in EXPLICIT_NORMS:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .backends import FRAMEWORKS, MODEL_SUFFIX
 from .errors import DeepPoseError
-from .weights import check_architecture
+from .weights import SCALE_NAMES, check_architecture
 
 __all__ = ["DISPLACEMENT_SOURCES", "FRAMEWORKS", "MODEL_SUFFIX", "PRECISIONS", "TrainConfig",
            "apply_init_parameters", "default_workers", "parse_device"]
@@ -180,8 +180,6 @@ def apply_init_parameters(load: Callable[[Any, dict], None], model: Any, config:
     ``load_numpy_params``), or say in one line why they do not fit."""
     if init_params is None:
         return
-    from .weights import SCALE_NAMES
-
     try:  # a network that predicts its uncertainty may start from one that did not
         load(model, init_params, optional=SCALE_NAMES)
     except DeepPoseError as e:

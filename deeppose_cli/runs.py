@@ -89,7 +89,7 @@ def _trained_on_mirrors(run: RunDirectory) -> bool:
         recipe = json.loads(run.recipe_path.read_text())
     except (OSError, ValueError):
         return True
-    return recipe.get("flip", True) is not False if isinstance(recipe, dict) else True
+    return not isinstance(recipe, dict) or recipe.get("flip", True) is not False
 
 
 def chain_dirs(run_dir: Path) -> list[tuple[Path, str | None]]:
