@@ -18,8 +18,8 @@ import numpy as np
 from .annotations import PoseRecord
 from .errors import DeepPoseError
 from .geometry import denormalize_pose, joint_boxes, torso_diameter
-from .pipeline import (Augmentation, ImageCache, SampleKey, load_image, make_sample, read_image,
-                       sample_key, to_network_input)
+from .pipeline import (Augmentation, ImageCache, SampleKey, augmentation_at, load_image,
+                       make_sample, read_image, sample_key, to_network_input)
 
 Regressor = Callable[[np.ndarray], np.ndarray]  # NCHW float32 -> (N, J, 2) normalized
 # (images HxWx3 uint8, boxes (N, K, 4), flip) -> (N, K, J, 2) normalized: crops cut where the
@@ -257,6 +257,7 @@ class RefinementDataset:
         self.input_size = int(input_size)
         self.flip_permutation = list(flip_permutation)
         self.aug = aug or Augmentation.none()
+        self.jitter_off_epoch: int | None = None  # from this epoch on: no geometric jitter
         self.seed = int(seed)
         if train_joints not in REFINE_JOINTS:
             raise DeepPoseError(f"refine_joints must be one of {', '.join(REFINE_JOINTS)}, "
@@ -285,6 +286,7 @@ class RefinementDataset:
         other = copy.copy(self)
         other.stats = DisplacementStatistics.zero(len(self.stats.mean))
         other.aug = Augmentation.none()
+        other.jitter_off_epoch = None
         return other
 
     def box(self, k: int, epoch: int) -> np.ndarray:
@@ -300,16 +302,17 @@ class RefinementDataset:
         record = self.source_records[r]
         rng = np.random.default_rng([self.seed, epoch, k, 2])
         image = read_image(record.image, self.images)
+        aug = augmentation_at(self.aug, epoch, self.jitter_off_epoch)
         if self.train_joints == "own":
             mask = np.zeros(len(record.joints), dtype=np.float32)
             mask[j] = 1.0
             return make_sample(image, self.box(k, epoch), record.joints, mask, self.input_size,
-                               self.aug, rng, self.flip_permutation)
+                               aug, rng, self.flip_permutation)
         # "all": the crop's joint is marked 2 so it can be told apart after a flip's label swap
         mask = np.asarray(record.visible, dtype=np.float32).copy()
         mask[j] = 2.0
         x, target, marks = make_sample(image, self.box(k, epoch), record.joints, mask,
-                                       self.input_size, self.aug, rng, self.flip_permutation)
+                                       self.input_size, aug, rng, self.flip_permutation)
         inside = (np.abs(target) <= 0.5).all(axis=-1)
         visible = np.where(marks == 2.0, 1.0, np.where(inside & (marks > 0), 1.0, 0.0))
         return x, target, visible.astype(np.float32)

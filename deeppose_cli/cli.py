@@ -229,6 +229,9 @@ def augmentation_options(command):
         click.option("--outside-joints", type=click.Choice(["drop", "keep"]),
                      help="Joints augmentation moves out of the crop: not trained on (drop) "
                      "or kept."),
+        click.option("--jitter-off-fraction", type=click.FloatRange(0, 1),
+                     help="Augmentation: the run's last fraction trains on the exact box "
+                     "(no translation, scale or rotation jitter)."),
     ]
     for option in reversed(options):
         command = option(command)

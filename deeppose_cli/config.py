@@ -66,6 +66,7 @@ class TrainConfig:
     rotation: float = 0.0
     occlusion: float = 0.0
     outside_joints: str = "keep"
+    jitter_off_fraction: float = 0.0
     lr_schedule: str = "constant"
     lr_warmup: int = 0
     lr_final_ratio: float = 0.01
@@ -131,6 +132,8 @@ class TrainConfig:
             raise DeepPoseError("dropout must be at least 0 and below 1")
         if not 0 <= self.occlusion <= 1:
             raise DeepPoseError("occlusion is a probability: between 0 and 1")
+        if not 0 <= self.jitter_off_fraction <= 1:
+            raise DeepPoseError("jitter-off-fraction is a fraction of the run: between 0 and 1")
         from .pipeline import Augmentation
         from .schedules import LearningRateSchedule
 

@@ -9,7 +9,7 @@ numbers: the same seed gives identical samples whichever framework, worker or or
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -52,6 +52,11 @@ class Augmentation:
     @classmethod
     def none(cls) -> "Augmentation":
         return cls(0.0, 0.0, False, 0.0)
+
+    def without_jitter(self) -> "Augmentation":
+        """The same flips, colour noise and occlusion on the exact box, uncut by translation,
+        scale or rotation: crops as evaluation cuts them (``jitter_off_fraction``)."""
+        return replace(self, jitter_translation=0.0, jitter_scale=0.0, rotation=0.0)
 
     @classmethod
     def from_recipe(cls, recipe: dict) -> "Augmentation":
@@ -208,6 +213,16 @@ def erase_rectangle(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def augmentation_at(aug: Augmentation, epoch: int, jitter_off_epoch: int | None
+                    ) -> Augmentation:
+    """The augmentation of ``epoch``: ``aug``, or from ``jitter_off_epoch`` on (the run's last
+    ``jitter_off_fraction``, see ``IterationPlan.tail_start_epoch``) the same without the
+    geometric jitter, so a run ends on crops placed the way evaluation places them."""
+    if jitter_off_epoch is not None and epoch >= jitter_off_epoch:
+        return aug.without_jitter()
+    return aug
+
+
 SampleKey = tuple[int, int]  # (epoch, index): all a training sample depends on, with the seed
 
 
@@ -225,11 +240,12 @@ class PoseDataset:
 
     Indexable by ``(epoch, index)`` keys (a plain ``index`` means epoch 0), so it serves as a
     torch ``Dataset`` and a chainer dataset alike, and the key alone fixes the sample.
+    From epoch ``jitter_off_epoch`` on (None: never) samples skip the geometric jitter.
     """
 
     def __init__(self, records: Sequence[PoseRecord], input_size: int,
                  flip_permutation: Sequence[int], aug: Augmentation | None = None, seed: int = 0,
-                 images: ImageCache | None = None):
+                 images: ImageCache | None = None, jitter_off_epoch: int | None = None):
         self.records = list(records)
         self.images = images
         # Every target of this dataset has this many joints (the index reader checks it).
@@ -238,6 +254,7 @@ class PoseDataset:
         self.flip_permutation = list(flip_permutation)
         self.aug = aug or Augmentation.none()
         self.seed = int(seed)
+        self.jitter_off_epoch = jitter_off_epoch
 
     def __len__(self) -> int:
         return len(self.records)
@@ -249,7 +266,8 @@ class PoseDataset:
         record = self.records[index]
         image = read_image(record.image, self.images)
         return make_sample(image, record.box, record.joints, record.visible, self.input_size,
-                           self.aug, self.rng(index, epoch), self.flip_permutation)
+                           augmentation_at(self.aug, epoch, self.jitter_off_epoch),
+                           self.rng(index, epoch), self.flip_permutation)
 
     def __getitem__(self, key: int | SampleKey):
         return self.get(*sample_key(key))

@@ -32,6 +32,14 @@ class IterationPlan:
         """Epoch (0-based) that iteration ``iteration`` (1-based) belongs to."""
         return (iteration - 1) // self.iterations_per_epoch
 
+    def tail_start_epoch(self, fraction: float) -> int | None:
+        """The first epoch of the run's last ``fraction`` of iterations, rounded to whole
+        epochs (None for 0): where ``jitter_off_fraction`` turns the geometric jitter off."""
+        if fraction <= 0:
+            return None
+        epochs = self.total_iterations / self.iterations_per_epoch
+        return int(round(epochs * (1.0 - fraction)))
+
     def validates_at(self, iteration: int, val_every: int = 1) -> bool:
         """Whether a run validates after ``iteration``: at the end of every ``val_every``-th
         epoch and at its last iteration. Both backends ask this, so their logs line up."""

@@ -32,8 +32,9 @@ def stage1_datasets(config: TrainConfig, manifest):
     train_records = read_index(Path(config.train_index), manifest.num_joints)
     aug = Augmentation.from_recipe(config.to_json())
     images = ImageCache.of_gib(config.image_cache_gib)
+    tail = jitter_off_epoch(config.to_json(), len(train_records))
     train_set = PoseDataset(train_records, config.input_size, manifest.flip_permutation, aug,
-                            seed=config.seed, images=images)
+                            seed=config.seed, images=images, jitter_off_epoch=tail)
     val_set = None
     if config.val_index:
         val_set = PoseDataset(read_index(Path(config.val_index), manifest.num_joints),
@@ -41,6 +42,16 @@ def stage1_datasets(config: TrainConfig, manifest):
                               manifest.flip_permutation, Augmentation.none(), seed=config.seed,
                               images=images)
     return train_set, val_set
+
+
+def jitter_off_epoch(recipe: dict[str, Any], num_samples: int) -> int | None:
+    """The epoch from which a run of ``recipe`` on ``num_samples`` samples trains without
+    geometric jitter (``jitter_off_fraction``), from the plan both backends follow."""
+    from .reporting import IterationPlan
+
+    plan = IterationPlan.make(num_samples, int(recipe["batch_size"]), int(recipe["epochs"]),
+                              recipe.get("max_iterations"))
+    return plan.tail_start_epoch(float(recipe.get("jitter_off_fraction", 0.0)))
 
 
 def resolve_train_config(stage: int, framework: str, *, out: str | None = None,
@@ -114,10 +125,10 @@ def augmentation_preview_dataset(index_file: Path, recipe: dict[str, Any], manif
     from .annotations import read_index
     from .pipeline import Augmentation, PoseDataset
 
-    return PoseDataset(read_index(Path(index_file), manifest.num_joints),
-                       int(recipe["input_size"]),
-                       manifest.flip_permutation, Augmentation.from_recipe(recipe),
-                       seed=int(recipe.get("seed", 0)))
+    records = read_index(Path(index_file), manifest.num_joints)
+    return PoseDataset(records, int(recipe["input_size"]), manifest.flip_permutation,
+                       Augmentation.from_recipe(recipe), seed=int(recipe.get("seed", 0)),
+                       jitter_off_epoch=jitter_off_epoch(recipe, len(records)))
 
 
 def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
@@ -253,6 +264,7 @@ def refinement_datasets(config: TrainConfig, manifest, stats, train_records, val
                                   samples_per_image=config.samples_per_image,
                                   train_joints=config.refine_joints,
                                   sampling=config.displacement_sampling, **common)
+    train_set.jitter_off_epoch = jitter_off_epoch(config.to_json(), len(train_set))
     val_set = (RefinementDataset(val_records, sampling=config.displacement_sampling, **common)
                if val_records else None)
     return train_set, val_set

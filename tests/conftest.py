@@ -85,7 +85,7 @@ def synthetic_dataset(tmp_path_factory):
 # the stage recipes' defaults does not change what they measure.
 CALIBRATED = dict(lr_schedule="constant", lr_warmup=0, jitter_translation=0.05,
                   jitter_scale=0.1, colour_noise=0.1, flip=True, rotation=0.0, occlusion=0.0,
-                  outside_joints="keep", loss="l2", batch_norm=False, dropout=0.5, init=None,
+                  outside_joints="keep", jitter_off_fraction=0.0, loss="l2", batch_norm=False, dropout=0.5, init=None,
                   displacement_sampling="normal", refine_joints="own")
 
 

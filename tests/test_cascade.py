@@ -136,6 +136,30 @@ def test_simulated_boxes_follow_the_statistics(tmp_path):
     np.testing.assert_array_equal(ds.box(3, 7), ds.box(3, 7))
 
 
+def test_refinement_jitter_off_epochs_keep_the_simulated_displacement(tmp_path):
+    """``jitter_off_epoch`` drops only the augmentation's jitter: the box still comes from the
+    displacement draw, and the centred copy used for reporting has no schedule."""
+    from deeppose_cli.pipeline import Augmentation
+
+    rng = np.random.default_rng(8)
+    record = make_record(tmp_path, rng)
+    stats = DisplacementStatistics(np.zeros((14, 2)), np.tile(np.eye(2) * 0.01, (14, 1, 1)),
+                                   np.ones(14))
+    aug = Augmentation(0.1, 0.2, True, 0.2, rotation=20.0)
+    common = dict(stats=stats, sigma=1.0, input_size=67,
+                  flip_permutation=MANIFEST.flip_permutation, torso_pair=TORSO, seed=2)
+    scheduled = RefinementDataset([record], aug=aug, **common)
+    scheduled.jitter_off_epoch = 3
+    jittered = RefinementDataset([record], aug=aug, **common)
+    plain = RefinementDataset([record], aug=aug.without_jitter(), **common)
+    for k in range(len(scheduled)):
+        for epoch, expected in ((2, jittered), (3, plain)):
+            for x, y in zip(scheduled.get(k, epoch), expected.get(k, epoch)):
+                np.testing.assert_array_equal(x, y)
+    assert not np.allclose(scheduled.get(0, 3)[1], jittered.get(0, 3)[1])
+    assert scheduled.centred().jitter_off_epoch is None
+
+
 def test_invisible_joints_are_not_simulated(tmp_path):
     rng = np.random.default_rng(6)
     record = make_record(tmp_path, rng)

@@ -187,3 +187,41 @@ def test_make_sample_matches_the_unfused_pipeline_draw_for_draw(records):
         np.testing.assert_allclose(x, unfused_input(crop, gain, shift), atol=one_level + 1e-5,
                                    rtol=0)
     assert 0 < flips < 8
+
+
+def test_jitter_off_epochs_crop_the_exact_box_and_keep_flip_and_colour(records):
+    """From ``jitter_off_epoch`` on a sample is the one the jitter-free augmentation draws for
+    the same key; before it, the recipe's own augmentation's."""
+    aug = Augmentation(0.1, 0.2, True, 0.2, rotation=20.0)
+    scheduled = PoseDataset(records, 67, PERM, aug, seed=3, jitter_off_epoch=4)
+    jittered = PoseDataset(records, 67, PERM, aug, seed=3)
+    plain = PoseDataset(records, 67, PERM, aug.without_jitter(), seed=3)
+    assert plain.aug.flip and plain.aug.colour_noise == 0.2
+    assert (plain.aug.jitter_translation, plain.aug.jitter_scale, plain.aug.rotation) == (0, 0, 0)
+    for i in range(3):
+        for epoch, expected in ((3, jittered), (4, plain), (9, plain)):
+            for x, y in zip(scheduled.get(i, epoch), expected.get(i, epoch)):
+                np.testing.assert_array_equal(x, y)
+    # Without jitter the targets are the evaluation's (mirrored when the draw flips).
+    evaluation = PoseDataset(records, 67, PERM, Augmentation.none())
+    for i in range(3):
+        joints = scheduled.get(i, 5)[1]
+        expected, expected_visible = evaluation.get(i)[1:]
+        mirrored = flip_normalized(expected, expected_visible, PERM)[0]
+        assert (np.allclose(joints, expected, atol=1e-5)
+                or np.allclose(joints, mirrored, atol=1e-5))
+    assert not any(np.allclose(scheduled.get(i, 3)[1], evaluation.get(i)[1], atol=1e-3)
+                   for i in range(3))
+
+
+@pytest.mark.parametrize("epochs, max_iterations, fraction, expected", [
+    (10, None, 0.0, None), (10, None, 0.2, 8), (10, None, 1.0, 0), (220, None, 0.1, 198),
+    (10, 25, 0.2, 2),  # 25 of 10-iteration epochs: the last 5 iterations are epoch 2's
+])
+def test_jitter_off_epoch_follows_the_iterations_that_will_run(epochs, max_iterations, fraction,
+                                                               expected):
+    from deeppose_cli.training import jitter_off_epoch
+
+    recipe = {"batch_size": 4, "epochs": epochs, "max_iterations": max_iterations,
+              "jitter_off_fraction": fraction}
+    assert jitter_off_epoch(recipe, 40) == expected

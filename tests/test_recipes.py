@@ -244,6 +244,34 @@ def test_show_augmentation_writes_a_grid(synthetic_dataset, tmp_path):
     assert grid is not None and grid.shape == (67, 6 * 67 + 5 * 2, 3)  # one row of six
 
 
+def test_show_augmentation_draws_the_jitter_free_tail_of_the_run(synthetic_dataset, tmp_path):
+    """``--jitter-off-fraction`` reaches the samples through the recipe: an epoch inside the
+    run's jitter-free tail draws what a recipe without jitter draws, an earlier one does not."""
+    import cv2
+
+    from deeppose_cli.cli import main
+
+    root, index_dir = synthetic_dataset
+    common = ["show-augmentation", "--index", str(index_dir / "train.jsonl"), "--dataset",
+              "synthetic", "--count", "4", "--input-size", "67", "--rotation", "30"]
+
+    def grid(name: str, *args: str):
+        out = tmp_path / f"{name}.png"
+        result = CliRunner().invoke(main, common + ["--out", str(out), *args])
+        assert result.exit_code == 0, result.output
+        return cv2.imread(str(out))
+
+    # The stage-1 recipe's 100 epochs: the last 30 % starts at epoch 70.
+    tail = ["--jitter-off-fraction", "0.3"]
+    no_jitter = ["--rotation", "0", "--jitter-scale", "0", "--jitter-translation", "0"]
+    np.testing.assert_array_equal(grid("tail", *tail, "--epoch", "70"),
+                                  grid("plain", *no_jitter, "--epoch", "70"))
+    assert not np.array_equal(grid("before", *tail, "--epoch", "69"),
+                              grid("plain69", *no_jitter, "--epoch", "69"))
+    bad = CliRunner().invoke(main, common + ["--jitter-off-fraction", "1.5"])
+    assert bad.exit_code != 0 and "1.5" in bad.output
+
+
 # ----------------------------------------------------------------------------- loss
 
 
