@@ -369,7 +369,8 @@ def cascade_section(settings: BenchmarkSettings, framework: str, image: np.ndarr
         stages = [StageModel(stage=k + 1, framework=framework, regress=regress,
                              # sigma changes which pixels are cropped, not how many
                              input_size=settings.input_size, sigma=None if k == 0 else 2.0,
-                             regress_crops=getattr(regress, "regress_crops", None))
+                             regress_crops=getattr(regress, "regress_crops", None),
+                             has_scales=getattr(regress, "has_scales", False))
                   for k, regress in enumerate(regressors)]
     # The raw forward passes: the same stage networks on ready-made network inputs, so the
     # ratio shows what cropping, normalizing and mapping back cost on top of them.

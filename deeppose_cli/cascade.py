@@ -11,7 +11,7 @@ stages' displacements measured on the training set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -39,26 +39,56 @@ class StageModel:
     regress_crops: CropRegressor | None = None  # the backend's device-side crops, if any
     trained_on_mirrors: bool = True  # its recipe's `flip`: it saw mirrored images in training
     flip_test: bool = False          # predictions average each crop with its mirror image
+    # its regressors also return log scales with with_scales=True (the `laplace` scale layer)
+    has_scales: bool = False
 
 
-def flip_averaged(stage: StageModel, flip_permutation: Sequence[int]) -> StageModel:
+FLIP_WEIGHTS = ("scales", "equal")  # how the flip test weights its two opinions
+
+
+def flip_averaged(stage: StageModel, flip_permutation: Sequence[int],
+                  weights: str = "scales") -> StageModel:
     """The same stage predicting each crop twice, as it is and mirrored (its joints mirrored
     back and their left/right labels swapped), and averaging: test-time flipping, which the
-    flip augmentation makes the network's second, nearly independent opinion."""
+    flip augmentation makes the network's second, nearly independent opinion.
+
+    A stage with the ``laplace`` scale layer weights each coordinate's two opinions by their
+    inverse variances (1 / b^2 for a predicted Laplace scale b), so the view the network is
+    surer of counts more (README "Test-time flip"); other stages, and ``weights="equal"``,
+    take the plain mean."""
+    if weights not in FLIP_WEIGHTS:
+        raise DeepPoseError(f"flip weights must be one of {', '.join(FLIP_WEIGHTS)}, "
+                            f"got {weights!r}")
+    weighted = weights == "scales" and stage.has_scales
     perm = list(flip_permutation)
 
-    def average(plain: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
-        mirrored = np.asarray(mirrored)[..., perm, :].copy()
-        mirrored[..., 0] = -mirrored[..., 0]
-        return (np.asarray(plain) + mirrored) / 2.0
+    def mirror_back(pred: np.ndarray) -> np.ndarray:
+        pred = np.asarray(pred)[..., perm, :].copy()
+        pred[..., 0] = -pred[..., 0]
+        return pred
+
+    def average(plain: Any, mirrored: Any) -> np.ndarray:
+        if not weighted:
+            return (np.asarray(plain) + mirror_back(mirrored)) / 2.0
+        (plain, plain_log_scale), (mirrored, mirrored_log_scale) = plain, mirrored
+        mirrored = mirror_back(mirrored)
+        if plain_log_scale is None or mirrored_log_scale is None:
+            return (np.asarray(plain) + mirrored) / 2.0
+        mirrored_log_scale = np.asarray(mirrored_log_scale)[..., perm, :]
+        # weight of the plain view: b_m^2 / (b_p^2 + b_m^2), computed without overflow
+        difference = np.clip(2.0 * (plain_log_scale - mirrored_log_scale), -60.0, 60.0)
+        weight = 1.0 / (1.0 + np.exp(difference))
+        return weight * plain + (1.0 - weight) * mirrored
+
+    extra = {"with_scales": True} if weighted else {}
 
     def regress(images: np.ndarray) -> np.ndarray:
-        return average(stage.regress(images),
-                       stage.regress(np.ascontiguousarray(images[..., ::-1])))
+        return average(stage.regress(images, **extra),
+                       stage.regress(np.ascontiguousarray(images[..., ::-1]), **extra))
 
     def regress_crops(images, boxes, flip=False):
-        return average(stage.regress_crops(images, boxes, flip),
-                       stage.regress_crops(images, boxes, not flip))
+        return average(stage.regress_crops(images, boxes, flip, **extra),
+                       stage.regress_crops(images, boxes, not flip, **extra))
 
     return StageModel(stage.stage, stage.framework, regress, stage.input_size, stage.sigma,
                       regress_crops if stage.regress_crops is not None else None,
@@ -66,15 +96,16 @@ def flip_averaged(stage: StageModel, flip_permutation: Sequence[int]) -> StageMo
 
 
 def with_flip_test(cascade: Sequence[StageModel], flip_permutation: Sequence[int],
-                   flip_test: bool | None = None) -> list[StageModel]:
+                   flip_test: bool | None = None, weights: str = "scales") -> list[StageModel]:
     """The cascade with test-time flipping on every stage (``True``), none (``False``), or by
     default (``None``) on each stage whose recipe trained it on mirrored images.
 
     On by default because it was measured to help on LSPET at every depth (README
     "Measured": +0.5 to +1.6 points of PDJ@0.2), as pose toolkits such as MMPose do; a stage
     that never saw a mirrored person is not asked to judge one unless the caller says so.
+    ``weights``: as ``flip_averaged``.
     """
-    return [flip_averaged(stage, flip_permutation)
+    return [flip_averaged(stage, flip_permutation, weights)
             if (stage.trained_on_mirrors if flip_test is None else flip_test) else stage
             for stage in cascade]
 

@@ -416,11 +416,17 @@ def _default_eval_index(run_dir: Path) -> Path:
 @click.option("--flip-test/--no-flip-test", default=None,
               help="Average each crop's prediction with its mirror image's (default: on for "
                    "every stage trained on mirrored images, as the recipes do).")
+@click.option("--flip-weights", type=click.Choice(["scales", "equal"]), default="scales",
+              show_default=True,
+              help="scales: weight the two views of a coordinate by the inverse variance of "
+                   "their predicted Laplace scales (stages trained with the laplace loss); "
+                   "equal: the plain mean.")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_obj
 def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
              json_out: str | None, plot: str | None, save_predictions: str | None,
-             stages: int | None, flip_test: bool | None, device: str) -> None:
+             stages: int | None, flip_test: bool | None, flip_weights: str, device: str
+             ) -> None:
     """PCP and PDJ of every cascade stage beside the mean-pose baseline."""
     from .annotations import read_index
     from .cascade import run_cascade_on_records, with_flip_test
@@ -437,7 +443,7 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     records = read_index(index_path, run_meta.get("num_joints"))
     cascade, meta = load_cascade(run_dir, device, stages)
     manifest = load_dataset_manifest(meta["dataset"])
-    cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test)
+    cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test, flip_weights)
     flipped = [stage.stage for stage in cascade if stage.flip_test]
     started = time.perf_counter()
     per_stage = run_cascade_on_records(cascade, records, manifest.torso_diameter)
@@ -451,7 +457,8 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     pred_path = Path(save_predictions) if save_predictions else eval_dir / "predictions.json"
     write_json(json_path, metrics_json(rows, manifest, {
         "run": str(run_dir), "index": str(index_path), "images": len(records),
-        "flip_test": bool(flipped), "flip_test_stages": flipped, "seconds": round(seconds, 6),
+        "flip_test": bool(flipped), "flip_test_stages": flipped, "flip_weights": flip_weights,
+        "seconds": round(seconds, 6),
         "images_per_second": round(len(records) / seconds, 2) if seconds > 0 else None,
         "refinement": [r.to_json(manifest.joint_names) for r in refinements]}))
     plot_pdj(rows, plot_path, f"{meta['dataset']}: {index_path.name} ({len(records)} images)")
@@ -561,11 +568,16 @@ def _parse_bbox(text: str | None):
 @click.option("--flip-test/--no-flip-test", default=None,
               help="Average each crop's prediction with its mirror image's (default: on for "
                    "every stage trained on mirrored images, as the recipes do).")
+@click.option("--flip-weights", type=click.Choice(["scales", "equal"]), default="scales",
+              show_default=True,
+              help="scales: weight the two views of a coordinate by the inverse variance of "
+                   "their predicted Laplace scales (stages trained with the laplace loss); "
+                   "equal: the plain mean.")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_obj
 def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
             bbox: str | None, draw: bool, out_dir: str, as_json: bool, stages: int | None,
-            flip_test: bool | None, device: str) -> None:
+            flip_test: bool | None, flip_weights: str, device: str) -> None:
     """Predict joints on IMAGE files with a trained cascade."""
     import json
 
@@ -577,7 +589,7 @@ def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
     run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
     results, failures = predict_images(run_dir, [Path(p) for p in images], box,
                                        Path(out_dir) if draw else None, stages, device,
-                                       flip_test)
+                                       flip_test, flip_weights=flip_weights)
     out = console()
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=2))

@@ -32,12 +32,12 @@ class ImagePrediction:
 
 def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] | None,
                    draw_dir: Path | None, stages: int | None = None, device: str = "cpu",
-                   flip_test: bool | None = None, chunk: int = 32
+                   flip_test: bool | None = None, chunk: int = 32, flip_weights: str = "scales"
                    ) -> tuple[list[ImagePrediction], list[tuple[Path, str]]]:
     """Predictions for every readable image, and (path, reason) for the others.
 
     Without ``bbox`` the whole image is the person box (square, centred), as for a photo
-    already framed around one person. ``flip_test``: as ``cascade.with_flip_test``.
+    already framed around one person. ``flip_test`` and ``flip_weights``: as ``cascade.with_flip_test``.
     """
     import cv2
 
@@ -49,7 +49,7 @@ def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] |
 
     cascade, meta = load_cascade(run_dir, device, stages)
     manifest = load_dataset_manifest(meta["dataset"])
-    cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test)
+    cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test, flip_weights)
     results, failures = [], []
     for start in range(0, len(paths), chunk):
         readable = []  # (path, bgr, box) of this chunk's images that decode

@@ -79,7 +79,8 @@ def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = No
     return StageModel(stage=meta["stage"], framework=meta["framework"], regress=regress,
                       input_size=meta["input_size"], sigma=meta.get("sigma"),
                       regress_crops=getattr(regress, "regress_crops", None),
-                      trained_on_mirrors=_trained_on_mirrors(run))
+                      trained_on_mirrors=_trained_on_mirrors(run),
+                      has_scales=getattr(regress, "has_scales", False))
 
 
 def _trained_on_mirrors(run: RunDirectory) -> bool:

@@ -144,6 +144,22 @@ def test_evaluate_flips_by_default_only_stages_trained_on_mirrored_images(synthe
                               ("mirrored", ("--no-flip-test",)): [],
                               ("unmirrored", ()): [], ("unmirrored", ("--flip-test",)): [1],
                               ("unmirrored", ("--no-flip-test",)): []}
+    # the laplace stage's flip test weights its two views unless told otherwise
+    predictions = {}
+    for weights in ("scales", "equal"):
+        metrics, saved_predictions = tmp_path / f"w-{weights}.json", tmp_path / f"p-{weights}.json"
+        done = runner.invoke(main, ["evaluate", "--model", str(tmp_path / "mirrored"), "--index",
+                                    str(index_dir / "val.jsonl"), "--json", str(metrics),
+                                    "--plot", str(tmp_path / "pdj.png"), "--save-predictions",
+                                    str(saved_predictions), "--flip-weights", weights])
+        assert done.exit_code == 0, done.output
+        assert json.loads(metrics.read_text())["flip_weights"] == weights
+        predictions[weights] = saved_predictions.read_text()
+    assert predictions["scales"] != predictions["equal"]
+    bad = runner.invoke(main, ["evaluate", "--model", str(tmp_path / "mirrored"),
+                               "--flip-weights", "median"])
+    assert bad.exit_code == 2 and "median" in bad.output
+    assert_no_escaped_exception(bad)
 
 
 @pytest.mark.slow

@@ -390,6 +390,26 @@ def test_laplace_runs_carry_their_scale_layer_through_files_init_and_conversion(
                                   params["fc8_scale/W"])
     ours = torch_backend.predictor(model, torch.device("cpu"))(images)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # the flip test's weights: both frameworks give the scale layer's log scales beside the
+    # same coordinates, and a network without the layer gives None
+    chainer_regress = chainer_backend.load_regressor(chainer_run.model_path, meta)
+    torch_regress = torch_backend.predictor(model, torch.device("cpu"))
+    assert chainer_regress.has_scales and torch_regress.has_scales
+    (their_coords, their_scales), (our_coords, our_scales) = (
+        r(images, with_scales=True) for r in (chainer_regress, torch_regress))
+    np.testing.assert_array_equal(their_coords, theirs)
+    assert their_scales.shape == (8, 14, 2)
+    np.testing.assert_allclose(our_scales, their_scales, atol=1e-5)
+    model.train()
+    training_output = model(torch.from_numpy(images)).detach().numpy()
+    model.eval()
+    assert training_output.shape == (8, 4 * 14)  # train mode always adds the scales
+    plain_config = tiny_config("pytorch", index_dir, tmp_path / "p", input_size=67, width=0.125)
+    plain = torch_backend.predictor(torch_backend.build_model(plain_config, 14),
+                                    torch.device("cpu"))
+    assert not plain.has_scales and plain(images, with_scales=True)[1] is None
+    from deeppose_cli.runs import load_stage
+    assert load_stage(chainer_run.path).has_scales  # so evaluate and predict weight the flip
 
     converted = convert_run(chainer_run.path, "pytorch", tmp_path / "converted")
     converted_meta = RunDirectory(converted).meta()
@@ -498,6 +518,38 @@ def test_flip_test_leaves_a_mirror_symmetric_regressor_alone_and_cancels_a_bias(
     biased = StageModel(1, "test", lambda x: np.tile([[0.2, 0.1]], (len(x), 2, 1)), size)
     np.testing.assert_allclose(flip_averaged(biased, [1, 0]).regress(images)[..., 0], 0.0)
     np.testing.assert_allclose(flip_averaged(biased, [1, 0]).regress(images)[..., 1], 0.1)
+
+
+def test_flip_test_weights_each_view_by_its_inverse_laplace_variance():
+    """With the scale layer, the mirrored and the plain opinion of a coordinate count in
+    proportion to 1 / b^2; without scales (or equal ones) the flip test is the plain mean."""
+    from deeppose_cli.cascade import StageModel, flip_averaged
+
+    images = np.zeros((2, 3, 9, 9), np.float32)
+    log_b = {"plain": np.log(1.0), "mirrored": np.log(2.0)}
+
+    def regress(x, with_scales=False):
+        mirrored = bool(x[0, 0, 0, 0] == 0.0 and x[0, 0, 0, -1] == 1.0)
+        coords = np.tile([[0.3, 0.1], [-0.1, 0.5]], (len(x), 1, 1)) * (1 + mirrored)
+        if not with_scales:
+            return coords
+        return coords, np.full(coords.shape, log_b["mirrored" if mirrored else "plain"])
+
+    images[:, :, :, 0] = 1.0  # mirroring moves the bright column to the right edge
+    stage = StageModel(1, "test", regress, 9, has_scales=True)
+    got = flip_averaged(stage, [1, 0]).regress(images)
+    plain = regress(images)
+    mirrored = regress(np.ascontiguousarray(images[..., ::-1]))[:, [1, 0], :] * [-1, 1]
+    w_plain, w_mirrored = 1 / 1.0 ** 2, 1 / 2.0 ** 2
+    np.testing.assert_allclose(got, (w_plain * plain + w_mirrored * mirrored)
+                               / (w_plain + w_mirrored), atol=1e-12)
+    unweighted = flip_averaged(StageModel(1, "test", regress, 9), [1, 0]).regress(images)
+    np.testing.assert_allclose(unweighted, (plain + mirrored) / 2, atol=1e-12)
+    log_b["mirrored"] = log_b["plain"]
+    np.testing.assert_allclose(flip_averaged(stage, [1, 0]).regress(images), unweighted,
+                               atol=1e-12)
+    log_b.update(plain=-200.0, mirrored=200.0)  # extreme scales neither overflow nor give NaN
+    np.testing.assert_allclose(flip_averaged(stage, [1, 0]).regress(images), plain, atol=1e-12)
 
 
 def test_flip_test_defaults_to_the_stages_trained_on_mirrored_images():

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import DeepPoseError
 from ..files import atomic_write
-from ..losses import predicts_uncertainty
+from ..losses import predicts_uncertainty, split_prediction
 from ..pipeline import RunBatches, RunSampler
 from ..schedules import schedule_from_config
 from ..config import TrainConfig, apply_init_parameters, parse_device
@@ -75,7 +75,7 @@ def _predictor(model: AlexNetRegressor, device,
     (no dropout, no graph), ``batch_size`` images at a time so large inputs fit in memory."""
     cpu = backend.CpuDevice()
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def predict(images: np.ndarray, with_scales: bool = False) -> Any:
         images = np.asarray(images, dtype=np.float32)
         if images.ndim != 4:
             raise DeepPoseError(f"expected images of shape (N, 3, H, W), got {images.shape}")
@@ -84,11 +84,12 @@ def _predictor(model: AlexNetRegressor, device,
             for start in range(0, len(images), batch_size):
                 x = device.send(np.ascontiguousarray(images[start:start + batch_size],
                                                      dtype=model.input_dtype))
-                outputs.append(np.asarray(cpu.send(model(x).array), dtype=np.float64))
-        if not outputs:
-            return np.zeros((0, model.num_joints, 2))
-        return np.concatenate(outputs).reshape(len(images), model.num_joints, 2)
+                outputs.append(np.asarray(cpu.send(model(x, with_scales=with_scales).array),
+                                          dtype=np.float64))
+        pred = np.concatenate(outputs) if outputs else np.zeros((0, 2 * model.num_joints))
+        return split_prediction(pred, model.num_joints, (len(images),), with_scales)
 
+    predict.has_scales = model.uncertainty
     return predict
 
 
@@ -106,8 +107,8 @@ def crop_predictor(model: AlexNetRegressor, device, batch_size: int = PREDICT_BA
     size = model.input_size
     cpu = backend.CpuDevice()
 
-    def regress(images: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False
-                ) -> np.ndarray:
+    def regress(images: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False,
+                with_scales: bool = False) -> Any:
         boxes = np.asarray(boxes, dtype=np.float64)
         outputs = []
         with chainer.using_config("train", False), chainer.no_backprop_mode():
@@ -126,11 +127,12 @@ def crop_predictor(model: AlexNetRegressor, device, batch_size: int = PREDICT_BA
             if crops:
                 x = (xp.concatenate(crops) * scale + bias).astype(model.input_dtype)
                 for start in range(0, len(x), batch_size):
-                    outputs.append(np.asarray(cpu.send(model(x[start:start + batch_size]).array),
-                                              dtype=np.float64))
+                    out = model(x[start:start + batch_size], with_scales=with_scales)
+                    outputs.append(np.asarray(cpu.send(out.array), dtype=np.float64))
         pred = np.concatenate(outputs) if outputs else np.zeros((0, 2 * model.num_joints))
-        return pred.reshape(boxes.shape[0], boxes.shape[1], model.num_joints, 2)
+        return split_prediction(pred, model.num_joints, boxes.shape[:2], with_scales)
 
+    regress.has_scales = model.uncertainty
     return regress
 
 

@@ -77,8 +77,10 @@ class AlexNetRegressor(chainer.Chain):
             h = getattr(self, f"bn{k}")(h)
         return F.relu(h)
 
-    def forward(self, x):
-        """``x``: (N, 3, input_size, input_size) float32 -> (N, 2 * num_joints)."""
+    def forward(self, x, with_scales: bool = False):
+        """``x``: (N, 3, input_size, input_size) float32 -> (N, 2 * num_joints), then the
+        (N, 2 * num_joints) log scales in training mode or with ``with_scales`` (scale layer
+        only)."""
         # cover_all=False floors the pooled size like torch; Chainer's default would round up.
         h = x
         for k, (*_, pooled) in enumerate(self.convs, 1):
@@ -87,7 +89,7 @@ class AlexNetRegressor(chainer.Chain):
                 h = F.max_pooling_2d(h, POOL_KSIZE, POOL_STRIDE, cover_all=False)
         h = F.dropout(F.relu(self.fc6(h)), self.dropout)  # Linear flattens (N, C, H, W) row-major like torch
         h = F.dropout(F.relu(self.fc7(h)), self.dropout)
-        if self.uncertainty and chainer.config.train:
+        if self.uncertainty and (chainer.config.train or with_scales):
             return F.concat((self.fc8(h), self.fc8_scale(h)), axis=1)
         return self.fc8(h)
 

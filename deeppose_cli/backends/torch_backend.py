@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import DeepPoseError
 from ..files import atomic_write
-from ..losses import predicts_uncertainty
+from ..losses import predicts_uncertainty, split_prediction
 from ..schedules import LearningRateSchedule, schedule_from_config
 from ..config import TrainConfig, apply_init_parameters, parse_device
 from ..reporting import IterationPlan, TrainingReporter, validation_metrics
@@ -202,7 +202,7 @@ def predictor(model: AlexNetRegressor, device: torch.device
               ) -> Callable[[np.ndarray], np.ndarray]:
     """float32 NCHW numpy -> (N, J, 2) float64 normalized predictions, in eval mode."""
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def predict(images: np.ndarray, with_scales: bool = False) -> Any:
         was_training = model.training
         model.eval()
         out = []
@@ -210,11 +210,12 @@ def predictor(model: AlexNetRegressor, device: torch.device
             for start in range(0, len(images), PREDICT_BATCH):
                 x = torch.from_numpy(np.ascontiguousarray(images[start:start + PREDICT_BATCH],
                                                           dtype=np.float32))
-                out.append(model(x.to(device)).cpu().numpy())
+                out.append(model(x.to(device), with_scales=with_scales).cpu().numpy())
         model.train(was_training)
         pred = np.concatenate(out) if out else np.zeros((0, 2 * model.num_joints), np.float32)
-        return pred.reshape(len(pred), model.num_joints, 2).astype(np.float64)
+        return split_prediction(pred, model.num_joints, (len(pred),), with_scales)
 
+    predict.has_scales = model.uncertainty
     return predict
 
 
@@ -236,8 +237,8 @@ def crop_predictor(model: AlexNetRegressor, device: torch.device
     scale, bias = (torch.from_numpy(a).to(device).view(1, 3, 1, 1) for a in input_scale_bias())
     size = model.input_size
 
-    def regress(images: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False
-                ) -> np.ndarray:
+    def regress(images: Sequence[np.ndarray], boxes: np.ndarray, flip: bool = False,
+                with_scales: bool = False) -> Any:
         boxes = np.asarray(boxes, dtype=np.float64)
         was_training = model.training
         model.eval()
@@ -255,12 +256,13 @@ def crop_predictor(model: AlexNetRegressor, device: torch.device
                 crops.append(F.grid_sample(pixels.expand(k, -1, -1, -1), grid, mode="bilinear",
                                            padding_mode="zeros", align_corners=True))
             x = torch.cat(crops) * scale + bias if crops else torch.zeros(0, 3, size, size)
-            out = [model(x[s:s + PREDICT_BATCH]) for s in range(0, len(x), PREDICT_BATCH)]
+            out = [model(x[s:s + PREDICT_BATCH], with_scales=with_scales)
+                   for s in range(0, len(x), PREDICT_BATCH)]
             pred = torch.cat(out).cpu().numpy() if out else np.zeros((0, 2 * model.num_joints))
         model.train(was_training)
-        return pred.reshape(boxes.shape[0], boxes.shape[1], model.num_joints, 2
-                            ).astype(np.float64)
+        return split_prediction(pred, model.num_joints, boxes.shape[:2], with_scales)
 
+    regress.has_scales = model.uncertainty
     return regress
 
 

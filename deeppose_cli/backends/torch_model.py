@@ -69,8 +69,10 @@ class AlexNetRegressor(nn.Module):
             h = getattr(self, f"bn{k}")(h)
         return F.relu(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: (N, 3, input_size, input_size) float32 -> (N, 2 * num_joints)."""
+    def forward(self, x: torch.Tensor, with_scales: bool = False) -> torch.Tensor:
+        """``x``: (N, 3, input_size, input_size) float32 -> (N, 2 * num_joints), then the
+        (N, 2 * num_joints) log scales in training mode or with ``with_scales`` (scale layer
+        only)."""
         h = x
         for k, (*_, pooled) in enumerate(self.convs, 1):
             h = self._conv(k, h)
@@ -79,7 +81,7 @@ class AlexNetRegressor(nn.Module):
         h = torch.flatten(h, 1)
         h = F.dropout(F.relu(self.fc6(h)), self.dropout, training=self.training)
         h = F.dropout(F.relu(self.fc7(h)), self.dropout, training=self.training)
-        if self.uncertainty and self.training:
+        if self.uncertainty and (self.training or with_scales):
             return torch.cat((self.fc8(h), self.fc8_scale(h)), dim=1)
         return self.fc8(h)
 
