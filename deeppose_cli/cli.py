@@ -17,10 +17,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .backends import FRAMEWORKS
-from .config import PRECISIONS
-from .errors import DeepPoseError
-from .weights import ARCHITECTURES, MIN_INPUT_SIZE
+from .engines import FRAMEWORKS
+from .core.config import PRECISIONS
+from .core.errors import DeepPoseError
+from .core.weights import ARCHITECTURES, MIN_INPUT_SIZE
 
 
 
@@ -33,7 +33,7 @@ class DatasetName(click.Choice):
 
     @property
     def choices(self):
-        from .manifests import dataset_names
+        from .core.manifests import dataset_names
 
         return tuple(dataset_names())
 
@@ -101,7 +101,7 @@ def data_root(root: str | None, state: ChainState) -> Path:
         return Path(root)
     if state.root is not None:
         return state.root
-    from .fetch import default_data_root
+    from .data.fetch import default_data_root
 
     return default_data_root()
 
@@ -122,7 +122,7 @@ def main(ctx: click.Context) -> None:
 @main.command()
 def info() -> None:
     """Print versions of the toolkit's dependencies and the devices each framework can use."""
-    from .environment import describe_environment
+    from .apps.info import describe_environment
 
     out = console()
     from rich.table import Table
@@ -152,8 +152,8 @@ def fetch(state: ChainState, dataset: str, root: str | None, url: str | None,
           archive: str | None, sha256: str | None, force: bool,
           max_extract_gib: float | None) -> None:
     """Download (or generate) DATASET and unpack it under the data root."""
-    from .fetch import fetch_dataset
-    from .manifests import load_dataset_manifest
+    from .data.fetch import fetch_dataset
+    from .core.manifests import load_dataset_manifest
 
     root_path = data_root(root, state)
     if archive is not None and not Path(archive).is_file():
@@ -183,8 +183,8 @@ def index(state: ChainState, dataset: str | None, root: str | None, val_fraction
     """Parse DATASET's annotations into JSON Lines index files (train/val/test)."""
     from rich.table import Table
 
-    from .annotations import build_index
-    from .manifests import load_dataset_manifest
+    from .data.annotations import build_index
+    from .core.manifests import load_dataset_manifest
 
     dataset = dataset or state.dataset or "lsp"
     root_path = data_root(root, state)
@@ -315,7 +315,7 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
                 resume: bool, quiet: bool, no_visibility: bool | None, previous: str | None,
                 out: str | None, **overrides) -> None:
     """Train cascade stage STAGE (1: person crops; 2+: refine the previous stage)."""
-    from .training import resolve_train_config, resume_hint, train_stage as run_training
+    from .training.stages import resolve_train_config, resume_hint, train_stage as run_training
 
     framework = framework or state.framework or "pytorch"
     config = resolve_train_config(
@@ -333,8 +333,10 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
         click.echo(f"Interrupted; {resume_hint(config)}", err=True)
         raise click.exceptions.Exit(130) from None
     val = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("val", {}).items())
-    out_console.print(f"finished {summary['iterations']} iterations: loss {summary['final_loss']:.4g}, "
-                      f"{summary['images_per_second']:.1f} images/s" + (f"; validation {val}" if val else ""))
+    speed = (f", {summary['images_per_second']:.1f} images/s"
+             if summary.get("images_per_second") else "")
+    out_console.print(f"finished {summary['iterations']} iterations: loss "
+                      f"{summary['final_loss']:.4g}{speed}" + (f"; validation {val}" if val else ""))
     out_console.print(f"run directory: {run.path} (model {run.model_path.name}, log "
                       f"{run.log_path.name}, loss curve loss.png)")
     state.run_dir, state.framework, state.dataset = run.path, framework, dataset
@@ -361,10 +363,10 @@ def show_augmentation(state: ChainState, dataset: str | None, root: str | None,
                       **overrides) -> None:
     """Write a PNG grid of augmented stage-1 training samples with their target joints
     (hollow rings: labelled joints the sample does not train on)."""
-    from .drawing import augmentation_grid
-    from .files import atomic_write
-    from .manifests import load_dataset_manifest, load_stage_recipe
-    from .training import augmentation_preview_dataset
+    from .apps.drawing import augmentation_grid
+    from .core.files import atomic_write
+    from .core.manifests import load_dataset_manifest, load_stage_recipe
+    from .training.stages import augmentation_preview_dataset
 
     dataset = dataset or state.dataset or "lsp"
     if index_file is None:
@@ -428,14 +430,14 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
              stages: int | None, flip_test: bool | None, flip_weights: str, device: str
              ) -> None:
     """PCP and PDJ of every cascade stage beside the mean-pose baseline."""
-    from .annotations import read_index
-    from .cascade import run_cascade_on_records, with_flip_test
-    from .evaluation import (evaluate_predictions, metrics_json, plot_pdj,
+    from .data.annotations import read_index
+    from .core.cascade import run_cascade_on_records, with_flip_test
+    from .apps.evaluate import (evaluate_predictions, metrics_json, plot_pdj,
                              predictions_json, refinement_reports)
-    from .files import write_json
-    from .manifests import load_dataset_manifest
-    from .rundir import RunDirectory
-    from .runs import chain_dirs, latest_run, load_cascade
+    from .core.files import write_json
+    from .core.manifests import load_dataset_manifest
+    from .training.rundir import RunDirectory
+    from .training.runs import chain_dirs, latest_run, load_cascade
 
     run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
     run_meta = RunDirectory(run_dir).meta()  # a clear error for a directory that is not a run
@@ -581,10 +583,10 @@ def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
     """Predict joints on IMAGE files with a trained cascade."""
     import json
 
-    from .prediction import predict_images
+    from .apps.predict import predict_images
 
     box = _parse_bbox(bbox)
-    from .runs import latest_run
+    from .training.runs import latest_run
 
     run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
     results, failures = predict_images(run_dir, [Path(p) for p in images], box,
@@ -621,7 +623,7 @@ def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
 @click.pass_obj
 def convert(state: ChainState, run_dir: str, framework: str, out: str | None) -> None:
     """Convert a run's weights (every stage of its cascade) to the other framework."""
-    from .runs import convert_run
+    from .training.runs import convert_run
 
     target = Path(out) if out else Path(f"{run_dir.rstrip('/')}-{framework}")
     convert_run(Path(run_dir), framework, target)
@@ -674,9 +676,9 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
               index_file: str | None, batch_size: int, iterations: int, stages: int,
               skip: tuple[str, ...], out: str, json_out: str | None, **settings) -> None:
     """Time both frameworks: step vs batch size, pipeline efficiency, cascade latency."""
-    from .benchmark import BenchmarkSettings, plot_charts, run_benchmark
-    from .files import write_json
-    from .config import parse_device
+    from .apps.benchmark import BenchmarkSettings, plot_charts, run_benchmark
+    from .core.files import write_json
+    from .core.config import parse_device
 
     dataset = dataset or state.dataset or "lsp"
     sections = tuple(s for s in BENCHMARK_SECTIONS if s not in skip)
@@ -694,7 +696,8 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
     for axis in ("precisions", "workers"):  # not given: the settings' defaults
         if not settings.get(axis):
             settings.pop(axis, None)
-    config = BenchmarkSettings(frameworks=frameworks or FRAMEWORKS, device=device,
+    recipe = {key: settings.pop(key) for key in ("input_size", "width")}
+    config = BenchmarkSettings(frameworks=frameworks or FRAMEWORKS, device=device, recipe=recipe,
                                max_batch_log2=max_batch_log2, dataset=dataset, index=index_file,
                                pipeline_batch=batch_size, pipeline_iterations=iterations,
                                cascade_stages=stages, sections=sections, **settings)
@@ -709,7 +712,7 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
 def _print_benchmark(result: dict) -> None:
     from rich.table import Table
 
-    from .benchmark import report_tables
+    from .apps.benchmark import report_tables
 
     out = console()
     for item in report_tables(result):

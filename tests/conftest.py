@@ -69,9 +69,9 @@ def synthetic_dataset(tmp_path_factory):
 
     Returns ``(root, index_dir)``; index files: train.jsonl (480) and val.jsonl (120).
     """
-    from deeppose_cli.annotations import build_index
-    from deeppose_cli.fetch import fetch_dataset
-    from deeppose_cli.manifests import load_dataset_manifest
+    from deeppose_cli.data.annotations import build_index
+    from deeppose_cli.data.fetch import fetch_dataset
+    from deeppose_cli.core.manifests import load_dataset_manifest
 
     root = tmp_path_factory.mktemp("data")
     manifest = load_dataset_manifest("synthetic")
@@ -91,8 +91,8 @@ CALIBRATED = dict(lr_schedule="constant", lr_warmup=0, jitter_translation=0.05,
 
 def tiny_config(framework: str, index_dir: Path, out: Path, **overrides):
     """A stage-1 TrainConfig small enough to train in seconds on two CPU cores."""
-    from deeppose_cli.manifests import load_stage_recipe
-    from deeppose_cli.config import TrainConfig
+    from deeppose_cli.core.manifests import load_stage_recipe
+    from deeppose_cli.core.config import TrainConfig
 
     recipe = load_stage_recipe(1)
     recipe.update(input_size=67, width=0.25, batch_size=16, epochs=1, optimizer="Adam",
@@ -158,3 +158,22 @@ def one_compute_thread():
     torch.set_num_threads(before)
     if blas:
         blas[1](blas_before)
+
+
+class FunctionPredictor:
+    """A :class:`~deeppose_cli.core.predictor.Predictor` from functions of the network
+    inputs: ``coords`` -> (N, J, 2), and optionally ``scales`` -> (N, J, 2) log scales (the
+    framework-free cascade's tests)."""
+
+    def __init__(self, coords, input_size: int = 67, num_joints: int = 14, scales=None):
+        self.coords, self.scales = coords, scales
+        self.input_size, self.num_joints = input_size, num_joints
+        self.has_scales = scales is not None
+        self.cuts_crops = False
+
+    def __call__(self, images):
+        from deeppose_cli.core.predictor import Prediction
+
+        return Prediction(np.asarray(self.coords(images), dtype=np.float64),
+                          None if self.scales is None
+                          else np.asarray(self.scales(images), dtype=np.float64))

@@ -4,9 +4,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from deeppose_cli.annotations import build_index, read_index, read_joints_mat
-from deeppose_cli.errors import DeepPoseError
-from deeppose_cli.manifests import load_dataset_manifest
+from deeppose_cli.data.annotations import build_index, read_index, read_joints_mat
+from deeppose_cli.core.errors import DeepPoseError
+from deeppose_cli.core.manifests import load_dataset_manifest
 from conftest import LSPET_MINI, needs_lspet_mini, write_lsp_like
 
 

@@ -8,14 +8,14 @@ import statistics
 import pytest
 from click.testing import CliRunner
 
-from deeppose_cli.benchmark import (BenchmarkSettings, Timing, interleaved, report_tables,
+from deeppose_cli.apps.benchmark import (BenchmarkSettings, Timing, interleaved, report_tables,
                                     run_benchmark, targets, time_repeats)
 from deeppose_cli.cli import main
-from deeppose_cli.errors import DeepPoseError
+from deeppose_cli.core.errors import DeepPoseError
 
 from conftest import assert_no_escaped_exception
 
-TINY = dict(input_size=67, width=0.0625, max_batch_log2=1, repeats=2, warmup=1,
+TINY = dict(recipe=dict(input_size=67, width=0.0625), max_batch_log2=1, repeats=2, warmup=1,
             pipeline_batch=4, pipeline_iterations=4, cascade_stages=2, cli_repeats=1,
             dataset="synthetic", precisions=("fp32", "bf16"), workers=(0, 2))
 
@@ -94,11 +94,14 @@ def tiny_result(synthetic_dataset):
 def test_every_section_is_measured_for_both_frameworks(tiny_result):
     result = tiny_result
     assert result["format"] == "deeppose-benchmark"
-    # Chainer has no bfloat16: only PyTorch has the bf16 rows.
-    assert {(r["framework"], r["loss"], r["precision"], r["batch_size"])
+    # Chainer has no bfloat16: only PyTorch has the bf16 rows. The recipe's laplace loss has
+    # no hand-written backward, so l1 compares the two backwards.
+    assert {(r["framework"], r["loss"], r["backward"], r["precision"], r["batch_size"])
             for r in result["compute"]} == {
-        (f, loss, p, b) for f, p in (("chainer", "fp32"), ("pytorch", "fp32"), ("pytorch", "bf16"))
-        for loss in ("autograd", "explicit") for b in (1, 2)}
+        (f, loss, backward, p, b)
+        for f, p in (("chainer", "fp32"), ("pytorch", "fp32"), ("pytorch", "bf16"))
+        for loss, backward in (("laplace", "autograd"), ("l1", "autograd"), ("l1", "explicit"))
+        for b in (1, 2)}
     assert {(r["framework"], r["batch_size"]) for r in result["forward"]} == {
         (f, b) for f in ("chainer", "pytorch") for b in (1, 2)}
     for row in result["compute"] + result["forward"]:
@@ -116,6 +119,26 @@ def test_every_section_is_measured_for_both_frameworks(tiny_result):
     assert {t["target"] for t in result["targets"]} == {
         "pipeline_efficiency", "model_vs_bare", "cascade_vs_forward_sum", "help_vs_import"}
     json.dumps(result)  # JSON-ready as it is
+
+
+def test_every_row_names_the_network_of_the_resolved_recipe(tiny_result):
+    """The step timed is the one train-stage runs: the stage-1 recipe's network and loss
+    with the flags given (here --input-size 67 --width 0.0625)."""
+    from deeppose_cli.core.manifests import load_stage_recipe
+
+    recipe = {**load_stage_recipe(1), "input_size": 67, "width": 0.0625}
+    expected = {key: recipe[key] for key in ("architecture", "input_size", "width",
+                                             "batch_norm", "dropout", "optimizer")}
+    rows = (tiny_result["compute"] + tiny_result["forward"] + tiny_result["overhead"]
+            + tiny_result["pipeline"])
+    for row in rows:
+        network = row["network"]
+        assert {key: network[key] for key in expected} == expected, row
+    recipe_rows = [r for r in tiny_result["compute"] if r["backward"] == "autograd"
+                   and r["loss"] == recipe["loss"]]
+    assert recipe_rows and all(r["network"]["uncertainty"] for r in recipe_rows)
+    for row in tiny_result["overhead"] + tiny_result["pipeline"] + tiny_result["forward"]:
+        assert row["network"]["loss"] == recipe["loss"] == "laplace"
 
 
 def test_ratios_are_computed_from_the_measurements(tiny_result):

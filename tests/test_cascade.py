@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 
-from deeppose_cli.annotations import PoseRecord
-from deeppose_cli.cascade import (DisplacementStatistics, RefinementDataset, StageModel,
-                                  displacement_statistics, record_diameters, refine,
-                                  run_cascade)
-from deeppose_cli.geometry import denormalize_pose, person_box
-from deeppose_cli.manifests import load_dataset_manifest
-from conftest import random_pose
+from deeppose_cli.core.records import PoseRecord
+from deeppose_cli.core.cascade import (DisplacementStatistics, StageModel,
+                                       displacement_statistics, record_diameters, refine,
+                                       run_cascade)
+from deeppose_cli.data.refinement import RefinementDataset
+from deeppose_cli.core.geometry import denormalize_pose, person_box
+from deeppose_cli.core.manifests import load_dataset_manifest
+from conftest import FunctionPredictor, random_pose
 
 MANIFEST = load_dataset_manifest("lsp")
 TORSO = MANIFEST.torso_diameter
@@ -25,9 +26,9 @@ def test_zero_displacement_at_the_box_centre_maps_back_to_itself():
     rng = np.random.default_rng(0)
     previous = random_pose(rng, 200)[None]
     image = np.zeros((200, 200, 3), dtype=np.uint8)
-    stage = StageModel(2, "test", constant_regressor(0.0), input_size=67, sigma=2.0)
+    stage = StageModel(2, "test", FunctionPredictor(constant_regressor(0.0)), sigma=2.0)
     box = person_box(previous[0], np.ones(14))[None]
-    refined = refine(stage, [image], previous, box, TORSO)
+    refined = refine(stage, [image], previous, box, TORSO).coords
     np.testing.assert_allclose(refined, previous, atol=1e-9)
 
 
@@ -35,9 +36,9 @@ def test_refinement_output_is_a_displacement_scaled_by_the_box():
     rng = np.random.default_rng(1)
     previous = random_pose(rng, 200)[None]
     diameter = np.linalg.norm(previous[0, 9] - previous[0, 2])
-    stage = StageModel(2, "test", constant_regressor([0.1, -0.05]), input_size=67, sigma=1.5)
+    stage = StageModel(2, "test", FunctionPredictor(constant_regressor([0.1, -0.05])), sigma=1.5)
     refined = refine(stage, [np.zeros((200, 200, 3), np.uint8)], previous,
-                     person_box(previous[0], np.ones(14))[None], TORSO)
+                     person_box(previous[0], np.ones(14))[None], TORSO).coords
     np.testing.assert_allclose(refined - previous,
                                np.broadcast_to([0.1 * 1.5 * diameter, -0.05 * 1.5 * diameter],
                                                previous.shape), atol=1e-9)
@@ -46,8 +47,8 @@ def test_refinement_output_is_a_displacement_scaled_by_the_box():
 def test_cascade_runs_stage_one_then_refinements():
     images = [np.zeros((120, 120, 3), np.uint8)] * 3
     boxes = np.array([[60.0, 60.0, 100.0, 100.0]] * 3)
-    stages = [StageModel(1, "test", constant_regressor(0.1), 67),
-              StageModel(2, "test", constant_regressor(0.0), 67, sigma=2.0)]
+    stages = [StageModel(1, "test", FunctionPredictor(constant_regressor(0.1))),
+              StageModel(2, "test", FunctionPredictor(constant_regressor(0.0)), sigma=2.0)]
     per_stage = run_cascade(stages, images, boxes, TORSO, batch_size=2)
     assert len(per_stage) == 2
     np.testing.assert_allclose(per_stage[0], np.full((3, 14, 2), 70.0))
@@ -139,7 +140,7 @@ def test_simulated_boxes_follow_the_statistics(tmp_path):
 def test_refinement_jitter_off_epochs_keep_the_simulated_displacement(tmp_path):
     """``jitter_off_epoch`` drops only the augmentation's jitter: the box still comes from the
     displacement draw, and the centred copy used for reporting has no schedule."""
-    from deeppose_cli.pipeline import Augmentation
+    from deeppose_cli.data.pipeline import Augmentation
 
     rng = np.random.default_rng(8)
     record = make_record(tmp_path, rng)
@@ -183,7 +184,7 @@ def test_diameter_falls_back_to_box_ratio_when_torso_is_hidden(tmp_path):
 def test_refinement_batched_over_images_matches_one_image_at_a_time():
     """All crops of all images of a chunk in one forward pass give what one image at a time
     gave; a regressor that reads its crop makes every crop's output differ."""
-    from deeppose_cli.cascade import refine
+    from deeppose_cli.core.cascade import refine
 
     def reading_regressor(crops: np.ndarray) -> np.ndarray:
         means = crops.reshape(len(crops), 3, -1).mean(axis=2)  # (B, 3), differs per crop
@@ -194,9 +195,9 @@ def test_refinement_batched_over_images_matches_one_image_at_a_time():
     images = [rng.integers(0, 255, (90 + 7 * n, 80, 3), dtype=np.uint8) for n in range(5)]
     boxes = np.array([[40.0, 45.0 + n, 70.0, 70.0] for n in range(5)])
     previous = np.stack([rng.uniform(10, 70, (14, 2)) for _ in range(5)])
-    stage = StageModel(2, "test", reading_regressor, input_size=67, sigma=1.5)
-    batched = refine(stage, images, previous, boxes, TORSO, batch_size=9)
+    stage = StageModel(2, "test", FunctionPredictor(reading_regressor), sigma=1.5)
+    batched = refine(stage, images, previous, boxes, TORSO, batch_size=9).coords
     one_by_one = np.concatenate([refine(stage, images[n:n + 1], previous[n:n + 1],
-                                        boxes[n:n + 1], TORSO) for n in range(5)])
+                                        boxes[n:n + 1], TORSO).coords for n in range(5)])
     np.testing.assert_allclose(batched, one_by_one, atol=1e-4)
     assert np.abs(batched - previous).max() > 0.5  # the regressor did move the joints

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from deeppose_cli.annotations import read_index
-from deeppose_cli.cascade import run_cascade_on_records
+from deeppose_cli.data.annotations import read_index
+from deeppose_cli.core.cascade import run_cascade_on_records
 from deeppose_cli.cli import main
-from deeppose_cli.errors import DeepPoseError
-from deeppose_cli.metrics import pdj
-from deeppose_cli.runs import convert_run, load_cascade
-from deeppose_cli.rundir import RunDirectory
-from deeppose_cli.training import train_stage
+from deeppose_cli.core.errors import DeepPoseError
+from deeppose_cli.core.metrics import pdj
+from deeppose_cli.training.runs import convert_run, load_cascade
+from deeppose_cli.training.rundir import RunDirectory
+from deeppose_cli.training.stages import train_stage
 
 from conftest import CALIBRATED, assert_no_escaped_exception, tiny_config
 
@@ -34,8 +34,8 @@ STAGE2 = dict(STAGE1, epochs=2, sigma=1.0, flip=True, batch_norm=True, loss="l1"
 
 
 def refinement_config(framework, index_dir, out, previous, stage=2, **overrides):
-    from deeppose_cli.manifests import load_stage_recipe
-    from deeppose_cli.config import TrainConfig
+    from deeppose_cli.core.manifests import load_stage_recipe
+    from deeppose_cli.core.config import TrainConfig
 
     recipe = load_stage_recipe(stage)
     recipe.update(CALIBRATED)

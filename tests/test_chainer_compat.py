@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     sys.meta_path.insert(0, BlockNumpyDistutils())
 
     import numpy as np
-    from deeppose_cli.backends.chainer_compat import import_chainer
+    from deeppose_cli.engines.chainer_compat import import_chainer
 
     chainer = import_chainer()
     import chainer.links as L

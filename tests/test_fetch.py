@@ -1,4 +1,4 @@
-"""``deeppose_cli.fetch`` against a local HTTP server: download, resume, verify, extract safely."""
+"""``deeppose_cli.data.fetch`` against a local HTTP server: download, resume, verify, extract safely."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import scipy.io
 
-from deeppose_cli import fetch
-from deeppose_cli.errors import DeepPoseError
-from deeppose_cli.fetch import FetchResult, default_data_root, fetch_dataset
-from deeppose_cli.manifests import load_dataset_manifest
+from deeppose_cli.data import fetch
+from deeppose_cli.core.errors import DeepPoseError
+from deeppose_cli.data.fetch import FetchResult, default_data_root, fetch_dataset
+from deeppose_cli.core.manifests import load_dataset_manifest
 
 ARCHIVE_NAME = "lspet_dataset.zip"
 WEB_PAGE = b"<!DOCTYPE html>\n<html><head><title>Moved</title></head><body>Gone.</body></html>\n"
@@ -789,10 +789,10 @@ def test_synthetic_dataset_is_generated(monkeypatch, root):
         Path(out_dir, "joints.mat").write_bytes(b"fake")
 
     try:
-        import deeppose_cli.synthetic as synthetic
+        import deeppose_cli.data.synthetic as synthetic
     except ImportError:  # the generator module is not written yet: stand in for it
-        synthetic = types.ModuleType("deeppose_cli.synthetic")
-        monkeypatch.setitem(sys.modules, "deeppose_cli.synthetic", synthetic)
+        synthetic = types.ModuleType("deeppose_cli.data.synthetic")
+        monkeypatch.setitem(sys.modules, "deeppose_cli.data.synthetic", synthetic)
     monkeypatch.setattr(synthetic, "generate_dataset", fake_generate_dataset, raising=False)
 
     manifest = load_dataset_manifest("synthetic")
@@ -814,10 +814,10 @@ def test_failed_generation_leaves_nothing(monkeypatch, root):
         raise RuntimeError("renderer crashed")
 
     try:
-        import deeppose_cli.synthetic as synthetic
+        import deeppose_cli.data.synthetic as synthetic
     except ImportError:
-        synthetic = types.ModuleType("deeppose_cli.synthetic")
-        monkeypatch.setitem(sys.modules, "deeppose_cli.synthetic", synthetic)
+        synthetic = types.ModuleType("deeppose_cli.data.synthetic")
+        monkeypatch.setitem(sys.modules, "deeppose_cli.data.synthetic", synthetic)
     monkeypatch.setattr(synthetic, "generate_dataset", failing_generate_dataset, raising=False)
 
     with pytest.raises(RuntimeError):
@@ -853,7 +853,7 @@ def _lspet_tar(tmp_path, name="lspet_dataset.tar.gz", top="lspet_dataset"):
 
 
 def test_a_tar_archive_is_extracted_and_indexed(tmp_path):
-    from deeppose_cli.annotations import build_index
+    from deeppose_cli.data.annotations import build_index
 
     archive = _lspet_tar(tmp_path)
     result = fetch_dataset(load_dataset_manifest("lspet"), tmp_path / "data", archive=archive,

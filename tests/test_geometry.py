@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from deeppose_cli import geometry as g
-from deeppose_cli.manifests import load_dataset_manifest
+from deeppose_cli.core import geometry as g
+from deeppose_cli.core.manifests import load_dataset_manifest
 
 
 def test_normalize_round_trip():

@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from deeppose_cli.cli import main
-from deeppose_cli.errors import DeepPoseError
-from deeppose_cli.files import atomic_write_text, sha256_of
+from deeppose_cli.core.errors import DeepPoseError
+from deeppose_cli.core.files import atomic_write_text, sha256_of
 
 DEEPPOSE = str(Path(sys.executable).with_name("deeppose"))
 
@@ -98,18 +98,18 @@ def test_a_failing_retrain_keeps_the_earlier_model(finished_run, synthetic_datas
 
 def test_an_interrupted_retrain_keeps_the_earlier_model_and_resumes(
         finished_run, synthetic_dataset, tmp_path, monkeypatch):
-    from deeppose_cli.backends import torch_backend
+    from deeppose_cli.engines import torch_engine
 
     _, index_dir = synthetic_dataset
     out = copy_run(finished_run, tmp_path / "run")
     before = snapshot(out)
-    real_save = torch_backend.save_checkpoint
+    real_save = torch_engine.TorchEngine.save_checkpoint
 
     def save_then_interrupt(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch_backend, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(torch_engine.TorchEngine, "save_checkpoint", save_then_interrupt)
     args = tiny_train_args(index_dir, out, "--max-iterations", "6", "--seed", "7")
     interrupted = CliRunner().invoke(main, args)
     assert interrupted.exit_code == 130, interrupted.output
@@ -117,7 +117,7 @@ def test_an_interrupted_retrain_keeps_the_earlier_model_and_resumes(
     assert snapshot(out) == before
     assert (tmp_path / "run.next" / "checkpoint.pt").is_file()
 
-    monkeypatch.setattr(torch_backend, "save_checkpoint", real_save)
+    monkeypatch.setattr(torch_engine.TorchEngine, "save_checkpoint", real_save)
     resumed = CliRunner().invoke(main, ["train-stage", "1", "--framework", "pytorch", "--out",
                                         str(out), "--resume", "--quiet"])
     assert resumed.exit_code == 0 and resumed.exception is None, resumed.output
@@ -132,7 +132,7 @@ def test_an_interrupted_retrain_keeps_the_earlier_model_and_resumes(
 
 def test_an_interruption_before_any_checkpoint_says_nothing_is_lost(
         finished_run, synthetic_dataset, tmp_path, monkeypatch):
-    from deeppose_cli.backends import torch_backend
+    from deeppose_cli.engines import torch_engine
 
     _, index_dir = synthetic_dataset
     out = copy_run(finished_run, tmp_path / "run")
@@ -141,7 +141,7 @@ def test_an_interruption_before_any_checkpoint_says_nothing_is_lost(
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch_backend, "train_one_epoch", interrupt)
+    monkeypatch.setattr(torch_engine.TorchEngine, "step", interrupt)
     result = CliRunner().invoke(main, tiny_train_args(index_dir, out, "--max-iterations", "6"))
     assert result.exit_code == 130
     assert "nothing to resume" in result.output and "unchanged" in result.output
@@ -157,7 +157,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(synthetic_dat
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from deeppose_cli.rundir import RunLock\n"
+         "from deeppose_cli.training.rundir import RunLock\n"
          f"with RunLock({str(out)!r}):\n"
          "    print('held', flush=True)\n"
          "    time.sleep(120)\n"],
@@ -176,7 +176,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(synthetic_dat
 
 
 def test_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
-    from deeppose_cli.rundir import RunLock
+    from deeppose_cli.training.rundir import RunLock
 
     with RunLock(tmp_path / "run"):
         with pytest.raises(DeepPoseError, match="in use by another training run"):
@@ -205,7 +205,7 @@ def bomb_png(path: Path, side: int) -> None:
 
 
 def test_a_decompression_bomb_image_is_refused_before_decoding(tmp_path):
-    from deeppose_cli.images import read_bgr
+    from deeppose_cli.core.images import read_bgr
 
     bomb = tmp_path / "bomb.png"
     bomb_png(bomb, 30000)
@@ -217,7 +217,7 @@ def test_a_decompression_bomb_image_is_refused_before_decoding(tmp_path):
 def test_the_pixel_bound_can_be_changed_and_applies_to_every_format(tmp_path, monkeypatch):
     import cv2
 
-    from deeppose_cli.images import read_bgr
+    from deeppose_cli.core.images import read_bgr
 
     image = np.zeros((30, 40, 3), np.uint8)
     for ext in ("png", "jpg", "bmp", "webp", "tiff"):
@@ -271,8 +271,8 @@ def test_index_skips_nan_joints_and_truncated_jpegs(tmp_path):
     import cv2
     import scipy.io
 
-    from deeppose_cli.annotations import build_index, read_index
-    from deeppose_cli.manifests import load_dataset_manifest
+    from deeppose_cli.data.annotations import build_index, read_index
+    from deeppose_cli.core.manifests import load_dataset_manifest
     from conftest import write_lsp_like
 
     root = write_lsp_like(tmp_path / "lspet", "lspet", 12)

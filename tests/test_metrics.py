@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from deeppose_cli.manifests import Limb, load_dataset_manifest
-from deeppose_cli.metrics import mean_normalized_pose, pcp, pdj
+from deeppose_cli.core.manifests import Limb, load_dataset_manifest
+from deeppose_cli.core.metrics import mean_normalized_pose, pcp, pdj
 
 LIMB = Limb("upper_arm", (0, 1), "upper_arms", "left")
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from deeppose_cli import weights
-from deeppose_cli.backends import chainer_model as cm
-from deeppose_cli.backends import torch_model as tm
-from deeppose_cli.backends.chainer_compat import import_chainer
-from deeppose_cli.errors import DeepPoseError
+from deeppose_cli.core import weights
+from deeppose_cli.engines import chainer_model as cm
+from deeppose_cli.engines import torch_model as tm
+from deeppose_cli.engines.chainer_compat import import_chainer
+from deeppose_cli.core.errors import DeepPoseError
 
 chainer = import_chainer()
 with warnings.catch_warnings():
@@ -67,7 +68,7 @@ def full_models():
 
 def test_import_chainer_works_on_numpy2_without_warnings():
     code = (
-        "from deeppose_cli.backends.chainer_compat import import_chainer\n"
+        "from deeppose_cli.engines.chainer_compat import import_chainer\n"
         "import numpy as np\n"
         "chainer = import_chainer()\n"
         "import chainer.functions as F\n"
@@ -390,33 +391,49 @@ def test_loss_trains_the_model_end_to_end():
     assert losses[1] < losses[0]
 
 
-def test_one_network_spec_builds_every_model():
-    """Both frameworks' regressors and the benchmark's bare copies come from
-    weights.conv_stack/fc_stack: the same layers, shapes and parameter counts."""
+@pytest.mark.parametrize("batch_norm, loss", [(False, "l2"), (True, "laplace")])
+def test_one_network_spec_builds_every_model(batch_norm, loss):
+    """Both frameworks' regressors and the benchmark's bare references come from
+    weights.conv_stack/fc_stack and follow the recipe (batch norm, the laplace scale layer):
+    the same trainable parameter counts and output shapes."""
     import torch
 
-    from deeppose_cli.backends import chainer_bench, torch_bench
-    from deeppose_cli.backends import chainer_model as cm
-    from deeppose_cli.backends import torch_model as tm
-    from deeppose_cli.weights import parameter_shapes
+    from conftest import tiny_config
+    from deeppose_cli.core.weights import parameter_shapes
+    from deeppose_cli.engines import chainer_reference, torch_reference
+    from deeppose_cli.engines import chainer_model as cm
+    from deeppose_cli.engines import torch_model as tm
 
-    shapes = parameter_shapes(14, 131, 0.25)
-    expected = sum(int(np.prod(s)) for s in shapes.values())
+    uncertainty = loss == "laplace"
+    shapes = parameter_shapes(14, 131, 0.25, batch_norm, uncertainty)
+    expected = sum(int(np.prod(s)) for name, s in shapes.items()
+                   if not name.endswith(("avg_mean", "avg_var")))
+    config = tiny_config("pytorch", Path("."), Path("out"), input_size=131, width=0.25,
+                         batch_norm=batch_norm, loss=loss)
+    torch_bare = torch_reference.Reference(config, 14)
+    chainer_bare = chainer_reference.Reference(config, 14)
     counts = {
-        "torch model": sum(p.numel() for p in tm.AlexNetRegressor(14, 131, 0.25).parameters()),
-        "chainer model": sum(p.size for p in cm.AlexNetRegressor(14, 131, 0.25).params()),
-        "torch bare": sum(p.numel() for p in torch_bench.bare_alexnet(14, 131, 0.25).parameters()),
-        "chainer bare": sum(p.size for p in chainer_bench.bare_alexnet(14, 131, 0.25).params()),
+        "torch model": sum(p.numel() for p in
+                           tm.AlexNetRegressor(14, 131, 0.25, batch_norm,
+                                               uncertainty=uncertainty).parameters()),
+        "chainer model": sum(p.size for p in
+                             cm.AlexNetRegressor(14, 131, 0.25, batch_norm,
+                                                 uncertainty=uncertainty).params()),
+        "torch bare": sum(p.numel() for p in torch_bare.model.parameters()),
+        "chainer bare": sum(p.size for p in chainer_bare.model.params()),
     }
     assert counts == dict.fromkeys(counts, expected)
     x = np.zeros((2, 3, 131, 131), np.float32)
-    assert torch_bench.bare_alexnet(14, 131, 0.25)(torch.from_numpy(x)).shape == (2, 28)
-    assert chainer_bench.bare_alexnet(14, 131, 0.25)(x).shape == (2, 28)
+    torch_bare.model.eval()
+    h = torch_bare.body(torch.from_numpy(x))
+    assert torch_bare.head(h).shape == (2, 28)
+    with chainer_reference.chainer.using_config("train", False):
+        assert chainer_bare.model.head(chainer_bare.model.body(x)).shape == (2, 28)
 
 
 def test_an_unknown_architecture_is_refused():
-    from deeppose_cli.config import TrainConfig
-    from deeppose_cli.weights import architecture
+    from deeppose_cli.core.config import TrainConfig
+    from deeppose_cli.core.weights import architecture
 
     with pytest.raises(DeepPoseError, match="unknown architecture 'resnet'"):
         architecture({"num_joints": 14, "input_size": 227, "width": 1.0,

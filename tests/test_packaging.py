@@ -40,7 +40,7 @@ def test_installed_wheel_finds_manifests_without_the_clone(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
                     str(target), str(wheel)], check=True, capture_output=True)
-    code = ("import deeppose_cli, deeppose_cli.manifests as m\n"
+    code = ("import deeppose_cli, deeppose_cli.core.manifests as m\n"
             "assert deeppose_cli.__file__.startswith(%r), deeppose_cli.__file__\n"
             "print(m.dataset_names(), m.load_dataset_manifest('lspet').num_joints,"
             " m.load_stage_recipe(2)['sigma'])\n" % str(target))

@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
 
-from deeppose_cli.annotations import PoseRecord
-from deeppose_cli.geometry import (crop_and_resize, flip_image, flip_normalized,
+from deeppose_cli.core.records import PoseRecord
+from deeppose_cli.core.geometry import (crop_and_resize, flip_image, flip_normalized,
                                    normalize_pose, normalized_to_crop_pixels, person_box)
-from deeppose_cli.manifests import load_dataset_manifest
-from deeppose_cli.pipeline import (IMAGE_MEAN, IMAGE_STD, Augmentation, ImageCache, PoseDataset,
-                                   epoch_order, jitter_box, make_sample, to_network_input)
+from deeppose_cli.core.manifests import load_dataset_manifest
+from deeppose_cli.core.images import IMAGE_MEAN, IMAGE_STD, to_network_input
+from deeppose_cli.data.pipeline import (Augmentation, ImageCache, PoseDataset, epoch_order,
+                                        jitter_box, make_sample)
 
 PERM = load_dataset_manifest("lsp").flip_permutation
 
@@ -61,7 +62,7 @@ def test_same_seed_same_samples_other_seed_or_epoch_differs(records):
 
 
 def test_cached_images_give_the_same_samples_and_stay_within_budget(records, monkeypatch):
-    import deeppose_cli.pipeline as pipeline
+    import deeppose_cli.data.pipeline as pipeline
 
     aug = Augmentation(0.1, 0.2, True, 0.2, rotation=20.0, occlusion=0.5)
     plain = PoseDataset(records, 67, PERM, aug, seed=3)
@@ -70,8 +71,8 @@ def test_cached_images_give_the_same_samples_and_stay_within_budget(records, mon
     cached = PoseDataset(records, 67, PERM, aug, seed=3, images=cache)
     expected = [[plain.get(i, epoch) for i in range(3)] for epoch in range(3)]
     decodes = []
-    real_load = pipeline.load_image
-    monkeypatch.setattr(pipeline, "load_image", lambda path: decodes.append(path) or real_load(path))
+    real_load = pipeline.read_rgb
+    monkeypatch.setattr(pipeline, "read_rgb", lambda path: decodes.append(path) or real_load(path))
     for epoch in range(3):
         for i in range(3):
             for x, y in zip(expected[epoch][i], cached.get(i, epoch)):
@@ -220,7 +221,7 @@ def test_jitter_off_epochs_crop_the_exact_box_and_keep_flip_and_colour(records):
 ])
 def test_jitter_off_epoch_follows_the_iterations_that_will_run(epochs, max_iterations, fraction,
                                                                expected):
-    from deeppose_cli.training import jitter_off_epoch
+    from deeppose_cli.training.stages import jitter_off_epoch
 
     recipe = {"batch_size": 4, "epochs": epochs, "max_iterations": max_iterations,
               "jitter_off_fraction": fraction}

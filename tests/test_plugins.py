@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from deeppose_cli.cli import main
-from deeppose_cli.manifests import _REPO_ROOT
+from deeppose_cli.core.manifests import _REPO_ROOT
 
 from conftest import assert_no_escaped_exception, write_lsp_like
 

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from deeppose_cli.annotations import read_index
-from deeppose_cli.errors import DeepPoseError
-from deeppose_cli.geometry import normalized_to_crop_pixels, person_box
-from deeppose_cli.manifests import load_dataset_manifest
-from deeppose_cli.pipeline import IMAGE_MEAN, IMAGE_STD, Augmentation, make_sample
-from deeppose_cli.schedules import LearningRateSchedule
+from deeppose_cli.data.annotations import read_index
+from deeppose_cli.core.errors import DeepPoseError
+from deeppose_cli.core.geometry import normalized_to_crop_pixels, person_box
+from deeppose_cli.core.manifests import load_dataset_manifest
+from deeppose_cli.core.images import IMAGE_MEAN, IMAGE_STD
+from deeppose_cli.data.pipeline import Augmentation, make_sample
+from deeppose_cli.core.schedules import LearningRateSchedule
 
-from conftest import subset_index, tiny_config
+from conftest import FunctionPredictor, subset_index, tiny_config
 
 PERM = load_dataset_manifest("lsp").flip_permutation
 
@@ -53,11 +54,11 @@ def test_schedule_refuses_bad_settings(bad):
 
 def _recorded_learning_rates(framework, monkeypatch, index_dir, out, **overrides):
     """The step size each optimizer step of a real run used, read from the optimizer."""
-    from deeppose_cli.training import train_stage1
+    from deeppose_cli.training.stages import train_stage1
 
     seen = []
     if framework == "pytorch":
-        from deeppose_cli.backends import torch_backend as backend
+        from deeppose_cli.engines import torch_engine as backend
 
         real = backend.train_step
 
@@ -65,7 +66,7 @@ def _recorded_learning_rates(framework, monkeypatch, index_dir, out, **overrides
             seen.append(optimizer.param_groups[0]["lr"])
             return real(model, loss_fn, optimizer, *args, **kwargs)
     else:
-        from deeppose_cli.backends import chainer_backend as backend
+        from deeppose_cli.engines import chainer_engine as backend
 
         real = backend.train_step
 
@@ -94,7 +95,7 @@ def test_both_frameworks_step_with_the_schedules_learning_rate(optimizer, synthe
     expected = [LearningRateSchedule(2e-3, 12, "cosine", 4, 0.1)(i) for i in range(1, 13)]
     assert torch_lrs == pytest.approx(expected, rel=1e-6)
     assert chainer_lrs == pytest.approx(expected, rel=1e-6)
-    from deeppose_cli.rundir import RunDirectory
+    from deeppose_cli.training.rundir import RunDirectory
 
     for run in ("t", "c"):
         logged = {r["iteration"]: r["lr"] for r in RunDirectory(tmp_path / run).read_log()
@@ -105,8 +106,8 @@ def test_both_frameworks_step_with_the_schedules_learning_rate(optimizer, synthe
 @pytest.mark.parametrize("framework", ["pytorch", "chainer"])
 def test_val_every_validates_every_nth_epoch_and_at_the_end(framework, synthetic_dataset,
                                                              tmp_path):
-    from deeppose_cli.rundir import RunDirectory
-    from deeppose_cli.training import train_stage1
+    from deeppose_cli.training.rundir import RunDirectory
+    from deeppose_cli.training.stages import train_stage1
 
     _, index_dir = synthetic_dataset
     small = subset_index(index_dir, tmp_path / "index", 32, 8)  # 2 iterations an epoch
@@ -279,9 +280,9 @@ def test_show_augmentation_draws_the_jitter_free_tail_of_the_run(synthetic_datas
 def test_l1_and_l2_losses_agree_across_frameworks_and_backward_implementations(norm):
     import torch
 
-    from deeppose_cli.backends import chainer_model as cm
-    from deeppose_cli.backends import torch_model as tm
-    from deeppose_cli.backends.chainer_compat import import_chainer
+    from deeppose_cli.engines import chainer_model as cm
+    from deeppose_cli.engines import torch_model as tm
+    from deeppose_cli.engines.chainer_compat import import_chainer
 
     chainer = import_chainer()
 
@@ -317,11 +318,11 @@ def test_l1_and_l2_losses_agree_across_frameworks_and_backward_implementations(n
 def test_init_from_a_chainer_model_predicts_identically_in_pytorch(synthetic_dataset, tmp_path):
     """A PyTorch run started with --init from a Chainer run holds exactly its weights before
     the first step: predictions match the Chainer model."""
-    from deeppose_cli.backends import chainer_backend, torch_backend
-    from deeppose_cli.pipeline import PoseDataset
-    from deeppose_cli.runs import initial_parameters
-    from deeppose_cli.rundir import RunDirectory
-    from deeppose_cli.training import train_stage1
+    from deeppose_cli.engines import chainer_engine, torch_engine
+    from deeppose_cli.data.pipeline import PoseDataset
+    from deeppose_cli.training.runs import initial_parameters
+    from deeppose_cli.training.rundir import RunDirectory
+    from deeppose_cli.training.stages import train_stage1
 
     _, index_dir = synthetic_dataset
     chainer_run, _ = train_stage1(tiny_config("chainer", index_dir, tmp_path / "c",
@@ -329,12 +330,12 @@ def test_init_from_a_chainer_model_predicts_identically_in_pytorch(synthetic_dat
                                   show_progress=False)
     config = tiny_config("pytorch", index_dir, tmp_path / "t", input_size=67, width=0.125,
                          init=str(chainer_run.path))
-    model = torch_backend.build_model(config, 14, initial_parameters(config.init))
+    model = torch_engine.build_model(config, 14, initial_parameters(config.init))
     records = read_index(index_dir / "val.jsonl")[:8]
     images = np.stack([PoseDataset(records, 67, PERM)[i][0] for i in range(8)])
-    ours = torch_backend.predictor(model, __import__("torch").device("cpu"))(images)
+    ours = torch_engine.TorchPredictor(model, __import__("torch").device("cpu"))(images).coords
     meta = RunDirectory(chainer_run.path).meta()
-    theirs = chainer_backend.load_regressor(chainer_run.model_path, meta)(images)
+    theirs = chainer_engine.load_predictor(chainer_run.model_path, meta)(images).coords
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     # and the model file alone works the same as its run directory
     by_file = initial_parameters(chainer_run.model_path)
@@ -343,7 +344,7 @@ def test_init_from_a_chainer_model_predicts_identically_in_pytorch(synthetic_dat
 
 def test_init_with_a_different_network_fails_before_touching_the_run(synthetic_dataset,
                                                                       tmp_path):
-    from deeppose_cli.training import train_stage1
+    from deeppose_cli.training.stages import train_stage1
 
     _, index_dir = synthetic_dataset
     first, _ = train_stage1(tiny_config("pytorch", index_dir, tmp_path / "a", input_size=67,
@@ -364,11 +365,11 @@ def test_laplace_runs_carry_their_scale_layer_through_files_init_and_conversion(
     started from it (--init) and its conversion predict exactly what it does."""
     import torch
 
-    from deeppose_cli.backends import chainer_backend, torch_backend
-    from deeppose_cli.pipeline import PoseDataset
-    from deeppose_cli.runs import convert_run, initial_parameters
-    from deeppose_cli.rundir import RunDirectory
-    from deeppose_cli.training import train_stage1
+    from deeppose_cli.engines import chainer_engine, torch_engine
+    from deeppose_cli.data.pipeline import PoseDataset
+    from deeppose_cli.training.runs import convert_run, initial_parameters
+    from deeppose_cli.training.rundir import RunDirectory
+    from deeppose_cli.training.stages import train_stage1
 
     _, index_dir = synthetic_dataset
     chainer_run, _ = train_stage1(tiny_config("chainer", index_dir, tmp_path / "c", input_size=67,
@@ -376,47 +377,48 @@ def test_laplace_runs_carry_their_scale_layer_through_files_init_and_conversion(
                                   show_progress=False)
     meta = RunDirectory(chainer_run.path).meta()
     assert meta["uncertainty"] is True
-    params = chainer_backend.read_params(chainer_run.model_path)
+    params = chainer_engine.read_params(chainer_run.model_path)
     assert {"fc8_scale/W", "fc8_scale/b"} <= set(params)
     records = read_index(index_dir / "val.jsonl")[:8]
     images = np.stack([PoseDataset(records, 67, PERM)[i][0] for i in range(8)])
-    theirs = chainer_backend.load_regressor(chainer_run.model_path, meta)(images)
+    theirs = chainer_engine.load_predictor(chainer_run.model_path, meta)(images).coords
     assert theirs.shape == (8, 14, 2)
 
     config = tiny_config("pytorch", index_dir, tmp_path / "t", input_size=67, width=0.125,
                          loss="laplace", init=str(chainer_run.path))
-    model = torch_backend.build_model(config, 14, initial_parameters(config.init))
-    np.testing.assert_array_equal(torch_backend.to_numpy_params(model)["fc8_scale/W"],
+    model = torch_engine.build_model(config, 14, initial_parameters(config.init))
+    np.testing.assert_array_equal(torch_engine.to_numpy_params(model)["fc8_scale/W"],
                                   params["fc8_scale/W"])
-    ours = torch_backend.predictor(model, torch.device("cpu"))(images)
+    ours = torch_engine.TorchPredictor(model, torch.device("cpu"))(images).coords
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     # the flip test's weights: both frameworks give the scale layer's log scales beside the
     # same coordinates, and a network without the layer gives None
-    chainer_regress = chainer_backend.load_regressor(chainer_run.model_path, meta)
-    torch_regress = torch_backend.predictor(model, torch.device("cpu"))
-    assert chainer_regress.has_scales and torch_regress.has_scales
-    (their_coords, their_scales), (our_coords, our_scales) = (
-        r(images, with_scales=True) for r in (chainer_regress, torch_regress))
-    np.testing.assert_array_equal(their_coords, theirs)
-    assert their_scales.shape == (8, 14, 2)
-    np.testing.assert_allclose(our_scales, their_scales, atol=1e-5)
+    chainer_predictor = chainer_engine.load_predictor(chainer_run.model_path, meta)
+    torch_predictor = torch_engine.TorchPredictor(model, torch.device("cpu"))
+    assert chainer_predictor.has_scales and torch_predictor.has_scales
+    their_prediction, our_prediction = chainer_predictor(images), torch_predictor(images)
+    np.testing.assert_array_equal(their_prediction.coords, theirs)
+    assert their_prediction.log_scales.shape == (8, 14, 2)
+    np.testing.assert_allclose(our_prediction.log_scales, their_prediction.log_scales,
+                               atol=1e-5)
     model.train()
     training_output = model(torch.from_numpy(images)).detach().numpy()
     model.eval()
     assert training_output.shape == (8, 4 * 14)  # train mode always adds the scales
     plain_config = tiny_config("pytorch", index_dir, tmp_path / "p", input_size=67, width=0.125)
-    plain = torch_backend.predictor(torch_backend.build_model(plain_config, 14),
-                                    torch.device("cpu"))
-    assert not plain.has_scales and plain(images, with_scales=True)[1] is None
-    from deeppose_cli.runs import load_stage
-    assert load_stage(chainer_run.path).has_scales  # so evaluate and predict weight the flip
+    plain = torch_engine.TorchPredictor(torch_engine.build_model(plain_config, 14),
+                                        torch.device("cpu"))
+    assert not plain.has_scales and plain(images).log_scales is None
+    from deeppose_cli.training.runs import load_stage
+    # so evaluate and predict weight the flip
+    assert load_stage(chainer_run.path).predictor.has_scales
 
     converted = convert_run(chainer_run.path, "pytorch", tmp_path / "converted")
     converted_meta = RunDirectory(converted).meta()
     assert converted_meta["uncertainty"] is True
     model_file = converted / converted_meta["model_file"]
     assert torch.load(model_file, weights_only=True)["uncertainty"] is True
-    np.testing.assert_allclose(torch_backend.load_regressor(model_file, converted_meta)(images),
+    np.testing.assert_allclose(torch_engine.load_predictor(model_file, converted_meta)(images).coords,
                                theirs, atol=1e-5)
     with pytest.raises(DeepPoseError, match="explicit-backward must be one of l2, l1"):
         tiny_config("pytorch", index_dir, tmp_path / "e", loss="laplace",
@@ -429,9 +431,9 @@ def test_laplace_runs_carry_their_scale_layer_through_files_init_and_conversion(
 @pytest.mark.parametrize("source", ["train", "val"])
 def test_displacement_statistics_come_from_the_split_they_claim(source, synthetic_dataset,
                                                                 tmp_path):
-    from deeppose_cli.manifests import load_stage_recipe
-    from deeppose_cli.config import TrainConfig
-    from deeppose_cli.training import train_stage
+    from deeppose_cli.core.manifests import load_stage_recipe
+    from deeppose_cli.core.config import TrainConfig
+    from deeppose_cli.training.stages import train_stage
 
     _, index_dir = synthetic_dataset
     small = dict(input_size=67, width=0.125, batch_size=8, max_iterations=2)
@@ -456,9 +458,9 @@ def test_displacement_statistics_come_from_the_split_they_claim(source, syntheti
 
 
 def test_val_displacements_need_a_val_split(synthetic_dataset, tmp_path):
-    from deeppose_cli.manifests import load_stage_recipe
-    from deeppose_cli.config import TrainConfig
-    from deeppose_cli.training import train_stage
+    from deeppose_cli.core.manifests import load_stage_recipe
+    from deeppose_cli.core.config import TrainConfig
+    from deeppose_cli.training.stages import train_stage
 
     _, index_dir = synthetic_dataset
     stage1, _ = train_stage(tiny_config("pytorch", index_dir, tmp_path / "s1", input_size=67,
@@ -472,7 +474,7 @@ def test_val_displacements_need_a_val_split(synthetic_dataset, tmp_path):
 
 
 def test_refinement_errors_measure_distance_in_torso_diameters():
-    from deeppose_cli.cascade import moved_closer, refinement_errors
+    from deeppose_cli.core.cascade import moved_closer, refinement_errors
 
     target = np.zeros((2, 3, 2))
     target[0, 1] = [0.2, 0.0]   # crop 0 refines joint 1, truth 0.2 box sides right
@@ -495,8 +497,8 @@ def test_refinement_errors_measure_distance_in_torso_diameters():
 
 
 def test_flip_test_leaves_a_mirror_symmetric_regressor_alone_and_cancels_a_bias():
-    from deeppose_cli.cascade import StageModel, flip_averaged
-    from deeppose_cli.geometry import crop_pixels_to_normalized
+    from deeppose_cli.core.cascade import StageModel, flip_averaged
+    from deeppose_cli.core.geometry import crop_pixels_to_normalized
 
     size = 21
 
@@ -512,61 +514,75 @@ def test_flip_test_leaves_a_mirror_symmetric_regressor_alone_and_cancels_a_bias(
     images = np.zeros((3, 3, size, size), np.float32)
     for n, (u, v) in enumerate([(3, 4), (15, 10), (10, 17)]):
         images[n, 0, v, u] = 1.0
-    stage = StageModel(1, "test", dot_regressor, size)
-    np.testing.assert_allclose(flip_averaged(stage, [1, 0]).regress(images),
+    stage = StageModel(1, "test", FunctionPredictor(dot_regressor, size, 2))
+    np.testing.assert_allclose(flip_averaged(stage, [1, 0]).predictor(images).coords,
                                dot_regressor(images), atol=1e-12)
-    biased = StageModel(1, "test", lambda x: np.tile([[0.2, 0.1]], (len(x), 2, 1)), size)
-    np.testing.assert_allclose(flip_averaged(biased, [1, 0]).regress(images)[..., 0], 0.0)
-    np.testing.assert_allclose(flip_averaged(biased, [1, 0]).regress(images)[..., 1], 0.1)
+    biased = StageModel(1, "test", FunctionPredictor(
+        lambda x: np.tile([[0.2, 0.1]], (len(x), 2, 1)), size, 2))
+    np.testing.assert_allclose(flip_averaged(biased, [1, 0]).predictor(images).coords[..., 0], 0.0)
+    np.testing.assert_allclose(flip_averaged(biased, [1, 0]).predictor(images).coords[..., 1], 0.1)
 
 
 def test_flip_test_weights_each_view_by_its_inverse_laplace_variance():
     """With the scale layer, the mirrored and the plain opinion of a coordinate count in
-    proportion to 1 / b^2; without scales (or equal ones) the flip test is the plain mean."""
-    from deeppose_cli.cascade import StageModel, flip_averaged
+    proportion to 1 / b^2, and the combined scale is the inverse-variance combination;
+    without scales, or with --flip-weights equal, the flip test is the plain mean."""
+    from deeppose_cli.core.cascade import StageModel, flip_averaged
 
     images = np.zeros((2, 3, 9, 9), np.float32)
     log_b = {"plain": np.log(1.0), "mirrored": np.log(2.0)}
 
-    def regress(x, with_scales=False):
-        mirrored = bool(x[0, 0, 0, 0] == 0.0 and x[0, 0, 0, -1] == 1.0)
-        coords = np.tile([[0.3, 0.1], [-0.1, 0.5]], (len(x), 1, 1)) * (1 + mirrored)
-        if not with_scales:
-            return coords
-        return coords, np.full(coords.shape, log_b["mirrored" if mirrored else "plain"])
+    def mirrored_input(x):
+        return bool(x[0, 0, 0, 0] == 0.0 and x[0, 0, 0, -1] == 1.0)
+
+    def coords(x):
+        return np.tile([[0.3, 0.1], [-0.1, 0.5]], (len(x), 1, 1)) * (1 + mirrored_input(x))
+
+    def scales(x):
+        return np.full((len(x), 2, 2), log_b["mirrored" if mirrored_input(x) else "plain"])
 
     images[:, :, :, 0] = 1.0  # mirroring moves the bright column to the right edge
-    stage = StageModel(1, "test", regress, 9, has_scales=True)
-    got = flip_averaged(stage, [1, 0]).regress(images)
-    plain = regress(images)
-    mirrored = regress(np.ascontiguousarray(images[..., ::-1]))[:, [1, 0], :] * [-1, 1]
+    stage = StageModel(1, "test", FunctionPredictor(coords, 9, 2, scales=scales))
+    got = flip_averaged(stage, [1, 0]).predictor(images)
+    plain = coords(images)
+    mirrored = coords(np.ascontiguousarray(images[..., ::-1]))[:, [1, 0], :] * [-1, 1]
     w_plain, w_mirrored = 1 / 1.0 ** 2, 1 / 2.0 ** 2
-    np.testing.assert_allclose(got, (w_plain * plain + w_mirrored * mirrored)
+    np.testing.assert_allclose(got.coords, (w_plain * plain + w_mirrored * mirrored)
                                / (w_plain + w_mirrored), atol=1e-12)
-    unweighted = flip_averaged(StageModel(1, "test", regress, 9), [1, 0]).regress(images)
-    np.testing.assert_allclose(unweighted, (plain + mirrored) / 2, atol=1e-12)
+    np.testing.assert_allclose(got.log_scales, 0.5 * np.log(1 / (w_plain + w_mirrored)))
+    unweighted = flip_averaged(StageModel(1, "test", FunctionPredictor(coords, 9, 2)),
+                               [1, 0]).predictor(images)
+    np.testing.assert_allclose(unweighted.coords, (plain + mirrored) / 2, atol=1e-12)
+    assert unweighted.log_scales is None
+    equal = flip_averaged(stage, [1, 0], "equal").predictor(images)
+    np.testing.assert_allclose(equal.coords, unweighted.coords, atol=1e-12)
+    np.testing.assert_allclose(equal.log_scales, np.log(np.sqrt(1.0 + 4.0) / 2))  # mean of 2
     log_b["mirrored"] = log_b["plain"]
-    np.testing.assert_allclose(flip_averaged(stage, [1, 0]).regress(images), unweighted,
-                               atol=1e-12)
+    np.testing.assert_allclose(flip_averaged(stage, [1, 0]).predictor(images).coords,
+                               unweighted.coords, atol=1e-12)
     log_b.update(plain=-200.0, mirrored=200.0)  # extreme scales neither overflow nor give NaN
-    np.testing.assert_allclose(flip_averaged(stage, [1, 0]).regress(images), plain, atol=1e-12)
+    extreme = flip_averaged(stage, [1, 0]).predictor(images)
+    np.testing.assert_allclose(extreme.coords, plain, atol=1e-12)
+    assert np.isfinite(extreme.log_scales).all()
 
 
 def test_flip_test_defaults_to_the_stages_trained_on_mirrored_images():
-    from deeppose_cli.cascade import StageModel, flip_averaged, with_flip_test
+    from deeppose_cli.core.cascade import StageModel, flip_averaged, with_flip_test
 
-    biased = lambda x: np.tile([[0.2, 0.1]], (len(x), 2, 1))  # noqa: E731
+    biased = FunctionPredictor(lambda x: np.tile([[0.2, 0.1]], (len(x), 2, 1)), 9, 2)
     images = np.zeros((2, 3, 9, 9), np.float32)
-    cascade = [StageModel(1, "test", biased, 9), StageModel(2, "test", biased, 9,
-                                                            trained_on_mirrors=False)]
+    cascade = [StageModel(1, "test", biased), StageModel(2, "test", biased,
+                                                         trained_on_mirrors=False)]
     chosen = {None: [1], True: [1, 2], False: []}
     for flip_test, flipped in chosen.items():
         stages = with_flip_test(cascade, [1, 0], flip_test)
         assert [s.stage for s in stages if s.flip_test] == flipped
         for stage, original in zip(stages, cascade):
-            expected = (flip_averaged(original, [1, 0]) if stage.flip_test else original).regress(images)
-            np.testing.assert_allclose(stage.regress(images), expected)
-    assert with_flip_test(cascade, [1, 0])[0].regress(images)[..., 0] == pytest.approx(0.0)
+            expected = (flip_averaged(original, [1, 0]) if stage.flip_test
+                        else original).predictor(images).coords
+            np.testing.assert_allclose(stage.predictor(images).coords, expected)
+    assert with_flip_test(cascade, [1, 0])[0].predictor(images).coords[..., 0] \
+        == pytest.approx(0.0)
     assert not any(s.flip_test for s in cascade)  # the stages given are left as they were
 
 
@@ -578,10 +594,10 @@ def test_batch_norm_models_agree_across_frameworks_statistics_included():
     one training-mode forward pass updates the statistics identically."""
     import torch
 
-    from deeppose_cli.backends import chainer_model as cm
-    from deeppose_cli.backends import torch_model as tm
-    from deeppose_cli.backends.chainer_compat import import_chainer
-    from deeppose_cli.weights import parameter_names
+    from deeppose_cli.engines import chainer_model as cm
+    from deeppose_cli.engines import torch_model as tm
+    from deeppose_cli.engines.chainer_compat import import_chainer
+    from deeppose_cli.core.weights import parameter_names
 
     chainer = import_chainer()
     x = np.random.default_rng(0).normal(size=(6, 3, 67, 67)).astype(np.float32)
@@ -604,9 +620,9 @@ def test_batch_norm_models_agree_across_frameworks_statistics_included():
 
 
 def test_batch_norm_run_converts_and_predicts_the_same(synthetic_dataset, tmp_path):
-    from deeppose_cli.cascade import run_cascade_on_records
-    from deeppose_cli.runs import convert_run, load_cascade
-    from deeppose_cli.training import train_stage1
+    from deeppose_cli.core.cascade import run_cascade_on_records
+    from deeppose_cli.training.runs import convert_run, load_cascade
+    from deeppose_cli.training.stages import train_stage1
 
     _, index_dir = synthetic_dataset
     run, _ = train_stage1(tiny_config("chainer", index_dir, tmp_path / "c", input_size=67,
@@ -621,7 +637,7 @@ def test_batch_norm_run_converts_and_predicts_the_same(synthetic_dataset, tmp_pa
 
 
 def test_refinement_from_previous_inherits_its_network():
-    from deeppose_cli.training import inherit_architecture
+    from deeppose_cli.training.stages import inherit_architecture
 
     recipe = {"init": "previous", "input_size": 227, "width": 1.0, "batch_norm": True}
     previous = {"input_size": 131, "width": 0.25}  # a run from before batch norm existed
@@ -634,7 +650,7 @@ def test_refinement_from_previous_inherits_its_network():
 
 
 def test_empirical_displacements_draw_only_measured_vectors():
-    from deeppose_cli.cascade import DisplacementStatistics, displacement_statistics
+    from deeppose_cli.core.cascade import DisplacementStatistics, displacement_statistics
 
     gt = np.zeros((4, 2, 2))
     pred = gt + np.array([[[0.5, 0.0], [0.0, 0.1]], [[0.1, 0.0], [0.0, 0.2]],
@@ -653,9 +669,9 @@ def test_empirical_displacements_draw_only_measured_vectors():
 
 def test_loader_workers_default_to_none_on_cpu_and_most_cores_on_a_gpu(synthetic_dataset,
                                                                        tmp_path, monkeypatch):
-    from deeppose_cli import config as config_module
-    from deeppose_cli.config import default_workers
-    from deeppose_cli.training import resolve_train_config
+    from deeppose_cli.core import config as config_module
+    from deeppose_cli.core.config import default_workers
+    from deeppose_cli.training.stages import resolve_train_config
 
     assert default_workers("cpu", cpu_count=64) == 0
     assert [default_workers("cuda", cpu_count=n) for n in (1, 4, 5, 16, 64)] == [1, 1, 1, 12, 16]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeppose_cli.errors import DeepPoseError
+from deeppose_cli.core.errors import DeepPoseError
 
 from conftest import tiny_config
 
@@ -35,7 +35,7 @@ def poison(npz_path: Path, marker: Path, key: str) -> None:
 
 def test_resume_from_a_checkpoint_holding_pickles_refuses_without_running_it(
         synthetic_dataset, tmp_path):
-    from deeppose_cli.training import train_stage1
+    from deeppose_cli.training.stages import train_stage1
 
     _, index_dir = synthetic_dataset
     config = tiny_config("chainer", index_dir, tmp_path / "run", input_size=67, width=0.0625,
@@ -52,9 +52,9 @@ def test_resume_from_a_checkpoint_holding_pickles_refuses_without_running_it(
 
 def test_model_files_holding_pickles_are_refused_everywhere(synthetic_dataset, tmp_path):
     """predict/evaluate/convert/--previous/--init all read models through these two."""
-    from deeppose_cli.backends import chainer_backend
-    from deeppose_cli.runs import initial_parameters
-    from deeppose_cli.training import train_stage1
+    from deeppose_cli.engines import chainer_engine
+    from deeppose_cli.training.runs import initial_parameters
+    from deeppose_cli.training.stages import train_stage1
 
     _, index_dir = synthetic_dataset
     config = tiny_config("chainer", index_dir, tmp_path / "run", input_size=67, width=0.0625,
@@ -64,9 +64,9 @@ def test_model_files_holding_pickles_are_refused_everywhere(synthetic_dataset, t
     poison(run.model_path, marker, "conv1/W")
     meta = run.meta()
     with pytest.raises(DeepPoseError):
-        chainer_backend.load_regressor(run.model_path, meta)
+        chainer_engine.load_predictor(run.model_path, meta)
     with pytest.raises(DeepPoseError):
-        chainer_backend.read_params(run.model_path)
+        chainer_engine.read_params(run.model_path)
     with pytest.raises(DeepPoseError):
         initial_parameters(run.model_path)
     assert not marker.exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeppose_cli.synthetic import JOINT_NAMES, generate_dataset, render_sample
+from deeppose_cli.data.synthetic import JOINT_NAMES, generate_dataset, render_sample
 
 cv2 = pytest.importorskip("cv2")
 sio = pytest.importorskip("scipy.io")
@@ -139,6 +139,6 @@ def test_module_import_does_not_need_cv2() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; import deeppose_cli.synthetic; "
+    code = ("import sys; import deeppose_cli.data.synthetic; "
             "sys.exit(1 if 'cv2' in sys.modules or 'scipy' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from deeppose_cli.backends import get_backend
+from deeppose_cli.engines import get_engine
 from deeppose_cli.cli import main
-from deeppose_cli.errors import DeepPoseError
-from deeppose_cli.pipeline import RunSampler, epoch_order
-from deeppose_cli.reporting import IterationPlan, TrainingReporter
-from deeppose_cli.rundir import RunDirectory
-from deeppose_cli.training import train_stage1
+from deeppose_cli.core.errors import DeepPoseError
+from deeppose_cli.data.pipeline import RunSampler, epoch_order
+from deeppose_cli.training.reporting import IterationPlan, TrainingReporter
+from deeppose_cli.training.rundir import RunDirectory
+from deeppose_cli.training.stages import train_stage1
 
 from conftest import subset_index, tiny_config
 
@@ -35,8 +35,7 @@ def config_for(framework, index_dir, out, **overrides):
 
 
 def params_of(framework: str, run_dir) -> dict[str, np.ndarray]:
-    backend = get_backend(framework)
-    return backend.read_params(RunDirectory(run_dir).model_path)
+    return get_engine(framework).read_params(RunDirectory(run_dir).model_path)
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -171,7 +170,7 @@ def test_fp16_keeps_its_loss_scale_across_a_resume(small_index, tmp_path):
 
 
 def test_chainer_fp16_trains_in_mixed16_and_writes_a_float32_model(small_index, tmp_path):
-    from deeppose_cli.backends import chainer_backend as cb
+    from deeppose_cli.engines import chainer_engine as cb
 
     config = config_for("chainer", small_index, tmp_path / "run", width=0.0625, batch_size=8,
                         precision="fp16", max_iterations=3)
@@ -183,15 +182,17 @@ def test_chainer_fp16_trains_in_mixed16_and_writes_a_float32_model(small_index, 
 
 
 def test_chainer_refuses_bf16_in_one_line(small_index, tmp_path):
-    with pytest.raises(DeepPoseError, match="Chainer has no bfloat16"):
-        config_for("chainer", small_index, tmp_path / "run", precision="bf16")
+    from deeppose_cli.engines import check_precision
+
+    with pytest.raises(DeepPoseError, match="chainer has no bf16"):
+        check_precision("chainer", "bf16")
     result = CliRunner().invoke(main, ["train-stage", "1", "--framework", "chainer",
                                        "--precision", "bf16", "--train",
                                        str(small_index / "train.jsonl"),
                                        "--out", str(tmp_path / "cli")])
     assert result.exit_code != 0 and result.exception is None or \
         isinstance(result.exception, SystemExit)
-    assert "Chainer has no bfloat16" in result.output
+    assert "chainer has no bf16" in result.output
     assert not (tmp_path / "cli").exists()
 
 
@@ -203,23 +204,25 @@ def regressor_pair(framework: str, seed: int):
     depend on the pixels by a few box sides (the same weights in both frameworks)."""
     import torch
 
-    from deeppose_cli.backends import torch_backend as tb
-    from deeppose_cli.backends.torch_model import AlexNetRegressor, to_numpy_params
+    from deeppose_cli.engines import torch_engine as tb
+    from deeppose_cli.engines.torch_model import AlexNetRegressor, to_numpy_params
 
     torch.manual_seed(seed)
     model = AlexNetRegressor(14, 67, 0.125, batch_norm=True).eval()
     torch.nn.init.normal_(model.fc8.weight, std=0.2)
     if framework == "pytorch":
         cpu = torch.device("cpu")
-        return tb.predictor(model, cpu), tb.crop_predictor(model, cpu)
-    from deeppose_cli.backends import chainer_backend as cb
-    from deeppose_cli.backends.chainer_model import AlexNetRegressor as ChainerRegressor
-    from deeppose_cli.backends.chainer_model import load_numpy_params
+        return (tb.TorchPredictor(model, cpu, cuts_crops=False),
+                tb.TorchPredictor(model, cpu, cuts_crops=True))
+    from deeppose_cli.engines import chainer_engine as cb
+    from deeppose_cli.engines.chainer_model import AlexNetRegressor as ChainerRegressor
+    from deeppose_cli.engines.chainer_model import load_numpy_params
 
     converted = ChainerRegressor(14, 67, 0.125, batch_norm=True)
     load_numpy_params(converted, to_numpy_params(model))
     device = cb.get_device("cpu")
-    return cb._predictor(converted, device), cb.crop_predictor(converted, device)
+    return (cb.ChainerPredictor(converted, device, cuts_crops=False),
+            cb.ChainerPredictor(converted, device, cuts_crops=True))
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -227,9 +230,9 @@ def test_crops_cut_by_grid_sampling_match_the_opencv_crops(framework):
     """The GPU path (crops cut where the model runs) on CPU against the OpenCV path, through
     a 2-stage cascade with and without test-time flipping, on boxes reaching outside the
     image: the only difference is OpenCV rounding its crops to uint8."""
-    from deeppose_cli.cascade import StageModel, flip_averaged, run_cascade
-    from deeppose_cli.geometry import crop_and_resize
-    from deeppose_cli.pipeline import to_network_input
+    from deeppose_cli.core.cascade import StageModel, flip_averaged, run_cascade
+    from deeppose_cli.core.geometry import crop_and_resize
+    from deeppose_cli.core.images import to_network_input
 
     pairs = [regressor_pair(framework, seed) for seed in (0, 1)]
     rng = np.random.default_rng(0)
@@ -240,9 +243,9 @@ def test_crops_cut_by_grid_sampling_match_the_opencv_crops(framework):
 
     def stages(device_crops: bool, flip: bool):
         out = []
-        for k, (regress, regress_crops) in enumerate(pairs):
-            stage = StageModel(k + 1, framework, regress, 67, None if k == 0 else 1.0,
-                               regress_crops if device_crops else None)
+        for k, (host, cutting) in enumerate(pairs):
+            stage = StageModel(k + 1, framework, cutting if device_crops else host,
+                               None if k == 0 else 1.0)
             out.append(flip_averaged(stage, perm) if flip else stage)
         return out
 
@@ -253,13 +256,13 @@ def test_crops_cut_by_grid_sampling_match_the_opencv_crops(framework):
             np.testing.assert_allclose(a, b, atol=0.1)  # pixels; boxes half a pixel off give 1.1
         assert np.abs(opencv[1] - opencv[0]).max() > 2  # refinement moved joints: teeth
     # one crop, directly: within OpenCV's uint8 rounding of the normalized input
-    regress, regress_crops = pairs[0]
-    direct = regress(to_network_input(crop_and_resize(images[0], boxes[0], 67))[None])
-    np.testing.assert_allclose(regress_crops(images[:1], boxes[:1, None], False)[:, 0], direct,
-                               atol=1e-2)
+    host, cutting = pairs[0]
+    direct = host(to_network_input(crop_and_resize(images[0], boxes[0], 67))[None]).coords
+    np.testing.assert_allclose(cutting.crops(images[:1], boxes[:1, None], False).coords[:, 0],
+                               direct, atol=1e-2)
 
 
 def load_flip_permutation():
-    from deeppose_cli.manifests import load_dataset_manifest
+    from deeppose_cli.core.manifests import load_dataset_manifest
 
     return load_dataset_manifest("lsp").flip_permutation

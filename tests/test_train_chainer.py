@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from deeppose_cli.backends import chainer_backend as cb
-from deeppose_cli.backends.chainer_compat import import_chainer
-from deeppose_cli.backends.chainer_model import AlexNetRegressor, load_numpy_params
-from deeppose_cli.errors import DeepPoseError
-from deeppose_cli.geometry import denormalize_pose
-from deeppose_cli.manifests import load_dataset_manifest
-from deeppose_cli.metrics import pdj
-from deeppose_cli.reporting import TrainingReporter
-from deeppose_cli.training import stage1_datasets, train_stage1
-from deeppose_cli.weights import PARAMETER_NAMES
+from deeppose_cli.engines import chainer_engine as cb
+from deeppose_cli.engines.chainer_compat import import_chainer
+from deeppose_cli.engines.chainer_model import AlexNetRegressor, load_numpy_params
+from deeppose_cli.core.errors import DeepPoseError
+from deeppose_cli.core.geometry import denormalize_pose
+from deeppose_cli.core.manifests import load_dataset_manifest
+from deeppose_cli.core.metrics import pdj
+from deeppose_cli.training.reporting import TrainingReporter
+from deeppose_cli.training.stages import stage1_datasets, train_stage1
+from deeppose_cli.core.weights import PARAMETER_NAMES
 
 chainer = import_chainer()
 
@@ -85,7 +85,7 @@ def test_training_lowers_loss_and_beats_mean_pose(trained):
     visible = np.stack([r.visible for r in val_set.records])
     baseline_pose = np.broadcast_to(np.asarray(meta["mean_pose"]), gt.shape)
     baseline = pdj(denormalize_pose(baseline_pose, boxes), gt, visible, TORSO_PAIR).at(0.2)[0]
-    predicted = cb.load_regressor(run.model_path, meta)(images)
+    predicted = cb.load_predictor(run.model_path, meta)(images).coords
     model = pdj(denormalize_pose(predicted, boxes), gt, visible, TORSO_PAIR).at(0.2)[0]
     assert model > baseline + 0.04, (model, baseline)
     # The backend's own validation saw the same model.
@@ -127,17 +127,17 @@ def test_model_file_holds_canonical_names_and_metadata(quick):
 
 
 @pytest.mark.slow
-def test_load_regressor_matches_a_manual_forward(trained):
+def test_load_predictor_matches_a_manual_forward(trained):
     config, run, _summary = trained
     meta = run.meta()
     _val_set, images = val_crops(config)
     images = images[:70]  # more than one internal batch of 64
-    predicted = cb.load_regressor(run.model_path, meta)(images)
+    predicted = cb.load_predictor(run.model_path, meta)(images).coords
     assert predicted.shape == (70, 14, 2) and predicted.dtype == np.float64
     np.testing.assert_allclose(predicted, manual_forward(run.model_path, meta, images),
                                rtol=1e-5, atol=1e-6)
     # Test mode: no dropout, so the same input gives the same output.
-    np.testing.assert_array_equal(predicted, cb.load_regressor(run.model_path, meta)(images))
+    np.testing.assert_array_equal(predicted, cb.load_predictor(run.model_path, meta)(images).coords)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -237,7 +237,7 @@ def test_load_errors_are_one_line(quick, tmp_path):
 
     def error_of(path: Path, meta=meta, device="cpu") -> str:
         with pytest.raises(DeepPoseError) as info:
-            cb.load_regressor(path, meta, device)
+            cb.load_predictor(path, meta, device)
         message = str(info.value)
         assert "\n" not in message
         return message
@@ -272,7 +272,7 @@ def test_write_model_round_trips_and_checks_shapes(tmp_path):
     np.random.seed(3)
     meta = {"num_joints": 14, "input_size": 67, "width": 0.125}
     model = AlexNetRegressor(**meta)
-    from deeppose_cli.backends.chainer_model import to_numpy_params
+    from deeppose_cli.engines.chainer_model import to_numpy_params
 
     params = to_numpy_params(model)
     path = tmp_path / "m.npz"
@@ -287,11 +287,11 @@ def test_write_model_round_trips_and_checks_shapes(tmp_path):
     chainer.serializers.save_npz(str(plain), model)
     with zipfile.ZipFile(plain) as archive:
         assert {n[:-4] for n in archive.namelist()} == set(PARAMETER_NAMES)
-    regress = cb.load_regressor(plain, meta)
-    assert regress(np.zeros((2, 3, 67, 67), np.float32)).shape == (2, 14, 2)
+    regress = cb.load_predictor(plain, meta)
+    assert regress(np.zeros((2, 3, 67, 67), np.float32)).coords.shape == (2, 14, 2)
 
 
 @pytest.mark.skipif(chainer.backends.cuda.available, reason="CuPy is installed")
 def test_cuda_without_cupy_says_how_to_install_it(tmp_path):
     with pytest.raises(DeepPoseError, match=r"deeppose\[gpu\]"):
-        cb.load_regressor(tmp_path / "m.npz", {}, device="cuda")
+        cb.load_predictor(tmp_path / "m.npz", {}, device="cuda")

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from deeppose_cli.backends import torch_backend as tb
-from deeppose_cli.backends.torch_model import AlexNetRegressor, to_numpy_params
-from deeppose_cli.errors import DeepPoseError
-from deeppose_cli.rundir import RunDirectory
-from deeppose_cli.training import train_stage1
+from deeppose_cli.engines import torch_engine as tb
+from deeppose_cli.engines.torch_model import AlexNetRegressor, to_numpy_params
+from deeppose_cli.core.errors import DeepPoseError
+from deeppose_cli.training.rundir import RunDirectory
+from deeppose_cli.training.stages import train_stage1
 
 from conftest import subset_index, tiny_config
 
@@ -53,9 +53,9 @@ def small_config(index_dir: Path, out: Path, **overrides):
 
 
 def mean_pose_pdj(run: RunDirectory, val_index: Path) -> float:
-    from deeppose_cli.annotations import read_index
-    from deeppose_cli.geometry import denormalize_pose
-    from deeppose_cli.metrics import pdj
+    from deeppose_cli.data.annotations import read_index
+    from deeppose_cli.core.geometry import denormalize_pose
+    from deeppose_cli.core.metrics import pdj
 
     records = read_index(val_index)
     mean = np.asarray(run.meta()["mean_pose"], dtype=np.float64)
@@ -118,12 +118,12 @@ def test_run_directory_contents(trained):
 
 
 @pytest.mark.slow
-def test_load_regressor_matches_model_and_validation(trained):
+def test_load_predictor_matches_model_and_validation(trained):
     config, run, summary = trained
-    predict = tb.load_regressor(run.model_path, run.meta())
-    from deeppose_cli.reporting import validation_metrics
-    from deeppose_cli.training import stage1_datasets
-    from deeppose_cli.manifests import load_dataset_manifest
+    predict = tb.load_predictor(run.model_path, run.meta())
+    from deeppose_cli.training.reporting import validation_metrics
+    from deeppose_cli.training.stages import stage1_datasets
+    from deeppose_cli.core.manifests import load_dataset_manifest
 
     _, val_set = stage1_datasets(config, load_dataset_manifest("synthetic"))
     metrics = validation_metrics(predict, val_set, config.batch_size, TORSO_PAIR)
@@ -183,7 +183,10 @@ def test_huge_learning_rate_is_stopped(small_index, tmp_path):
 
 
 def test_explicit_backward_trains_like_autograd(small_index, tmp_path, monkeypatch):
-    monkeypatch.setattr(tb, "TrainingReporter", functools.partial(tb.TrainingReporter, log_every=1))
+    from deeppose_cli.training import loop
+
+    monkeypatch.setattr(loop, "TrainingReporter",
+                        functools.partial(loop.TrainingReporter, log_every=1))
     params, losses = {}, {}
     for explicit in (False, True):
         out = tmp_path / str(explicit)
@@ -222,7 +225,7 @@ def test_model_file_round_trip_and_predictions(tmp_path):
     assert all(np.array_equal(loaded[k], params[k]) for k in params)
 
     images = np.random.default_rng(1).normal(0, 1, (70, 3, 67, 67)).astype(np.float32)
-    pred = tb.load_regressor(tmp_path / "model.pt", meta)(images)  # 70 > one inner batch
+    pred = tb.load_predictor(tmp_path / "model.pt", meta)(images).coords  # 70 > one batch
     assert pred.shape == (70, 14, 2) and pred.dtype == np.float64
     model = AlexNetRegressor(14, 67, 0.125).eval()
     with torch.no_grad():
@@ -247,12 +250,12 @@ def test_chainer_npz_given_to_torch_loader(tmp_path):
     _, meta = model_file(tmp_path / "model.pt")
     np.savez(tmp_path / "model.npz", **{"conv1/W": np.zeros((3, 3), np.float32)})
     with pytest.raises(DeepPoseError, match="Chainer model.*deeppose convert"):
-        tb.load_regressor(tmp_path / "model.npz", meta)
+        tb.load_predictor(tmp_path / "model.npz", meta)
 
 
 def test_missing_model_file(tmp_path):
     with pytest.raises(DeepPoseError, match="does not exist"):
-        tb.load_regressor(tmp_path / "nope.pt", {"num_joints": 14, "input_size": 67,
+        tb.load_predictor(tmp_path / "nope.pt", {"num_joints": 14, "input_size": 67,
                                                  "width": 0.125})
 
 
@@ -260,13 +263,13 @@ def test_checkpoint_given_as_model(small_index, tmp_path):
     config = small_config(small_index, tmp_path / "run", max_iterations=1)
     run, _ = train_stage1(config, show_progress=False)
     with pytest.raises(DeepPoseError, match="checkpoint, not a model"):
-        tb.load_regressor(run.checkpoint_path, run.meta())
+        tb.load_predictor(run.checkpoint_path, run.meta())
 
 
 def test_model_file_that_disagrees_with_run(tmp_path):
     _, meta = model_file(tmp_path / "model.pt")
     with pytest.raises(DeepPoseError, match="width"):
-        tb.load_regressor(tmp_path / "model.pt", {**meta, "width": 0.25})
+        tb.load_predictor(tmp_path / "model.pt", {**meta, "width": 0.25})
     torch.save({"format": "deeppose-model", "framework": "chainer"}, tmp_path / "other.pt")
     with pytest.raises(DeepPoseError, match="chainer model"):
         tb.read_params(tmp_path / "other.pt")

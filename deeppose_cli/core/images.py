@@ -140,3 +140,57 @@ def read_bgr(path: Path | str) -> np.ndarray:
         raise ImageError(path, f"{size[0]} x {size[1]} pixels is more than the {limit:,} "
                                f"this reads (set ${MAX_PIXELS_ENV} to allow more)")
     return image
+
+
+def read_rgb(path: Path | str) -> np.ndarray:
+    """Decode an image file as RGB uint8 HWC (the networks' channel order), or raise a
+    one-line :class:`ImageError`."""
+    import cv2
+
+    return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2RGB)
+
+
+# ----------------------------------------------------------------------------- network input
+
+IMAGE_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGE_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def input_scale_bias(gain: np.ndarray | None = None, shift: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float32 ``(scale, bias)`` with ``pixels * scale + bias`` the network input
+    of uint8 RGB pixels: ImageNet normalization, then the colour noise ``x * gain + shift``.
+
+    The one definition of the network input: the host path (:func:`to_network_input`) and
+    the engines' device path (uint8 crops sent to the device and normalized there) both
+    apply it, as one multiply and one add in float32, so the two give identical inputs."""
+    gain = np.ones(3) if gain is None else np.asarray(gain, dtype=np.float64)
+    shift = np.zeros(3) if shift is None else np.asarray(shift, dtype=np.float64)
+    inv_std = 1.0 / IMAGE_STD.astype(np.float64)
+    return ((gain * inv_std / 255.0).astype(np.float32),
+            (shift - gain * inv_std * IMAGE_MEAN).astype(np.float32))
+
+
+def to_network_input(crop: np.ndarray, gain: np.ndarray | None = None,
+                     shift: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 HWC crop -> float32 CHW normalized the way the networks expect.
+
+    ``gain`` and ``shift`` (three values each) are the training colour noise, applied to the
+    normalized values as ``x * gain + shift``.
+    """
+    return normalize_crop(crop, *input_scale_bias(gain, shift))
+
+
+def normalize_crop(crop: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``crop * scale + bias`` per channel, uint8 HWC -> float32 CHW, in a single pass
+    straight from uint8: data loading shares the CPU with training, and separate float
+    passes (divide, subtract, colour noise) cost more than decoding the JPEG."""
+    import cv2
+
+    if crop.ndim != 3 or crop.shape[2] != 3:
+        raise ValueError(f"the network input needs an HxWx3 crop, got shape {crop.shape}")
+    out = np.empty((3,) + crop.shape[:2], dtype=np.float32)
+    for c, plane in enumerate(cv2.split(crop)):  # contiguous planes: faster than strided views
+        np.multiply(plane, scale[c], out=out[c], dtype=np.float32)
+        out[c] += bias[c]
+    return out

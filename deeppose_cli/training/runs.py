@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .cascade import StageModel
-from .errors import DeepPoseError
-from .files import atomic_write, sha256_of
-from .backends import MODEL_SUFFIX, framework_of_model_file, get_backend
+from ..core.cascade import StageModel
+from ..core.errors import DeepPoseError
+from ..core.files import atomic_write, sha256_of
+from ..engines import MODEL_SUFFIX, framework_of_model_file, get_engine
 from .rundir import RunDirectory, run_meta_problem
 
 RUNS_ROOT = Path("runs")
@@ -75,12 +75,9 @@ def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = No
     if not meta.get("complete"):
         raise DeepPoseError(f"{run_dir}: training did not finish (resume it with --resume)")
     model_path = _verified_model(run, meta, expected_sha, recorded_by)
-    regress = get_backend(meta["framework"]).load_regressor(model_path, meta, device)
-    return StageModel(stage=meta["stage"], framework=meta["framework"], regress=regress,
-                      input_size=meta["input_size"], sigma=meta.get("sigma"),
-                      regress_crops=getattr(regress, "regress_crops", None),
-                      trained_on_mirrors=_trained_on_mirrors(run),
-                      has_scales=getattr(regress, "has_scales", False))
+    predictor = get_engine(meta["framework"]).load_predictor(model_path, meta, device)
+    return StageModel(stage=meta["stage"], framework=meta["framework"], predictor=predictor,
+                      sigma=meta.get("sigma"), trained_on_mirrors=_trained_on_mirrors(run))
 
 
 def _trained_on_mirrors(run: RunDirectory) -> bool:
@@ -169,8 +166,8 @@ def convert_run(source: Path, framework: str, out: Path) -> Path:
         child = RunDirectory(target).meta()
         new_chain.append({**entry, "framework": framework,
                           "model_sha256": sha256_of(target / child["model_file"])})
-    reader = get_backend(meta["framework"])
-    writer = get_backend(framework)
+    reader = get_engine(meta["framework"])
+    writer = get_engine(framework)
     params = reader.read_params(_verified_model(RunDirectory(source), meta, meta.get("model_sha256")))
     model_file = f"model{MODEL_SUFFIX[framework]}"
     atomic_write(out / model_file, lambda tmp: writer.write_model(params, meta, tmp))
@@ -192,7 +189,7 @@ def initial_parameters(source: Path | str) -> dict[str, Any]:
         if not meta.get("complete"):
             raise DeepPoseError(f"--init {source}: that training did not finish")
         path = _verified_model(run, meta, meta.get("model_sha256"))
-        return get_backend(meta["framework"]).read_params(path)
+        return get_engine(meta["framework"]).read_params(path)
     if not source.is_file():
         raise DeepPoseError(f"--init {source}: no such run directory or model file")
-    return get_backend(framework_of_model_file(source) or "pytorch").read_params(source)
+    return get_engine(framework_of_model_file(source) or "pytorch").read_params(source)

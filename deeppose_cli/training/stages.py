@@ -1,9 +1,9 @@
-"""Training orchestration: from a resolved recipe to a finished run directory.
+"""Training a cascade stage end to end: from a resolved recipe to a finished run directory.
 
-Below this sit the pieces a backend uses (``config.py``: the recipe; ``rundir.py``: the run
-directory; ``reporting.py``: log, NaN guard and validation) and the backends themselves
-(``backends/``: model, loss, loop, model files). This module prepares data and run
-directories, hands them to the framework's backend and publishes the result.
+This module prepares the data (stage-1 person crops, or a refinement stage's simulated
+boxes) and the run directory, hands both to the one training loop (``loop.py``), and
+publishes the result; ``rundir.py`` holds the run directory and its lock, ``reporting.py``
+the log, progress and validation.
 """
 
 from __future__ import annotations
@@ -15,19 +15,21 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backends import get_backend
-from .config import MODEL_SUFFIX, TrainConfig, default_workers
-from .errors import DeepPoseError
-from .files import sha256_of
-from .losses import predicts_uncertainty
+from ..engines import check_framework, check_precision, get_engine
+from ..core.config import TrainConfig, default_workers
+from ..core.errors import DeepPoseError
+from ..core.files import sha256_of
+from ..core.losses import predicts_uncertainty
+from ..engines import MODEL_SUFFIX
+from .loop import train
 from .rundir import (RunDirectory, RunLock, is_run_directory, publish_run, resume_directory,
                      staging_path)
 
 
 def stage1_datasets(config: TrainConfig, manifest):
     """Training (augmented) and validation (plain) datasets of a stage-1 run."""
-    from .annotations import read_index
-    from .pipeline import Augmentation, ImageCache, PoseDataset
+    from ..data.annotations import read_index
+    from ..data.pipeline import Augmentation, ImageCache, PoseDataset
 
     train_records = read_index(Path(config.train_index), manifest.num_joints)
     aug = Augmentation.from_recipe(config.to_json())
@@ -66,7 +68,7 @@ def resolve_train_config(stage: int, framework: str, *, out: str | None = None,
     then what the call leaves unsaid taken from the dataset's index directory
     (``index_dir_of(dataset)``) and, for stage >= 2, from the run the command chain just
     trained (``chained_run``) or else the latest finished run of the stage before."""
-    from .manifests import load_stage_recipe
+    from ..core.manifests import load_stage_recipe
     from .runs import latest_run
 
     given = dict(overrides or {})
@@ -101,9 +103,11 @@ def resolve_train_config(stage: int, framework: str, *, out: str | None = None,
         recipe = inherit_architecture(recipe, RunDirectory(previous).meta(), given)
     if no_visibility:
         recipe["use_visibility"] = False
-    return TrainConfig.from_recipe(recipe, stage=stage, framework=framework, dataset=dataset,
-                                   train_index=train_index, val_index=val_index, out=out,
-                                   previous=previous)
+    config = TrainConfig.from_recipe(recipe, stage=stage, framework=check_framework(framework),
+                                     dataset=dataset, train_index=train_index,
+                                     val_index=val_index, out=out, previous=previous)
+    check_precision(config.framework, config.precision)
+    return config
 
 
 def inherit_architecture(recipe: dict[str, Any], previous_meta: dict[str, Any],
@@ -122,8 +126,8 @@ def inherit_architecture(recipe: dict[str, Any], previous_meta: dict[str, Any],
 
 def augmentation_preview_dataset(index_file: Path, recipe: dict[str, Any], manifest):
     """Stage-1 training samples of ``index_file`` augmented as ``recipe`` says."""
-    from .annotations import read_index
-    from .pipeline import Augmentation, PoseDataset
+    from ..data.annotations import read_index
+    from ..data.pipeline import Augmentation, PoseDataset
 
     records = read_index(Path(index_file), manifest.num_joints)
     return PoseDataset(records, int(recipe["input_size"]), manifest.flip_permutation,
@@ -157,7 +161,7 @@ def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
     and :func:`publish_run` swaps it in only once it has succeeded: a run that fails or is
     interrupted never costs the earlier model. The device is checked first.
     """
-    get_backend(config.framework).check_device(config.device)
+    get_engine(config.framework).check_device(config.device)
     out = Path(config.out)
     if resume:
         run = RunDirectory(resume_directory(out), config.framework)
@@ -193,9 +197,9 @@ def resume_hint(config: TrainConfig) -> str:
 def train_stage1(config: TrainConfig, resume: bool = False,
                  show_progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
     """Train a stage-1 regressor; returns the run directory and the backend's summary."""
-    from .geometry import normalize_pose
-    from .manifests import load_dataset_manifest
-    from .metrics import mean_normalized_pose
+    from ..core.geometry import normalize_pose
+    from ..core.manifests import load_dataset_manifest
+    from ..core.metrics import mean_normalized_pose
 
     manifest = load_dataset_manifest(config.dataset)
     train_set, val_set = stage1_datasets(config, manifest)
@@ -208,8 +212,8 @@ def train_stage1(config: TrainConfig, resume: bool = False,
     meta["mean_pose"] = mean_normalized_pose(
         normalized, np.stack([r.visible for r in records])).round(6).tolist()
     meta["torso_pair"] = list(manifest.torso_diameter)
-    return run_backend(config, train_set, val_set, run, meta, manifest, resume, show_progress,
-                       init_params)
+    return run_training(config, train_set, val_set, run, meta, manifest, resume, show_progress,
+                        init_params)
 
 
 def init_parameters(config: TrainConfig, resume: bool) -> dict[str, np.ndarray] | None:
@@ -226,19 +230,18 @@ def init_parameters(config: TrainConfig, resume: bool) -> dict[str, np.ndarray] 
     return initial_parameters(config.init)
 
 
-def run_backend(config: TrainConfig, train_set, val_set, run: RunDirectory, meta: dict[str, Any],
+def run_training(config: TrainConfig, train_set, val_set, run: RunDirectory, meta: dict[str, Any],
                 manifest, resume: bool, show_progress: bool,
                 init_params: dict[str, np.ndarray] | None = None
                 ) -> tuple[RunDirectory, dict[str, Any]]:
-    """Hand the datasets to the framework's backend, then mark the run complete.
+    """Hand the datasets to the training loop, then mark the run complete.
 
     run.json is written before training (so a crashed run is recognisable) and again with
     ``complete`` and the model checksum only once the model file exists.
     """
     run.write_json("run.json", meta)
-    summary = get_backend(config.framework).train(
-        config, train_set, val_set, run, torso_pair=manifest.torso_diameter, resume=resume,
-        show_progress=show_progress, init_params=init_params)
+    summary = train(config, train_set, val_set, run, torso_pair=manifest.torso_diameter,
+                    resume=resume, show_progress=show_progress, init_params=init_params)
     # The same figure for both frameworks: the loss of the last logged window.
     losses = [r["loss"] for r in run.read_log() if "loss" in r]
     summary["final_loss"] = float(losses[-1]) if losses else float("nan")
@@ -252,8 +255,8 @@ def run_backend(config: TrainConfig, train_set, val_set, run: RunDirectory, meta
 def refinement_datasets(config: TrainConfig, manifest, stats, train_records, val_records):
     """Simulated training (augmented, fresh draws per epoch) and validation (fixed draws)
     samples of a refinement stage."""
-    from .cascade import RefinementDataset
-    from .pipeline import Augmentation, ImageCache
+    from ..data.refinement import RefinementDataset
+    from ..data.pipeline import Augmentation, ImageCache
 
     aug = Augmentation.from_recipe(config.to_json())
     common = dict(stats=stats, sigma=config.sigma, input_size=config.input_size,
@@ -274,9 +277,9 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
                            ) -> tuple[RunDirectory, dict[str, Any]]:
     """Train stage ``config.stage`` >= 2 on top of the run ``config.previous`` (stages
     1..N-1, of either framework)."""
-    from .annotations import read_index
-    from .cascade import DisplacementStatistics
-    from .manifests import load_dataset_manifest
+    from ..data.annotations import read_index
+    from ..core.cascade import DisplacementStatistics
+    from ..core.manifests import load_dataset_manifest
     from .runs import copy_chain
 
     if not config.previous:
@@ -314,13 +317,13 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
     first = RunDirectory(run.path / meta["chain"][0]["dir"]).meta()
     meta["mean_pose"] = first["mean_pose"]
     train_set, val_set = refinement_datasets(config, manifest, stats, train_records, val_records)
-    return run_backend(config, train_set, val_set, run, meta, manifest, resume, show_progress,
-                       init_params)
+    return run_training(config, train_set, val_set, run, meta, manifest, resume, show_progress,
+                        init_params)
 
 
 def measure_displacements(previous: Path, records, manifest, device: str):
     """Displacement statistics of the cascade ``previous`` (stages 1..N-1) on ``records``."""
-    from .cascade import displacement_statistics, record_diameters, run_cascade_on_records
+    from ..core.cascade import displacement_statistics, record_diameters, run_cascade_on_records
     from .runs import load_cascade
 
     stages, _ = load_cascade(previous, device)

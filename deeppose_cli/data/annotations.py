@@ -15,7 +15,6 @@ works for training and evaluation.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,40 +22,13 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import DeepPoseError
-from .files import atomic_write_text
-from .geometry import box_from_xywh, box_to_xywh, person_box
-from .manifests import DatasetManifest
+from ..core.errors import DeepPoseError
+from ..core.files import atomic_write_text
+from ..core.geometry import box_from_xywh, person_box
+from ..core.manifests import DatasetManifest
+from ..core.records import PoseRecord
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class PoseRecord:
-    """One annotated image of an index file."""
-
-    id: str
-    image: Path
-    joints: np.ndarray   # (J, 2) float64, image pixels
-    visible: np.ndarray  # (J,) bool
-    box: np.ndarray      # (4,) cx, cy, w, h
-    width: int = 0
-    height: int = 0
-
-    def to_json(self, index_dir: Path) -> dict:
-        try:
-            image = os.path.relpath(self.image, index_dir)
-        except ValueError:  # another drive on Windows
-            image = str(self.image)
-        return {
-            "id": self.id,
-            "image": image,
-            "width": self.width,
-            "height": self.height,
-            "joints": [[round(float(x), 3), round(float(y), 3)] for x, y in self.joints],
-            "visible": [int(v) for v in self.visible],
-            "box": [round(v, 3) for v in box_to_xywh(self.box)],
-        }
 
 
 def read_joints_mat(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +128,7 @@ class IndexReport:
 
 def _image_size(path: Path) -> tuple[int, int] | str:
     """(width, height) of a decodable, complete image, or the reason it is unusable."""
-    from .images import ImageError, read_bgr, truncation_reason
+    from ..core.images import ImageError, read_bgr, truncation_reason
 
     if not path.is_file():
         return "missing image"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 
-from .backends import FRAMEWORKS
+from ..engines import FRAMEWORKS
 
 
 def _version(module_name: str) -> str:
@@ -17,17 +17,17 @@ def _version(module_name: str) -> str:
 
 def framework_devices(framework: str) -> str:
     """The devices ``framework``'s backend can use, or why it cannot be imported."""
-    from .backends import get_backend
+    from ..engines import get_engine
 
     try:
-        return get_backend(framework).devices()
+        return get_engine(framework).devices()
     except ImportError:
         return "not installed"
 
 
 def describe_environment() -> list[tuple[str, str]]:
-    from . import __version__
-    from .backends.chainer_compat import import_chainer
+    from .. import __version__
+    from ..engines.chainer_compat import import_chainer
 
     try:
         chainer_version = import_chainer().__version__

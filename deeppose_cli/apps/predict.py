@@ -8,9 +8,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DeepPoseError
-from .files import atomic_write
-from .images import ImageError, read_bgr
+from ..core.errors import DeepPoseError
+from ..core.files import atomic_write
+from ..core.images import ImageError, read_bgr
 
 
 @dataclass
@@ -41,11 +41,11 @@ def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] |
     """
     import cv2
 
-    from .cascade import run_cascade, with_flip_test
+    from ..core.cascade import run_cascade, with_flip_test
     from .drawing import draw_pose
-    from .geometry import box_from_xywh, box_to_xywh
-    from .manifests import load_dataset_manifest
-    from .runs import load_cascade
+    from ..core.geometry import box_from_xywh, box_to_xywh
+    from ..core.manifests import load_dataset_manifest
+    from ..training.runs import load_cascade
 
     cascade, meta = load_cascade(run_dir, device, stages)
     manifest = load_dataset_manifest(meta["dataset"])

@@ -10,11 +10,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .annotations import PoseRecord
-from .files import atomic_write
-from .geometry import denormalize_pose
-from .manifests import DatasetManifest
-from .metrics import PDJResult, pcp, pdj
+from ..core.records import PoseRecord
+from ..core.files import atomic_write
+from ..core.geometry import denormalize_pose
+from ..core.manifests import DatasetManifest
+from ..core.metrics import PDJResult, pcp, pdj
 
 
 @dataclass
@@ -140,9 +140,10 @@ def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[
                        batch_size: int = 64) -> list[RefinementReport]:
     """A :class:`RefinementReport` for each stage >= 2 of a cascade; ``stage_dirs`` are the
     run directories of stages 1..S (for each stage's ``displacement.json``)."""
-    from .cascade import DisplacementStatistics, RefinementDataset, moved_closer
-    from .pipeline import Augmentation
-    from .reporting import validation_metrics
+    from ..core.cascade import DisplacementStatistics, moved_closer
+    from ..data.refinement import RefinementDataset
+    from ..data.pipeline import Augmentation
+    from ..training.reporting import validation_metrics
 
     gt = np.stack([r.joints for r in records])
     visible = np.stack([r.visible for r in records])
@@ -161,6 +162,6 @@ def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[
                                           Augmentation.none(),
                                           sampling=recipe.get("displacement_sampling", "normal"))
             crops = {key: float(v) for key, v in
-                     validation_metrics(stage.regress, crops_set, batch_size).items()}
+                     validation_metrics(stage.predictor, crops_set, batch_size).items()}
         reports.append(RefinementReport(k + 1, closer, farther, crops))
     return reports

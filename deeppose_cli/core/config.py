@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
-
-from .backends import FRAMEWORKS, MODEL_SUFFIX
 from .errors import DeepPoseError
-from .weights import SCALE_NAMES, check_architecture
-
-__all__ = ["DISPLACEMENT_SOURCES", "FRAMEWORKS", "MODEL_SUFFIX", "PRECISIONS", "TrainConfig",
-           "apply_init_parameters", "default_workers", "parse_device"]
+from .weights import check_architecture
 
 # Where a refinement stage's displacement statistics come from: the previous stages'
 # predictions on the training split (which they have seen) or on the validation split.
 DISPLACEMENT_SOURCES = ("train", "val")
 
 # Arithmetic of the training step: fp32, or autocast to bfloat16 / float16 with fp32 master
-# weights (PyTorch; Chainer has float16 only, through its mixed16 mode with loss scaling).
+# weights (which an engine supports: ``engines.ENGINES``).
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Which outputs a refinement crop trains: only the joint it is centred on (DeepPose), or also
+# every other labelled joint that lies inside the crop.
+REFINE_JOINTS = ("own", "all")
+# How a simulated displacement is drawn: from the per-joint normal (DeepPose) or by
+# resampling the measured displacements.
+DISPLACEMENT_SAMPLING = ("normal", "empirical")
+# What happens to a visible joint that augmentation moves out of the crop.
+OUTSIDE_JOINTS = ("drop", "keep")
 
 
 @dataclass
@@ -91,8 +93,6 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        if self.framework not in FRAMEWORKS:
-            raise DeepPoseError(f"framework must be one of {', '.join(FRAMEWORKS)}")
         check_architecture(self.architecture)
         if self.optimizer not in ("MomentumSGD", "Adam"):
             raise DeepPoseError(f"optimizer must be MomentumSGD or Adam, got {self.optimizer!r}")
@@ -110,17 +110,12 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise DeepPoseError(f"precision must be one of {', '.join(PRECISIONS)}, "
                                 f"got {self.precision!r}")
-        if self.precision == "bf16" and self.framework == "chainer":
-            raise DeepPoseError("Chainer has no bfloat16: use --precision fp16 (its mixed16 "
-                                "mode) or fp32 with --framework chainer")
         from .losses import check_norm
 
         check_norm(self.loss, explicit=self.explicit_backward)
         if self.displacement_source not in DISPLACEMENT_SOURCES:
             raise DeepPoseError(f"displacement-source must be one of "
                                 f"{', '.join(DISPLACEMENT_SOURCES)}, got {self.displacement_source!r}")
-        from .cascade import DISPLACEMENT_SAMPLING, REFINE_JOINTS
-
         if self.displacement_sampling not in DISPLACEMENT_SAMPLING:
             raise DeepPoseError(f"displacement-sampling must be one of "
                                 f"{', '.join(DISPLACEMENT_SAMPLING)}, got "
@@ -134,10 +129,11 @@ class TrainConfig:
             raise DeepPoseError("occlusion is a probability: between 0 and 1")
         if not 0 <= self.jitter_off_fraction <= 1:
             raise DeepPoseError("jitter-off-fraction is a fraction of the run: between 0 and 1")
-        from .pipeline import Augmentation
+        if self.outside_joints not in OUTSIDE_JOINTS:
+            raise DeepPoseError(f"outside-joints must be one of {', '.join(OUTSIDE_JOINTS)}, "
+                                f"got {self.outside_joints!r}")
         from .schedules import LearningRateSchedule
 
-        Augmentation.from_recipe(self.to_json())
         LearningRateSchedule(self.lr, 1, self.lr_schedule, self.lr_warmup, self.lr_final_ratio)
         parse_device(self.device)
 
@@ -175,19 +171,3 @@ def parse_device(device: str) -> tuple[str, int]:
     if device.startswith("cuda:") and device[5:].isdigit():
         return "cuda", int(device[5:])
     raise DeepPoseError(f"device must be cpu, cuda or cuda:N, got {device!r}")
-
-
-def apply_init_parameters(load: Callable[[Any, dict], None], model: Any, config: TrainConfig,
-                          init_params: dict[str, np.ndarray] | None) -> None:
-    """Load ``--init`` weights into a backend's fresh model with ``load`` (its
-    ``load_numpy_params``), or say in one line why they do not fit."""
-    if init_params is None:
-        return
-    try:  # a network that predicts its uncertainty may start from one that did not
-        load(model, init_params, optional=SCALE_NAMES)
-    except DeepPoseError as e:
-        raise DeepPoseError(f"--init {config.init} does not fit this network (input size "
-                            f"{config.input_size}, width {config.width}, batch norm "
-                            f"{config.batch_norm}): {e}") from None
-
-

@@ -1,29 +1,31 @@
-"""Index records -> training/evaluation arrays, seeded, framework-free.
+"""Index records -> training/evaluation samples, seeded, framework-free.
 
 A sample is ``(image, joints, visible)``: image float32 CHW (RGB, ImageNet-normalized) of
 ``input_size`` x ``input_size``; joints float32 (J, 2) in the crop box's normalized coordinates
-N(y; b); visible float32 (J,). Augmentation randomness comes from
-``numpy.random.default_rng([seed, epoch, index])``, so a sample depends only on those three
-numbers: the same seed gives identical samples whichever framework, worker or order asks.
+N(y; b); visible float32 (J,). Training loaders move the sample's *raw* form instead
+(:class:`RawSample`: the uint8 crop and the per-channel scale and bias that normalize it), so
+four times fewer bytes cross process boundaries and reach the device, where the engines
+normalize with :func:`~deeppose_cli.core.images.input_scale_bias` exactly as the host path
+does. Augmentation randomness comes from ``numpy.random.default_rng([seed, epoch, index])``,
+so a sample depends only on those three numbers: the same seed gives identical samples
+whichever framework, worker or order asks.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .annotations import PoseRecord
-from .errors import DeepPoseError
-from .geometry import (apply_affine, augmented_crop_matrix, crop_and_resize,
-                       crop_pixels_to_normalized, flip_normalized, normalize_pose, warp_crop)
+from ..core.config import OUTSIDE_JOINTS
+from ..core.errors import DeepPoseError
+from ..core.geometry import (apply_affine, augmented_crop_matrix, crop_and_resize,
+                             crop_pixels_to_normalized, flip_normalized, normalize_pose,
+                             warp_crop)
+from ..core.images import IMAGE_MEAN, input_scale_bias, normalize_crop, read_rgb
+from ..core.records import PoseRecord
 
-IMAGE_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGE_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-OUTSIDE_JOINTS = ("drop", "keep")
 
 
 @dataclass(frozen=True)
@@ -72,15 +74,6 @@ OCCLUSION_AREA = (0.02, 0.2)
 OCCLUSION_ASPECT = (0.3, 3.3)
 
 
-def load_image(path) -> np.ndarray:
-    """Read an image as RGB uint8 HWC, or raise a one-line error."""
-    import cv2
-
-    from .images import read_bgr
-
-    return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2RGB)
-
-
 class ImageCache:
     """Decoded images kept in memory, up to ``budget_bytes`` per process, so an epoch after
     the first decodes nothing: reading and decoding are two thirds of preparing an LSPET
@@ -102,7 +95,7 @@ class ImageCache:
         key = str(path)
         image = self.images.get(key)
         if image is None:
-            image = load_image(path)
+            image = read_rgb(path)
             if self.used_bytes + image.nbytes <= self.budget_bytes:
                 image.flags.writeable = False
                 self.images[key] = image
@@ -112,40 +105,7 @@ class ImageCache:
 
 def read_image(path, cache: ImageCache | None) -> np.ndarray:
     """``path`` decoded as RGB uint8 HWC, through ``cache`` when there is one."""
-    return cache.load(path) if cache is not None else load_image(path)
-
-
-def input_scale_bias(gain: np.ndarray | None = None, shift: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel float32 ``(scale, bias)`` with ``pixels * scale + bias`` the network input
-    of uint8 RGB pixels: ImageNet normalization, then the colour noise ``x * gain + shift``."""
-    gain = np.ones(3) if gain is None else np.asarray(gain, dtype=np.float64)
-    shift = np.zeros(3) if shift is None else np.asarray(shift, dtype=np.float64)
-    inv_std = 1.0 / IMAGE_STD.astype(np.float64)
-    return ((gain * inv_std / 255.0).astype(np.float32),
-            (shift - gain * inv_std * IMAGE_MEAN).astype(np.float32))
-
-
-def to_network_input(crop: np.ndarray, gain: np.ndarray | None = None,
-                     shift: np.ndarray | None = None) -> np.ndarray:
-    """RGB uint8 HWC crop -> float32 CHW normalized the way the networks expect.
-
-    ``gain`` and ``shift`` (three values each) are the training colour noise, applied to the
-    normalized values as ``x * gain + shift``. Normalization and noise together are one affine
-    map per channel, ``crop * scale + bias``, applied in a single pass straight from uint8:
-    data loading shares the CPU with training, and separate float passes cost more than
-    decoding the JPEG.
-    """
-    import cv2
-
-    if crop.ndim != 3 or crop.shape[2] != 3:
-        raise ValueError(f"to_network_input needs an HxWx3 crop, got shape {crop.shape}")
-    scale, bias = input_scale_bias(gain, shift)
-    out = np.empty((3,) + crop.shape[:2], dtype=np.float32)
-    for c, plane in enumerate(cv2.split(crop)):  # contiguous planes: faster than strided views
-        np.multiply(plane, scale[c], out=out[c], dtype=np.float32)
-        out[c] += bias[c]
-    return out
+    return cache.load(path) if cache is not None else read_rgb(path)
 
 
 def jitter_box(box: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
@@ -156,12 +116,29 @@ def jitter_box(box: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> 
     return box
 
 
-def make_sample(image: np.ndarray, box: np.ndarray, joints: np.ndarray, visible: np.ndarray,
-                input_size: int, aug: Augmentation, rng: np.random.Generator,
-                flip_permutation: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class RawSample(NamedTuple):
+    """A training sample before normalization: ``crop`` uint8 HWC RGB, and the per-channel
+    float32 ``scale`` and ``bias`` (ImageNet normalization and colour noise) with
+    ``crop * scale + bias`` the network input; joints and visible as in a sample."""
+
+    crop: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    joints: np.ndarray
+    visible: np.ndarray
+
+
+def normalized_sample(raw: RawSample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The host path: ``(float32 CHW input, joints, visible)`` of a raw sample."""
+    return normalize_crop(raw.crop, raw.scale, raw.bias), raw.joints, raw.visible
+
+
+def make_raw_sample(image: np.ndarray, box: np.ndarray, joints: np.ndarray,
+                    visible: np.ndarray, input_size: int, aug: Augmentation,
+                    rng: np.random.Generator, flip_permutation: Sequence[int]) -> RawSample:
     """Crop ``box`` (jittered, rotated, maybe mirrored) in one warp, map the joints through
-    the same affine map into the crop's normalized coordinates, add colour noise and maybe
-    erase a rectangle.
+    the same affine map into the crop's normalized coordinates, draw the colour noise and
+    maybe erase a rectangle.
 
     Shared by every cascade stage: stage 1 passes the person box, later stages a box around
     one joint. The random draws come in a fixed order (jitter, flip, gain, shift, rotation,
@@ -193,8 +170,17 @@ def make_sample(image: np.ndarray, box: np.ndarray, joints: np.ndarray, visible:
     if aug.outside_joints == "drop":
         inside = (np.abs(normalized) <= 0.5).all(axis=-1)
         visible = np.where(inside, visible, 0.0)
-    x = to_network_input(crop, gain, shift)
-    return x, normalized.astype(np.float32), visible.astype(np.float32)
+    scale, bias = input_scale_bias(gain, shift)
+    return RawSample(crop, scale, bias, normalized.astype(np.float32),
+                     visible.astype(np.float32))
+
+
+def make_sample(image: np.ndarray, box: np.ndarray, joints: np.ndarray, visible: np.ndarray,
+                input_size: int, aug: Augmentation, rng: np.random.Generator,
+                flip_permutation: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`make_raw_sample`, normalized on the host: ``(float32 CHW, joints, visible)``."""
+    return normalized_sample(make_raw_sample(image, box, joints, visible, input_size, aug,
+                                             rng, flip_permutation))
 
 
 def erase_rectangle(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -262,12 +248,16 @@ class PoseDataset:
     def rng(self, index: int, epoch: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch, index])
 
-    def get(self, index: int, epoch: int = 0):
+    def raw(self, index: int, epoch: int = 0) -> RawSample:
         record = self.records[index]
         image = read_image(record.image, self.images)
-        return make_sample(image, record.box, record.joints, record.visible, self.input_size,
-                           augmentation_at(self.aug, epoch, self.jitter_off_epoch),
-                           self.rng(index, epoch), self.flip_permutation)
+        return make_raw_sample(image, record.box, record.joints, record.visible,
+                               self.input_size,
+                               augmentation_at(self.aug, epoch, self.jitter_off_epoch),
+                               self.rng(index, epoch), self.flip_permutation)
+
+    def get(self, index: int, epoch: int = 0):
+        return normalized_sample(self.raw(index, epoch))
 
     def __getitem__(self, key: int | SampleKey):
         return self.get(*sample_key(key))
@@ -319,11 +309,51 @@ class RunSampler:
             yield self.batch(iteration, order)
 
 
+class RawBatch(NamedTuple):
+    """Stacked raw samples: ``crops`` uint8 (N, S, S, 3), ``scale``/``bias`` float32 (N, 3),
+    ``joints`` float32 (N, J, 2), ``visible`` float32 (N, J). An engine sends it to its
+    device and normalizes there (``crops * scale + bias`` per channel)."""
+
+    crops: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    joints: np.ndarray
+    visible: np.ndarray
+
+
+def collate_raw(samples: Sequence[RawSample]) -> RawBatch:
+    """Stack raw samples into one :class:`RawBatch` (module level: worker processes pickle it)."""
+    crops, scale, bias, joints, visible = zip(*samples)
+    return RawBatch(np.stack(crops), np.stack(scale).astype(np.float32, copy=False),
+                    np.stack(bias).astype(np.float32, copy=False),
+                    np.stack(joints).astype(np.float32, copy=False),
+                    np.stack(visible).astype(np.float32, copy=False))
+
+
+def normalized_batch(batch: RawBatch) -> np.ndarray:
+    """The host path of a whole batch: float32 (N, 3, S, S) network inputs."""
+    return np.stack([normalize_crop(c, s, b) for c, s, b in
+                     zip(batch.crops, batch.scale, batch.bias)])
+
+
+class RawSamples:
+    """A dataset's raw samples, indexable by the same keys (what training loaders read)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | SampleKey) -> RawSample:
+        return self.dataset.raw(*sample_key(key))
+
+
 class RunBatches:
-    """The run's batches as a dataset of whole batches: item ``i`` is the stacked
-    ``(images, joints, visible)`` of the sampler's ``i``-th batch. A loader that fetches items
-    of this dataset in worker processes (Chainer's ``MultiprocessIterator``) gets samples
-    drawn and collated there and moves one batch through shared memory per iteration."""
+    """The run's batches as a dataset of whole batches: item ``i`` is the :class:`RawBatch`
+    of the sampler's ``i``-th batch. A loader that fetches items of this dataset in worker
+    processes (Chainer's ``MultiprocessIterator``) gets samples drawn and collated there and
+    moves one batch through shared memory per iteration."""
 
     def __init__(self, dataset, sampler: RunSampler):
         self.dataset = dataset
@@ -332,10 +362,8 @@ class RunBatches:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> RawBatch:
         if not 0 <= i < len(self):
             raise IndexError(i)
         keys = self.sampler.batch(self.sampler.first_iteration + 1 + int(i))
-        samples = [self.dataset[key] for key in keys]
-        return tuple(np.stack(arrays).astype(np.float32, copy=False)
-                     for arrays in zip(*samples))
+        return collate_raw([self.dataset.raw(*sample_key(key)) for key in keys])

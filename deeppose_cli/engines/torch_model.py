@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..losses import (LOG_2, LOG_SCALE_MAX, LOG_SCALE_MIN, check_norm,
+from ..core.losses import (LOG_2, LOG_SCALE_MAX, LOG_SCALE_MIN, check_norm,
                       check_uncertainty_outputs)
-from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, LOG_SCALE_INIT, POOL_KSIZE, POOL_STRIDE,
+from ..core.weights import (BN_DECAY, BN_EPS, BN_LAYERS, LOG_SCALE_INIT, POOL_KSIZE, POOL_STRIDE,
                        SCALE_LAYER, check_parameters, conv_stack, fc_stack, parameter_names)
 
 

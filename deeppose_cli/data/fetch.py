@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import DeepPoseError
-from .files import sha256_of
-from .manifests import DatasetManifest
+from ..core.errors import DeepPoseError
+from ..core.files import sha256_of
+from ..core.manifests import DatasetManifest
 
 #: Seconds a connect or a read may stall before the download counts as failed.
 SOCKET_TIMEOUT_S = 30.0

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .backends import FRAMEWORKS, MODEL_SUFFIX
-from .errors import DeepPoseError
-from .files import atomic_write, atomic_write_text, write_json
-from .weights import ARCHITECTURES
+from ..engines import FRAMEWORKS, MODEL_SUFFIX
+from ..core.errors import DeepPoseError
+from ..core.files import atomic_write, atomic_write_text, write_json
+from ..core.weights import ARCHITECTURES
 
 
 def run_meta_problem(meta: Any) -> str | None:

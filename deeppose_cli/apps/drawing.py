@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .manifests import Limb
+from ..core.manifests import Limb
 
 # BGR: the person's left in blue, right in red/orange, centre (head, hips, shoulders) green.
 SIDE_COLOURS = {"left": (255, 128, 0), "right": (0, 64, 255), "center": (0, 200, 0)}
@@ -38,8 +38,8 @@ def sample_picture(image_chw: np.ndarray, normalized: np.ndarray, visible: np.nd
     grey ring for a labelled joint the sample does not train on (e.g. pushed out of the crop)."""
     import cv2
 
-    from .geometry import normalized_to_crop_pixels
-    from .pipeline import IMAGE_MEAN, IMAGE_STD
+    from ..core.geometry import normalized_to_crop_pixels
+    from ..core.images import IMAGE_MEAN, IMAGE_STD
 
     rgb = np.asarray(image_chw, dtype=np.float32).transpose(1, 2, 0) * IMAGE_STD + IMAGE_MEAN
     picture = cv2.cvtColor(np.clip(rgb * 255.0, 0, 255).round().astype(np.uint8),

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..losses import (LOG_2, LOG_SCALE_MAX, LOG_SCALE_MIN, check_norm,
+from ..core.losses import (LOG_2, LOG_SCALE_MAX, LOG_SCALE_MIN, check_norm,
                       check_uncertainty_outputs)
-from ..weights import (BN_DECAY, BN_EPS, BN_LAYERS, LOG_SCALE_INIT, POOL_KSIZE, POOL_STRIDE,
+from ..core.weights import (BN_DECAY, BN_EPS, BN_LAYERS, LOG_SCALE_INIT, POOL_KSIZE, POOL_STRIDE,
                        SCALE_LAYER, check_parameters, conv_stack, fc_stack, parameter_names)
 from .chainer_compat import import_chainer
 

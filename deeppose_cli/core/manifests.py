@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import DeepPoseError
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _search_dirs(kind: str) -> list[Path]:

@@ -2,10 +2,12 @@
 
 What is timed, and against what:
 
-* compute: forward+backward+update of the training step (``train_step`` of each backend)
-  over batch sizes 2^0..2^k on device-resident random batches, for the autograd and the
-  hand-written loss backward; forward-only time per batch size;
-* overhead: the project's step against the same network written with bare framework ops;
+* compute: forward+backward+update of the training step (each engine's own ``step``, on
+  the network and loss of the resolved stage-1 recipe) over batch sizes 2^0..2^k on
+  device-resident random batches; beside it the autograd and the hand-written backward of a
+  loss that has both; forward-only time per batch size;
+* overhead: the engine's step against the same network, loss and update written with bare
+  framework ops (``engines/*_reference.py``);
 * pipeline: training throughput through the real data path (index -> augmentation ->
   loader/iterator -> device) next to the compute-only throughput at the same batch size;
   their ratio is the pipeline efficiency;
@@ -13,8 +15,9 @@ What is timed, and against what:
   of the raw forward passes it needs (1 crop, then J crops per refinement stage);
 * cli: ``deeppose --help`` against ``python -c "import click, rich"``.
 
-Everything framework-specific comes from a backend's ``Harness`` (``backends/*_bench.py``);
-this module does the timing, the statistics, the JSON and the charts.
+Everything framework-specific comes from the engines (``engines/``), the same objects the
+training loop drives; this module does the timing, the statistics, the JSON and the charts.
+Every row names the network it timed (``network``): the resolved recipe's.
 """
 
 from __future__ import annotations
@@ -25,18 +28,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .backends import get_harness
-from .errors import DeepPoseError
-from .files import atomic_write
+from ..engines import get_engine, get_reference
+from ..core.errors import DeepPoseError
+from ..core.files import atomic_write
 
 FORMAT = "deeppose-benchmark"
-LOSSES = ("autograd", "explicit")
+BACKWARDS = ("autograd", "explicit")
 TARGETS = {  # name: (bound, "min" or "max")
     "pipeline_efficiency": (0.90, "min"),
     "model_vs_bare": (0.95, "min"),
@@ -121,8 +124,8 @@ class BenchmarkSettings:
     max_batch_log2: int = 5
     repeats: int = 5
     warmup: int = 1
-    input_size: int = 227
-    width: float = 1.0
+    # stage-1 recipe values given as train-stage flags (input_size, width, loss, ...)
+    recipe: dict[str, Any] = field(default_factory=dict)
     num_joints: int = 14
     seed: int = 0
     dataset: str = "lsp"
@@ -137,128 +140,151 @@ class BenchmarkSettings:
     sections: tuple[str, ...] = ("compute", "overhead", "pipeline", "cascade", "cli")
 
     def validate(self) -> None:
-        from .backends import FRAMEWORKS
-        from .config import parse_device
+        from ..core.config import parse_device
+        from ..engines import check_framework
 
         for name in self.frameworks:
-            if name not in FRAMEWORKS:
-                raise DeepPoseError(f"framework must be one of {', '.join(FRAMEWORKS)}, "
-                                    f"got {name!r}")
+            check_framework(name)
         parse_device(self.device)
-        from .config import PRECISIONS
-
-        for name in self.precisions:
-            if name not in PRECISIONS:
-                raise DeepPoseError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                                    f"got {name!r}")
         if not self.precisions:
             raise DeepPoseError("give at least one precision")
         if not self.workers or min(self.workers) < 0:
             raise DeepPoseError("workers: give one or more counts, each at least 0")
         for name in ("repeats", "pipeline_batch", "pipeline_iterations", "cascade_stages",
-                     "cli_repeats", "input_size"):
+                     "cli_repeats"):
             if getattr(self, name) < 1:
                 raise DeepPoseError(f"{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.max_batch_log2 <= 12:
             raise DeepPoseError("max-batch-log2 must be between 0 and 12")
+        for framework in self.frameworks:
+            train_config(self, framework)  # the recipe resolves, as train-stage would
 
     @property
     def batch_sizes(self) -> list[int]:
         return [2 ** n for n in range(self.max_batch_log2 + 1)]
 
 
-def train_config(settings: BenchmarkSettings, framework: str, explicit: bool = False,
-                 batch_size: int | None = None, precision: str | None = None,
-                 workers: int | None = None):
-    """The stage-1 recipe as training would resolve it, with the benchmark's overrides."""
-    from .config import TrainConfig
-    from .losses import EXPLICIT_NORMS
-    from .manifests import load_stage_recipe
+def train_config(settings: BenchmarkSettings, framework: str, **overrides: Any):
+    """The stage-1 recipe as ``train-stage`` resolves it with the same flags
+    (``settings.recipe``), then the benchmark's own overrides."""
+    from ..core.config import TrainConfig
+    from ..core.manifests import load_stage_recipe
 
     recipe = load_stage_recipe(1)
-    if recipe["loss"] not in EXPLICIT_NORMS:
-        # Both loss rows time one loss, the recipe's if it has a hand-written backward: l1,
-        # not the laplace loss, which differs only by a few elementwise operations.
-        recipe["loss"] = "l1"
-    recipe.update(input_size=settings.input_size, width=settings.width, seed=settings.seed,
-                  device=settings.device, explicit_backward=explicit,
-                  batch_size=batch_size or settings.pipeline_batch,
-                  precision=precision or settings.precisions[0])
-    if workers is not None:
-        recipe["workers"] = workers
+    recipe.update(settings.recipe)
+    recipe.update(seed=settings.seed, device=settings.device,
+                  batch_size=settings.pipeline_batch, precision=settings.precisions[0])
+    recipe.update(overrides)
+    recipe.setdefault("workers", 0)
     return TrainConfig.from_recipe(recipe, stage=1, framework=framework,
                                    dataset=settings.dataset, train_index=settings.index or "-",
                                    out="-")
 
 
-def random_batch(batch_size: int, settings: BenchmarkSettings, rng: np.random.Generator):
-    images = rng.standard_normal((batch_size, 3, settings.input_size, settings.input_size),
-                                 dtype=np.float32)
-    joints = rng.uniform(-0.5, 0.5, (batch_size, settings.num_joints, 2)).astype(np.float32)
-    visible = (rng.random((batch_size, settings.num_joints)) < 0.9).astype(np.float32)
-    return images, joints, visible
+def timed_network(config) -> dict[str, Any]:
+    """What a row timed: the network, loss and arithmetic of ``config``."""
+    from ..core.losses import predicts_uncertainty
+
+    return {"architecture": config.architecture, "input_size": config.input_size,
+            "width": config.width, "batch_norm": config.batch_norm, "dropout": config.dropout,
+            "loss": config.loss, "uncertainty": predicts_uncertainty(config.loss),
+            "optimizer": config.optimizer, "precision": config.precision,
+            "explicit_backward": config.explicit_backward}
 
 
-# ----------------------------------------------------------------------------- sections
+def random_raw_batch(batch_size: int, config, num_joints: int, rng: np.random.Generator):
+    """A random batch in the loaders' raw form (uint8 crops, per-sample scale and bias)."""
+    from ..core.images import input_scale_bias
+    from ..data.pipeline import RawBatch
+
+    size = config.input_size
+    scale, bias = input_scale_bias()
+    return RawBatch(rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+                    np.tile(scale, (batch_size, 1)), np.tile(bias, (batch_size, 1)),
+                    rng.uniform(-0.5, 0.5, (batch_size, num_joints, 2)).astype(np.float32),
+                    (rng.random((batch_size, num_joints)) < 0.9).astype(np.float32))
+
+
+def loss_rows(config) -> list[tuple[str, bool]]:
+    """(loss, hand-written backward) of the compute rows: the recipe's loss with autograd
+    (what training runs), then autograd against the hand-written backward of the recipe's
+    loss, or of ``l1`` where the recipe's loss has no hand-written backward."""
+    from ..core.losses import EXPLICIT_NORMS
+
+    compared = config.loss if config.loss in EXPLICIT_NORMS else "l1"
+    rows = [(config.loss, False)]
+    return rows + [(compared, explicit) for explicit in (False, True)
+                   if (compared, explicit) not in rows]
 
 
 def compute_section(settings: BenchmarkSettings, framework: str,
                     log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
-    """Step time per precision, loss implementation and batch size; forward time per batch
-    size (fp32)."""
+    """Step time per precision, loss and backward, and batch size; forward time per batch
+    size (the recipe's network, first precision)."""
+    from ..engines import ENGINES
+
     rng = np.random.default_rng(settings.seed)
     train_rows, forward_rows = [], []
-    precisions = settings.precisions
-    if framework == "chainer" and "bf16" in precisions:
-        log("chainer has no bfloat16: its bf16 rows are left out")
-        precisions = tuple(p for p in precisions if p != "bf16")
-    for precision, loss in [(p, loss) for p in precisions for loss in LOSSES]:
-        harness = get_harness(framework)(train_config(settings, framework, loss == "explicit",
-                                                      precision=precision),
-                                           settings.num_joints)
-        for batch_size in settings.batch_sizes:
-            batch = harness.batch(*random_batch(batch_size, settings, rng))
-            timing = time_repeats(lambda: harness.step(batch), settings.repeats,
-                                  settings.warmup, harness.sync)
-            train_rows.append({"framework": framework, "loss": loss, "precision": precision,
-                               "batch_size": batch_size,
-                               "time": timing.to_json(),
-                               "images_per_second": images_per_second(batch_size,
-                                                                      timing.median)})
-            log(f"{framework} {loss} {precision} batch {batch_size}: step "
-                f"{timing.median * 1e3:.1f} ms")
-            if loss == "autograd" and not any(r["batch_size"] == batch_size
-                                              for r in forward_rows):
-                timing = time_repeats(lambda: harness.forward(batch), settings.repeats,
-                                      settings.warmup, harness.sync)
-                forward_rows.append({"framework": framework, "batch_size": batch_size,
-                                     "time": timing.to_json(),
-                                     "images_per_second": images_per_second(batch_size,
-                                                                            timing.median)})
+    supported = ENGINES[framework].precisions
+    precisions = [p for p in settings.precisions if p in supported]
+    for skipped in sorted(set(settings.precisions) - set(precisions)):
+        log(f"{framework} has no {skipped}: its {skipped} rows are left out")
+    recipe_config = train_config(settings, framework)
+    for precision in precisions:
+        for loss, explicit in loss_rows(recipe_config):
+            config = train_config(settings, framework, precision=precision, loss=loss,
+                                  explicit_backward=explicit)
+            engine = get_engine(framework).Engine(config, settings.num_joints)
+            backward = "explicit" if explicit else "autograd"
+            for batch_size in settings.batch_sizes:
+                batch = engine.to_device(random_raw_batch(batch_size, config,
+                                                          settings.num_joints, rng))
+                timing = time_repeats(lambda: engine.step(batch), settings.repeats,
+                                      settings.warmup, engine.sync)
+                train_rows.append({"framework": framework, "loss": loss, "backward": backward,
+                                   "precision": precision, "batch_size": batch_size,
+                                   "network": timed_network(config), "time": timing.to_json(),
+                                   "images_per_second": images_per_second(batch_size,
+                                                                          timing.median)})
+                log(f"{framework} {loss} {backward} {precision} batch {batch_size}: step "
+                    f"{timing.median * 1e3:.1f} ms")
+                if (loss, explicit, precision) == (recipe_config.loss, False, precisions[0]):
+                    timing = time_repeats(lambda: engine.forward(batch), settings.repeats,
+                                          settings.warmup, engine.sync)
+                    forward_rows.append({"framework": framework, "batch_size": batch_size,
+                                         "network": timed_network(config),
+                                         "time": timing.to_json(),
+                                         "images_per_second": images_per_second(
+                                             batch_size, timing.median)})
     return train_rows, forward_rows
 
 
 def overhead_section(settings: BenchmarkSettings, framework: str,
-                     log: Callable[[str], None]) -> dict:
-    """The project's training step against bare framework ops for the same network."""
+                     log: Callable[[str], None]) -> dict | None:
+    """The engine's training step against the same network, loss and update written with
+    bare framework ops, on the same device batches."""
     config = train_config(settings, framework)
-    cls = get_harness(framework)
-    ours, bare = cls(config, settings.num_joints), cls(config, settings.num_joints, bare=True)
+    if framework == "chainer" and config.precision != "fp32":
+        log("chainer's bare reference is fp32 only: its overhead row is left out")
+        return None
+    engine = get_engine(framework).Engine(config, settings.num_joints)
+    bare = get_reference(framework).Reference(config, settings.num_joints)
     rng = np.random.default_rng(settings.seed)
-    data = random_batch(settings.pipeline_batch, settings, rng)
-    ours_batch, bare_batch = ours.batch(*data), bare.batch(*data)
+    batch = engine.to_device(random_raw_batch(config.batch_size, config, settings.num_joints,
+                                              rng))
     for _ in range(settings.warmup):
-        ours.step(ours_batch)
-        bare.step(bare_batch)
-    ours_s, bare_s = interleaved([lambda: ours.step(ours_batch), lambda: bare.step(bare_batch)],
-                                 settings.pipeline_iterations, ours.sync)
+        engine.step(batch)
+        bare.step(batch)
+    ours_s, bare_s = interleaved([lambda: engine.step(batch), lambda: bare.step(batch)],
+                                 settings.pipeline_iterations, engine.sync)
     ours_t, bare_t = Timing(ours_s), Timing(bare_s)
-    row = {"framework": framework, "batch_size": settings.pipeline_batch,
+    row = {"framework": framework, "batch_size": config.batch_size,
+           "network": timed_network(config),
            "model_time": ours_t.to_json(), "bare_time": bare_t.to_json(),
-           "model_images_per_second": images_per_second(settings.pipeline_batch, ours_t.best),
-           "bare_images_per_second": images_per_second(settings.pipeline_batch, bare_t.best),
+           "model_images_per_second": images_per_second(config.batch_size, ours_t.best),
+           "bare_images_per_second": images_per_second(config.batch_size, bare_t.best),
            "ratio": bare_t.best / ours_t.best, "ratio_of_medians": bare_t.median / ours_t.median}
-    log(f"{framework} model vs bare ops: {row['ratio']:.3f}")
+    log(f"{framework} engine step vs bare ops: {row['ratio']:.3f}")
     return row
 
 
@@ -267,50 +293,52 @@ def pipeline_section(settings: BenchmarkSettings, framework: str,
     """End-to-end training throughput on real images against compute-only throughput.
 
     Compute steps (one fixed device batch) and end-to-end steps (the real data path: index
-    records, decoding, augmentation, the backend's loader, transfer) alternate, so the
-    machine's drift hits both alike; throughputs come from the best time per step. With
-    ``workers`` > 0 the blocks are longer than the loader's prefetch, so a block of compute
-    cannot hide loading work. The loader alone (no compute) is timed last, to show how much
-    headroom the data path has.
+    records, decoding, augmentation, the engine's loader, transfer and normalization on the
+    device) alternate, so the machine's drift hits both alike; throughputs come from the
+    best time per step. With ``workers`` > 0 the blocks are longer than the loader's
+    prefetch, so a block of compute cannot hide loading work. The loader alone (no compute)
+    is timed last, to show how much headroom the data path has.
     """
-    from .manifests import load_dataset_manifest
-    from .training import stage1_datasets
+    from ..core.manifests import load_dataset_manifest
+    from ..training.reporting import IterationPlan
+    from ..training.stages import stage1_datasets
 
-    config = train_config(settings, framework, workers=workers)
+    config = train_config(settings, framework, workers=workers or 0)
     manifest = load_dataset_manifest(settings.dataset)
     dataset, _ = stage1_datasets(config, manifest)
-    harness = get_harness(framework)(config, manifest.num_joints)
+    engine = get_engine(framework).Engine(config, manifest.num_joints)
     block = 1 if config.workers == 0 else max(4 * config.workers, 4)
     rounds = max(1, settings.pipeline_iterations // block)
     # Enough batches for the warm-up and both timed loops, from one loader (workers start once).
-    batches = harness.pipeline(dataset, 1 + 2 * max(settings.warmup, 2) + 2 * rounds * block)
-    try:
+    needed = 1 + 2 * max(settings.warmup, 2) + 2 * rounds * block
+    per_epoch = IterationPlan.make(len(dataset), config.batch_size, 1, None).iterations_per_epoch
+    sampler = IterationPlan(per_epoch, needed).sampler(len(dataset), config.batch_size,
+                                                       config.seed)
+    with engine.batches(dataset, sampler) as batches:
         fixed = next(batches)
         for _ in range(max(settings.warmup, 2)):
-            harness.step(fixed)
-            harness.step(next(batches))
+            engine.step(fixed)
+            engine.step(next(batches))
 
         def compute_block():
             for _ in range(block):
-                harness.step(fixed)
+                engine.step(fixed)
 
         def end_to_end_block():
             for _ in range(block):
-                harness.step(next(batches))
+                engine.step(next(batches))
 
         def loader_block():
             for _ in range(block):
                 next(batches)
 
         compute_s, end_to_end_s = interleaved([compute_block, end_to_end_block], rounds,
-                                              harness.sync)
-        (loader_s,) = interleaved([loader_block], rounds, harness.sync)
-    finally:
-        batches.close()
+                                              engine.sync)
+        (loader_s,) = interleaved([loader_block], rounds, engine.sync)
     images = block * config.batch_size
     row = {"framework": framework, "batch_size": config.batch_size, "index": settings.index,
            "records": len(dataset), "workers": config.workers, "precision": config.precision,
-           "block_iterations": block,
+           "network": timed_network(config), "block_iterations": block,
            "compute_time": Timing(compute_s).to_json(),
            "end_to_end_time": Timing(end_to_end_s).to_json(),
            "loader_time": Timing(loader_s).to_json()}
@@ -329,23 +357,27 @@ def pipeline_section(settings: BenchmarkSettings, framework: str,
 
 
 def _random_model_files(settings: BenchmarkSettings, framework: str, directory: Path,
-                        stages: int) -> list[Path]:
-    """Model files of random weights (timing does not depend on them), written and read
-    through the backend's own model-file functions as a trained cascade would be."""
-    from .backends import MODEL_SUFFIX, get_backend
-    from .weights import parameter_shapes
+                        stages: int) -> tuple[list[Path], dict[str, Any]]:
+    """Model files of random weights (timing does not depend on them) of the recipe's
+    network, written and read through the engine's own model-file functions as a trained
+    cascade would be; returns the paths and their architecture."""
+    from ..core.losses import predicts_uncertainty
+    from ..core.weights import parameter_shapes
+    from ..engines import MODEL_SUFFIX
 
+    config = train_config(settings, framework)
     rng = np.random.default_rng(settings.seed)
-    meta = {"num_joints": settings.num_joints, "input_size": settings.input_size,
-            "width": settings.width}
+    meta = {"num_joints": settings.num_joints, "input_size": config.input_size,
+            "width": config.width, "batch_norm": config.batch_norm,
+            "uncertainty": predicts_uncertainty(config.loss)}
     paths = []
     for stage in range(1, stages + 1):
         params = {name: (rng.standard_normal(shape) * 0.01).astype(np.float32)
                   for name, shape in parameter_shapes(**meta).items()}
         path = directory / f"stage{stage}-{framework}{MODEL_SUFFIX[framework]}"
-        get_backend(framework).write_model(params, meta, path)
+        get_engine(framework).write_model(params, meta, path)
         paths.append(path)
-    return paths
+    return paths, meta
 
 
 def cascade_section(settings: BenchmarkSettings, framework: str, image: np.ndarray,
@@ -353,39 +385,36 @@ def cascade_section(settings: BenchmarkSettings, framework: str, image: np.ndarr
     """Latency of predicting one (decoded) image with 1..S stages, and the sum of the raw
     forward passes those stages need: one crop for stage 1, J crops per later stage.
 
-    The stages are loaded through the backend's ``load_regressor``, as ``predict`` loads
-    them. (Regressors return NumPy, so a GPU forward pass is complete when they return.)"""
-    from .cascade import StageModel, run_cascade
-    from .manifests import load_dataset_manifest
-    from .backends import get_backend
+    The stages are loaded through the engine's ``load_predictor``, as ``predict`` loads
+    them. (Predictors return NumPy, so a GPU forward pass is complete when they return.)"""
+    from ..core.cascade import StageModel, run_cascade
+    from ..core.manifests import load_dataset_manifest
 
     torso_pair = load_dataset_manifest(settings.dataset).torso_diameter
-    meta = {"num_joints": settings.num_joints, "input_size": settings.input_size,
-            "width": settings.width}
-    backend = get_backend(framework)
+    engine = get_engine(framework)
     with tempfile.TemporaryDirectory(prefix="deeppose-benchmark-") as tmp:
-        paths = _random_model_files(settings, framework, Path(tmp), settings.cascade_stages)
-        regressors = [backend.load_regressor(path, meta, settings.device) for path in paths]
-        stages = [StageModel(stage=k + 1, framework=framework, regress=regress,
+        paths, meta = _random_model_files(settings, framework, Path(tmp),
+                                          settings.cascade_stages)
+        stages = [StageModel(stage=k + 1, framework=framework,
+                             predictor=engine.load_predictor(path, meta, settings.device),
                              # sigma changes which pixels are cropped, not how many
-                             input_size=settings.input_size, sigma=None if k == 0 else 2.0,
-                             regress_crops=getattr(regress, "regress_crops", None),
-                             has_scales=getattr(regress, "has_scales", False))
-                  for k, regress in enumerate(regressors)]
+                             sigma=None if k == 0 else 2.0)
+                  for k, path in enumerate(paths)]
     # The raw forward passes: the same stage networks on ready-made network inputs, so the
     # ratio shows what cropping, normalizing and mapping back cost on top of them.
     rng = np.random.default_rng(settings.seed)
-    one = random_batch(1, settings, rng)[0]
-    per_joint = random_batch(settings.num_joints, settings, rng)[0]
+    size = meta["input_size"]
+    one = rng.standard_normal((1, 3, size, size), dtype=np.float32)
+    per_joint = rng.standard_normal((settings.num_joints, 3, size, size), dtype=np.float32)
     rows = []
     for count in range(1, settings.cascade_stages + 1):
         def predict():
             run_cascade(stages[:count], [image], box[None], torso_pair)
 
         def forward_passes():
-            stages[0].regress(one)
+            stages[0].predictor(one)
             for stage in stages[1:count]:
-                stage.regress(per_joint)
+                stage.predictor(per_joint)
 
         for _ in range(settings.warmup):
             predict()
@@ -429,7 +458,7 @@ def cli_section(settings: BenchmarkSettings, log: Callable[[str], None]) -> dict
 
 
 def environment() -> dict[str, Any]:
-    from .environment import describe_environment
+    from .info import describe_environment
 
     info = dict(describe_environment())
     info.update({"platform": platform.platform(), "cpu_count": os.cpu_count(),
@@ -469,22 +498,20 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 def load_sample_image(index: str | None) -> tuple[np.ndarray, np.ndarray]:
     """The first record's image and person box, or a blank 480x640 image when there is no
     index (latency does not depend on the pixels)."""
-    from .geometry import box_from_xywh
+    from ..core.geometry import box_from_xywh
 
     if index:
-        from .annotations import read_index
-        from .pipeline import load_image
+        from ..data.annotations import read_index
+        from ..core.images import read_rgb
 
         record = read_index(Path(index))[0]
-        return load_image(record.image), np.asarray(record.box, dtype=np.float64)
+        return read_rgb(record.image), np.asarray(record.box, dtype=np.float64)
     return np.zeros((480, 640, 3), np.uint8), box_from_xywh(160, 0, 320, 480)
 
 
 def run_benchmark(settings: BenchmarkSettings,
                   log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Every section of the benchmark in this process; returns the JSON-ready result."""
-    from .backends import get_backend
-
     settings.validate()
     result: dict[str, Any] = {"format": FORMAT, "version": 1,
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -492,7 +519,7 @@ def run_benchmark(settings: BenchmarkSettings,
                               "compute": [], "forward": [], "overhead": [], "pipeline": [],
                               "cascade": [], "cli": None}
     for framework in settings.frameworks:
-        get_backend(framework).check_device(settings.device)
+        get_engine(framework).check_device(settings.device)
     if "pipeline" in settings.sections and not settings.index:
         raise DeepPoseError("the pipeline section needs a training index (--index FILE or "
                             "--dataset NAME with an index), or leave it out with --skip pipeline")
@@ -504,7 +531,8 @@ def run_benchmark(settings: BenchmarkSettings,
             result["compute"] += train_rows
             result["forward"] += forward_rows
         if "overhead" in settings.sections:
-            result["overhead"].append(overhead_section(settings, framework, log))
+            row = overhead_section(settings, framework, log)
+            result["overhead"] += [row] if row else []
         if "pipeline" in settings.sections:
             for workers in settings.workers:
                 result["pipeline"].append(pipeline_section(settings, framework, log, workers))
@@ -539,7 +567,9 @@ def plot_charts(result: dict[str, Any], directory: Path) -> list[Path]:
 
     fig, (ax_train, ax_fwd) = plt.subplots(1, 2, figsize=(11, 4.2))
     for framework in frameworks:
-        mine = [r for r in rows if r["framework"] == framework and r["loss"] == "autograd"]
+        mine = [r for r in rows if r["framework"] == framework
+                and (r["loss"], r["backward"]) == (r["network"]["loss"], "autograd")
+                and r["precision"] == rows[0]["precision"]]
         _errorbar(ax_train, mine, framework)
         _errorbar(ax_fwd, [r for r in result.get("forward", []) if r["framework"] == framework],
                   framework)
@@ -552,10 +582,13 @@ def plot_charts(result: dict[str, Any], directory: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(frameworks), figsize=(5.5 * len(frameworks), 4.2),
                              squeeze=False)
     for ax, framework in zip(axes[0], frameworks):
-        for loss in LOSSES:
-            _errorbar(ax, [r for r in rows if r["framework"] == framework and r["loss"] == loss],
-                      loss)
-        _batch_axes(ax, f"{framework}: autograd vs explicit backward")
+        mine = [r for r in rows if r["framework"] == framework
+                and r["precision"] == rows[0]["precision"]]
+        compared = next((r["loss"] for r in mine if r["backward"] == "explicit"), None)
+        for backward in BACKWARDS:
+            _errorbar(ax, [r for r in mine if (r["loss"], r["backward"]) == (compared, backward)],
+                      backward)
+        _batch_axes(ax, f"{framework}: {compared} loss, autograd vs explicit backward")
     fig.suptitle(_device_title(result))
     fig.tight_layout()
     written.append(_save(fig, directory / "autograd-vs-explicit.png"))
@@ -585,9 +618,10 @@ def _batch_axes(ax, title: str) -> None:
 
 
 def _device_title(result: dict[str, Any]) -> str:
-    settings = result["settings"]
-    return (f"AlexNet {settings['input_size']} px, width {settings['width']}, "
-            f"device {settings['device']}, {result['environment'].get('cpu_count')} CPUs")
+    network = result["compute"][0]["network"]
+    return (f"AlexNet {network['input_size']} px, width {network['width']}, "
+            f"device {result['settings']['device']}, "
+            f"{result['environment'].get('cpu_count')} CPUs")
 
 
 def _save(fig, path: Path) -> Path:
@@ -617,19 +651,24 @@ def report_tables(result: dict[str, Any]) -> list[ReportTable | str]:
     """The report of a benchmark result, section by section: tables and one-line notes."""
     out: list[ReportTable | str] = []
     if result.get("compute"):
-        columns = list(dict.fromkeys((r["framework"], r["loss"], r.get("precision", "fp32"))
+        columns = list(dict.fromkeys((r["framework"], r["loss"], r["backward"], r["precision"])
                                      for r in result["compute"]))
-        frameworks = list(dict.fromkeys(f for f, _, _ in columns))
+        frameworks = list(dict.fromkeys(c[0] for c in columns))
+        networks = {r["framework"]: r["network"] for r in result["compute"]}
+        out.append("timed network: " + "; ".join(
+            f"{f}: AlexNet {n['input_size']} px, width {n['width']}, batch norm "
+            f"{'on' if n['batch_norm'] else 'off'}, dropout {n['dropout']}, loss {n['loss']}, "
+            f"{n['optimizer']}" for f, n in networks.items()))
         table = ReportTable("Step time, ms per batch: median (± half IQR); images/s",
-                            ["batch"] + [f"{f} {loss}" + ("" if p == "fp32" else f" {p}")
-                                         for f, loss, p in columns]
+                            ["batch"] + [f"{f} {loss} {b}" + ("" if p == "fp32" else f" {p}")
+                                         for f, loss, b, p in columns]
                             + [f"{f} forward" for f in frameworks], [], right_from=0)
         for size in sorted({r["batch_size"] for r in result["compute"]}):
             cells = [str(size)]
-            for framework, loss, precision in columns:
+            for column in columns:
                 row = next(r for r in result["compute"]
-                           if (r["framework"], r["loss"], r.get("precision", "fp32"),
-                               r["batch_size"]) == (framework, loss, precision, size))
+                           if (r["framework"], r["loss"], r["backward"], r["precision"],
+                               r["batch_size"]) == (*column, size))
                 cells.append(f"{_ms(row['time'])}; {row['images_per_second']:.1f}")
             for framework in frameworks:
                 row = next(r for r in result["forward"]
