@@ -623,7 +623,7 @@ def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
 @click.pass_obj
 def convert(state: ChainState, run_dir: str, framework: str, out: str | None) -> None:
     """Convert a run's weights (every stage of its cascade) to the other framework."""
-    from .training.runs import convert_run
+    from .apps.convert import convert_run
 
     target = Path(out) if out else Path(f"{run_dir.rstrip('/')}-{framework}")
     convert_run(Path(run_dir), framework, target)

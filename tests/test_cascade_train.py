@@ -16,7 +16,8 @@ from deeppose_cli.core.cascade import run_cascade_on_records
 from deeppose_cli.cli import main
 from deeppose_cli.core.errors import DeepPoseError
 from deeppose_cli.core.metrics import pdj
-from deeppose_cli.training.runs import convert_run, load_cascade
+from deeppose_cli.apps.convert import convert_run
+from deeppose_cli.training.runs import load_cascade
 from deeppose_cli.training.rundir import RunDirectory
 from deeppose_cli.training.stages import train_stage
 

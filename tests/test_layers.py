@@ -1,4 +1,5 @@
-"""The package's layering: no import cycles, function-local imports included."""
+"""The package's layering: each folder imports only the folders below it (the table of
+docs/design.md#layers), and no import cycles, function-local imports included."""
 
 from __future__ import annotations
 
@@ -84,3 +85,39 @@ def test_the_graph_sees_function_local_imports():
 
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+# folder -> the folders its modules may import (besides their own)
+ALLOWED = {
+    "core": set(),
+    "data": {"core"},
+    "engines": {"core", "data"},
+    "training": {"core", "data", "engines"},
+    "apps": {"core", "data", "engines", "training"},
+}
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else parts[-1]
+
+
+def test_each_folder_imports_only_the_folders_below_it():
+    graph = import_graph()
+    wrong = []
+    for module, imported in sorted(graph.items()):
+        layer = layer_of(module)
+        if layer not in ALLOWED:
+            continue  # the top: cli.py, __init__, __main__
+        for target in sorted(imported):
+            target_layer = layer_of(target)
+            if target_layer != layer and target_layer not in ALLOWED[layer] \
+                    and target != "deeppose_cli":
+                wrong.append(f"{module} imports {target}")
+    assert wrong == []
+
+
+def test_the_layer_check_sees_a_wrong_import():
+    assert layer_of("deeppose_cli.core.cascade") == "core"
+    assert layer_of("deeppose_cli.cli") == "cli"
+    assert "data" not in ALLOWED["core"] and "training" not in ALLOWED["engines"]

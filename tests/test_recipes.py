@@ -367,7 +367,8 @@ def test_laplace_runs_carry_their_scale_layer_through_files_init_and_conversion(
 
     from deeppose_cli.engines import chainer_engine, torch_engine
     from deeppose_cli.data.pipeline import PoseDataset
-    from deeppose_cli.training.runs import convert_run, initial_parameters
+    from deeppose_cli.apps.convert import convert_run
+    from deeppose_cli.training.runs import initial_parameters
     from deeppose_cli.training.rundir import RunDirectory
     from deeppose_cli.training.stages import train_stage1
 
@@ -621,7 +622,8 @@ def test_batch_norm_models_agree_across_frameworks_statistics_included():
 
 def test_batch_norm_run_converts_and_predicts_the_same(synthetic_dataset, tmp_path):
     from deeppose_cli.core.cascade import run_cascade_on_records
-    from deeppose_cli.training.runs import convert_run, load_cascade
+    from deeppose_cli.apps.convert import convert_run
+    from deeppose_cli.training.runs import load_cascade
     from deeppose_cli.training.stages import train_stage1
 
     _, index_dir = synthetic_dataset

@@ -14,8 +14,8 @@ from typing import Any
 
 from ..core.cascade import StageModel
 from ..core.errors import DeepPoseError
-from ..core.files import atomic_write, sha256_of
-from ..engines import MODEL_SUFFIX, framework_of_model_file, get_engine
+from ..core.files import sha256_of
+from ..engines import framework_of_model_file, get_engine
 from .rundir import RunDirectory, run_meta_problem
 
 RUNS_ROOT = Path("runs")
@@ -53,7 +53,7 @@ def latest_run(root: Path = RUNS_ROOT, dataset: str | None = None,
                         "train one with `deeppose train-stage` or pass --model RUN_DIR")
 
 
-def _verified_model(run: RunDirectory, meta: dict[str, Any], expected_sha: str | None,
+def verified_model(run: RunDirectory, meta: dict[str, Any], expected_sha: str | None,
                     recorded_by: str | None = None) -> Path:
     """The run's model file, refused when it is missing or differs from the checksum recorded
     by ``recorded_by`` (the later run whose chain holds it), else by its own run.json."""
@@ -74,7 +74,7 @@ def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = No
     meta = run.meta()
     if not meta.get("complete"):
         raise DeepPoseError(f"{run_dir}: training did not finish (resume it with --resume)")
-    model_path = _verified_model(run, meta, expected_sha, recorded_by)
+    model_path = verified_model(run, meta, expected_sha, recorded_by)
     predictor = get_engine(meta["framework"]).load_predictor(model_path, meta, device)
     return StageModel(stage=meta["stage"], framework=meta["framework"], predictor=predictor,
                       sigma=meta.get("sigma"), trained_on_mirrors=_trained_on_mirrors(run))
@@ -139,46 +139,6 @@ def copy_chain(previous_dir: Path, run: RunDirectory) -> list[dict[str, Any]]:
     return entries
 
 
-def convert_run(source: Path, framework: str, out: Path) -> Path:
-    """Write a copy of the run ``source`` (with every earlier stage in its chain) whose models
-    are in ``framework``'s native format; predictions stay the same (weights are exchanged
-    through the framework-free parameter layout)."""
-
-    source, out = Path(source), Path(out)
-    if out.resolve() == source.resolve():
-        raise DeepPoseError("--out must differ from the run being converted")
-    if out.exists() and any(out.iterdir()):
-        raise DeepPoseError(f"{out} already exists and is not empty")
-    meta = RunDirectory(source).meta()
-    if not meta.get("complete"):
-        raise DeepPoseError(f"{source}: training did not finish; nothing to convert")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("displacement.json", "log.jsonl", "loss.png"):
-        if (source / name).is_file():
-            shutil.copy2(source / name, out / name)
-    if (source / "recipe.json").is_file():
-        recipe = json.loads((source / "recipe.json").read_text())
-        RunDirectory(out).write_json("recipe.json", {**recipe, "framework": framework})
-    new_chain = []
-    for entry in meta.get("chain", []):
-        target = out / entry["dir"]
-        convert_run(source / entry["dir"], framework, target)
-        child = RunDirectory(target).meta()
-        new_chain.append({**entry, "framework": framework,
-                          "model_sha256": sha256_of(target / child["model_file"])})
-    reader = get_engine(meta["framework"])
-    writer = get_engine(framework)
-    params = reader.read_params(_verified_model(RunDirectory(source), meta, meta.get("model_sha256")))
-    model_file = f"model{MODEL_SUFFIX[framework]}"
-    atomic_write(out / model_file, lambda tmp: writer.write_model(params, meta, tmp))
-    new_meta = {**meta, "framework": framework, "model_file": model_file,
-                "model_sha256": sha256_of(out / model_file), "converted_from": str(source)}
-    if "chain" in meta:
-        new_meta["chain"] = new_chain
-    RunDirectory(out).write_json("run.json", new_meta)
-    return out
-
-
 def initial_parameters(source: Path | str) -> dict[str, Any]:
     """The canonical parameters (``{"conv1/W": array, ...}``) of ``--init SOURCE``: a run
     directory (its final model, checksum verified) or a model file of either framework."""
@@ -188,7 +148,7 @@ def initial_parameters(source: Path | str) -> dict[str, Any]:
         meta = run.meta()
         if not meta.get("complete"):
             raise DeepPoseError(f"--init {source}: that training did not finish")
-        path = _verified_model(run, meta, meta.get("model_sha256"))
+        path = verified_model(run, meta, meta.get("model_sha256"))
         return get_engine(meta["framework"]).read_params(path)
     if not source.is_file():
         raise DeepPoseError(f"--init {source}: no such run directory or model file")
