@@ -17,10 +17,9 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .engines import FRAMEWORKS
-from .core.config import PRECISIONS
 from .core.errors import DeepPoseError
-from .core.weights import ARCHITECTURES, MIN_INPUT_SIZE
+from .core.settings import BY_NAME, PRECISIONS, SETTINGS, Setting, recipe_defaults
+from .engines import FRAMEWORKS
 
 
 
@@ -52,22 +51,127 @@ class ChainState:
     framework: str | None = None
 
 
+def chain_split(command: click.Command, args: list[str], names: set[str]) -> int:
+    """Where ``command``'s own tokens end and the next chained command begins.
+
+    Walks the tokens as the command's parser will read them: the value of an option is
+    never a command name, and neither is a required positional argument still waiting for
+    its value (``deeppose predict info`` predicts on a file named ``info``). A command name
+    starts the next command only where the command could end: after its options' values,
+    once its required arguments are given (an optional or variadic argument stops there;
+    write ``./info`` for a second file named like a command). After ``--`` every token is
+    the command's own.
+    """
+    takes_value = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            for opt in param.opts + param.secondary_opts:
+                takes_value[opt] = not (param.is_flag or param.count)
+    slots = [[param, 0] for param in command.params if isinstance(param, click.Argument)]
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            return len(args)
+        if token.startswith("-") and token != "-":
+            name = token.split("=", 1)[0]
+            i += 2 if takes_value.get(name) and "=" not in token else 1
+            continue
+        open_slot = next((slot for slot in slots
+                          if slot[0].nargs == -1 or slot[1] < slot[0].nargs), None)
+        waiting = open_slot is not None and open_slot[0].required and open_slot[1] == 0
+        if token in names and not waiting:
+            return i
+        if open_slot is None:
+            return i  # more positionals than the command takes: click reports it
+        open_slot[1] += 1
+        i += 1
+    return len(args)
+
+
 class ChainedCommand(click.Command):
     """A command of the chained group whose options may follow its arguments.
 
     Click parses chained commands without interspersed options, so
-    ``deeppose train-stage 1 --framework chainer`` would fail; instead each command takes the
-    tokens up to the next command name and parses them normally.
+    ``deeppose train-stage 1 --framework chainer`` would fail; instead each command takes its
+    own tokens (:func:`chain_split`) and parses them normally.
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         names = set(ctx.parent.command.commands) if ctx.parent is not None else set()
-        cut = next((i for i, token in enumerate(args) if token in names), len(args))
+        cut = chain_split(self, args, names)
         own, rest = args[:cut], args[cut:]
         ctx.allow_interspersed_args = True
         super().parse_args(ctx, own)
         ctx.args = ctx.args + rest
         return ctx.args
+
+
+class SettingValue(click.ParamType):
+    """A command-line value checked against its setting's declaration (type, finite,
+    bounds), so ``--rotation nan`` is refused as click refuses any bad option."""
+
+    def __init__(self, setting: Setting):
+        self.setting = setting
+        self.name = setting.kind.__name__
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            raw = value
+        else:
+            try:
+                raw = int(value) if self.setting.kind is int else float(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
+        try:
+            return self.setting.check(raw)
+        except DeepPoseError as e:
+            self.fail(str(e).split(" must ", 1)[-1].join(("must ", "")), param, ctx)
+
+
+def _stage_recipes() -> dict[int, dict]:
+    """The packaged stage recipes (for option help texts; small TOML files)."""
+    from .core.settings import stage_recipes
+
+    try:
+        return stage_recipes()
+    except DeepPoseError:
+        return {}
+
+
+def setting_options(names):
+    """Click options for the settings ``names``, from their declarations: type, bounds or
+    choices, help, and each stage recipe's value shown in the help."""
+    recipes = _stage_recipes()
+
+    def decorate(command):
+        for name in reversed(list(names)):
+            setting = BY_NAME[name]
+            help_text = f"{setting.help} ({recipe_defaults(recipes, setting)})"
+            if setting.kind is bool:
+                flags = setting.flag or f"{setting.option}/--no-{setting.option[2:]}"
+                option = click.option(flags, setting.name, default=None, help=help_text)
+            elif setting.choices:
+                option = click.option(setting.option, setting.name,
+                                      type=click.Choice(setting.choices), help=help_text)
+            elif setting.kind is str:
+                option = click.option(setting.option, setting.name, help=help_text)
+            else:
+                option = click.option(setting.option, setting.name,
+                                      type=SettingValue(setting),
+                                      metavar=setting.kind.__name__.upper(), help=help_text)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+TRAIN_SETTINGS = [s.name for s in SETTINGS]
+AUGMENTATION_SETTINGS = [s.name for s in SETTINGS if s.group == "augmentation"]
+# what the benchmark's timed step and data path depend on
+BENCHMARK_SETTINGS = ([s.name for s in SETTINGS if s.group in ("network", "optimizer",
+                                                                "augmentation")]
+                      + ["loss", "batch_size", "image_cache_gib"])
 
 
 class DeepPoseGroup(click.Group):
@@ -211,33 +315,6 @@ def _index_dir(state: ChainState, root: str | None, dataset: str) -> Path:
     return data_root(root, state) / dataset / "index"
 
 
-def augmentation_options(command):
-    """The recipe's augmentation keys as options (train-stage and show-augmentation)."""
-    options = [
-        click.option("--rotation", type=click.FloatRange(0, 180),
-                     help="Augmentation: max rotation, degrees."),
-        click.option("--jitter-scale", type=click.FloatRange(0),
-                     help="Augmentation: log-scale jitter."),
-        click.option("--jitter-translation", type=click.FloatRange(0),
-                     help="Augmentation: shift, fraction of the box side."),
-        click.option("--flip/--no-flip", default=None,
-                     help="Augmentation: mirror half the samples, swapping left/right labels."),
-        click.option("--colour-noise", type=click.FloatRange(0),
-                     help="Augmentation: colour gain/shift."),
-        click.option("--occlusion", type=click.FloatRange(0, 1),
-                     help="Augmentation: probability of one random erased rectangle."),
-        click.option("--outside-joints", type=click.Choice(["drop", "keep"]),
-                     help="Joints augmentation moves out of the crop: not trained on (drop) "
-                     "or kept."),
-        click.option("--jitter-off-fraction", type=click.FloatRange(0, 1),
-                     help="Augmentation: the run's last fraction trains on the exact box "
-                     "(no translation, scale or rotation jitter)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
 @main.command("train-stage")
 @click.argument("stage", type=click.IntRange(1, 9))
 @click.option("--framework", type=click.Choice(FRAMEWORKS),
@@ -249,72 +326,22 @@ def augmentation_options(command):
               help="Training index file (JSONL); overrides --dataset's.")
 @click.option("--val", "val_index", type=click.Path(dir_okay=False),
               help="Validation index file (JSONL).")
-@click.option("--epochs", type=click.IntRange(1))
-@click.option("--batch-size", type=click.IntRange(1))
-@click.option("--optimizer", type=click.Choice(["MomentumSGD", "Adam"]))
-@click.option("--lr", type=click.FloatRange(0, min_open=True))
-@click.option("--weight-decay", type=click.FloatRange(0))
-@click.option("--seed", type=int)
-@click.option("--device", help="cpu, cuda or cuda:N (chainer uses cupy on cuda).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Run directory (default runs/<dataset>/stage<N>-<framework>).")
-@click.option("--resume", is_flag=True, help="Continue from the run directory's checkpoint.")
-@click.option("--explicit-backward", is_flag=True, default=None,
-              help="Use the hand-written loss backward instead of autograd.")
-@click.option("--no-visibility", is_flag=True, default=None,
-              help="Train on invisible joints too (LSPET's carry junk coordinates).")
-@click.option("--max-iterations", type=click.IntRange(1), help="Stop after this many iterations.")
-@click.option("--workers", type=click.IntRange(0),
-              help="Data-loading worker processes (default: 0 on cpu; on cuda all cores but 4, "
-              "at most 16).")
-@click.option("--val-every", type=click.IntRange(1),
-              help="Validate after every N-th epoch and at the end (recipe: 1).")
-@click.option("--image-cache", "image_cache_gib", type=click.FloatRange(0),
-              help="GiB of decoded images each loading process keeps in memory (recipe: 2; "
-                   "0: decode every time).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Training-step arithmetic: fp32, or bf16/fp16 autocast with fp32 weights "
-                   "(chainer: fp32 or fp16).")
-@click.option("--architecture", type=click.Choice(ARCHITECTURES),
-              help="Backbone (recipe: alexnet).")
-@click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE), help="Crop side in pixels (recipe: 227).")
-@click.option("--width", type=click.FloatRange(0, min_open=True),
-              help="AlexNet channel multiplier (recipe: 1.0).")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
-              help="Dropout ratio after fc6 and fc7 while training.")
-@click.option("--batch-norm/--no-batch-norm", default=None,
-              help="Batch normalization after each convolution (recipe: on).")
-@click.option("--sigma", type=click.FloatRange(0, min_open=True),
-              help="Stage >= 2: refinement box side in torso diameters.")
 @click.option("--previous", type=click.Path(file_okay=False),
               help="Stage >= 2: run directory of stage N-1 (default: the latest one).")
-@click.option("--samples-per-image", type=click.IntRange(1),
-              help="Stage >= 2: simulated boxes per joint and image, per epoch.")
-@click.option("--loss", type=click.Choice(["l2", "l1", "laplace"]),
-              help="Pose loss: squared error (DeepPose), absolute error, or the Laplace "
-                   "likelihood with scales the network predicts.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "step"]),
-              help="Learning-rate schedule after the warm-up.")
-@click.option("--lr-warmup", type=click.IntRange(0), help="Linear warm-up iterations.")
-@click.option("--lr-final-ratio", type=click.FloatRange(0, 1),
-              help="cosine: final learning rate as a fraction of --lr.")
-@augmentation_options
-@click.option("--init", help="Start from these weights: a run directory or model file of either "
-              "framework, or 'previous' (stage >= 2: the stage it refines).")
-@click.option("--displacement-source", type=click.Choice(["train", "val"]),
-              help="Stage >= 2: split whose predictions give the displacement statistics.")
-@click.option("--displacement-sampling", type=click.Choice(["normal", "empirical"]),
-              help="Stage >= 2: draw simulated displacements from the fitted normal or the "
-              "measured ones.")
-@click.option("--refine-joints", type=click.Choice(["own", "all"]),
-              help="Stage >= 2: train only the crop's own joint, or every joint inside it.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--resume", is_flag=True, help="Continue from the run directory's checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@setting_options(TRAIN_SETTINGS)
 @click.pass_obj
 def train_stage(state: ChainState, stage: int, framework: str | None, dataset: str | None,
                 root: str | None, train_index: str | None, val_index: str | None,
-                resume: bool, quiet: bool, no_visibility: bool | None, previous: str | None,
-                out: str | None, **overrides) -> None:
-    """Train cascade stage STAGE (1: person crops; 2+: refine the previous stage)."""
+                resume: bool, quiet: bool, previous: str | None, out: str | None,
+                **overrides) -> None:
+    """Train cascade stage STAGE (1: person crops; 2+: refine the previous stage).
+
+    Every setting's value comes from the stage recipe (stages/stage<N>.toml) unless its
+    option is given; docs/options.md lists them all."""
     from .training.stages import resolve_train_config, resume_hint, train_stage as run_training
 
     framework = framework or state.framework or "pytorch"
@@ -322,8 +349,7 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
         stage, framework, out=out, dataset=dataset, default_dataset=state.dataset or "lsp",
         index_dir_of=lambda name: _index_dir(state, root, name), train_index=train_index,
         val_index=val_index, previous=previous, chained_run=state.run_dir, resume=resume,
-        overrides={k: v for k, v in overrides.items() if v is not None},
-        no_visibility=bool(no_visibility))
+        overrides={k: v for k, v in overrides.items() if v is not None})
     out, dataset = config.out, config.dataset
     out_console = console()
     out_console.print(f"training stage {stage} ({framework}) on {config.train_index} -> {out}")
@@ -352,9 +378,8 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
               help="Number of samples in the grid.")
 @click.option("--epoch", type=click.IntRange(0), default=0, show_default=True,
               help="Draw the augmentation of this epoch.")
-@click.option("--seed", type=int, help="Recipe seed (default: the recipe's).")
-@click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE), help="Crop side in pixels.")
-@augmentation_options
+@setting_options(["seed", "input_size", "epochs", "max_iterations", "batch_size"]
+                 + AUGMENTATION_SETTINGS)
 @click.option("--out", type=click.Path(dir_okay=False), default="augmentation.png",
               show_default=True, help="PNG to write.")
 @click.pass_obj
@@ -371,8 +396,11 @@ def show_augmentation(state: ChainState, dataset: str | None, root: str | None,
     dataset = dataset or state.dataset or "lsp"
     if index_file is None:
         index_file = str(_index_dir(state, root, dataset) / "train.jsonl")
+    from .core.settings import check_recipe
+
     recipe = load_stage_recipe(1)
     recipe.update({k: v for k, v in overrides.items() if v is not None})
+    recipe = check_recipe(recipe)
     manifest = load_dataset_manifest(dataset)
     samples = augmentation_preview_dataset(Path(index_file), recipe, manifest)
     grid = augmentation_grid(samples, range(min(count, len(samples))), epoch, manifest.skeleton)
@@ -642,18 +670,14 @@ BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")
               help="Time batch sizes 2^0..2^K (default 5 on cpu, 8 on cuda).")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
               help="Timed repetitions of each measurement.")
-@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
-@click.option("--input-size", type=click.IntRange(MIN_INPUT_SIZE), default=227, show_default=True)
-@click.option("--width", type=click.FloatRange(0, min_open=True), default=1.0,
-              show_default=True, help="AlexNet channel multiplier.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True,
+              help="Untimed repetitions before each measurement.")
 @click.option("--dataset", type=DatasetName(),
               help="Dataset whose train split feeds the pipeline test (default: from the "
                    "chain, else lsp).")
 @click.option("--root", type=click.Path(file_okay=False), help="Data root of --dataset.")
 @click.option("--index", "index_file", type=click.Path(dir_okay=False),
               help="Training index (JSONL) for the pipeline test; overrides --dataset's.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
-              help="Batch size of the pipeline and overhead tests.")
 @click.option("--iterations", type=click.IntRange(2), default=20, show_default=True,
               help="Timed steps per mode of the pipeline and overhead tests.")
 @click.option("--workers", type=click.IntRange(0), multiple=True,
@@ -670,12 +694,16 @@ BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")
               show_default=True, help="Directory for benchmark.json and the charts.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="Write the JSON here instead of OUT/benchmark.json.")
+@setting_options(BENCHMARK_SETTINGS)
 @click.pass_obj
 def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
               max_batch_log2: int | None, dataset: str | None, root: str | None,
-              index_file: str | None, batch_size: int, iterations: int, stages: int,
+              index_file: str | None, iterations: int, stages: int,
               skip: tuple[str, ...], out: str, json_out: str | None, **settings) -> None:
-    """Time both frameworks: step vs batch size, pipeline efficiency, cascade latency."""
+    """Time both frameworks: step vs batch size, pipeline efficiency, cascade latency.
+
+    The step timed is the one train-stage runs for the stage-1 recipe with the same
+    recipe options (network, loss, optimizer, augmentation, batch size)."""
     from .apps.benchmark import BenchmarkSettings, plot_charts, run_benchmark
     from .core.files import write_json
     from .core.config import parse_device
@@ -696,11 +724,14 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
     for axis in ("precisions", "workers"):  # not given: the settings' defaults
         if not settings.get(axis):
             settings.pop(axis, None)
-    recipe = {key: settings.pop(key) for key in ("input_size", "width")}
+    recipe = {name: settings.pop(name) for name in BENCHMARK_SETTINGS
+              if settings.get(name) is not None}
+    for name in BENCHMARK_SETTINGS:
+        settings.pop(name, None)
     config = BenchmarkSettings(frameworks=frameworks or FRAMEWORKS, device=device, recipe=recipe,
                                max_batch_log2=max_batch_log2, dataset=dataset, index=index_file,
-                               pipeline_batch=batch_size, pipeline_iterations=iterations,
-                               cascade_stages=stages, sections=sections, **settings)
+                               pipeline_iterations=iterations, cascade_stages=stages,
+                               sections=sections, **settings)
     out_console = console()
     result = run_benchmark(config, log=lambda message: out_console.print(f"  {message}"))
     _print_benchmark(result)

@@ -15,8 +15,8 @@ from deeppose_cli.core.errors import DeepPoseError
 
 from conftest import assert_no_escaped_exception
 
-TINY = dict(recipe=dict(input_size=67, width=0.0625), max_batch_log2=1, repeats=2, warmup=1,
-            pipeline_batch=4, pipeline_iterations=4, cascade_stages=2, cli_repeats=1,
+TINY = dict(recipe=dict(input_size=67, width=0.0625, batch_size=4), max_batch_log2=1,
+            repeats=2, warmup=1, pipeline_iterations=4, cascade_stages=2, cli_repeats=1,
             dataset="synthetic", precisions=("fp32", "bf16"), workers=(0, 2))
 
 

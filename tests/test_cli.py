@@ -11,12 +11,13 @@ from click.testing import CliRunner
 from deeppose_cli.cli import main
 from conftest import LSPET_MINI, assert_no_escaped_exception, needs_lspet_mini
 
-COMMANDS = ["info", "fetch", "index", "train-stage", "evaluate", "predict", "convert"]
-HEAVY = ("torch", "chainer", "cv2")
+COMMANDS = ["info", "fetch", "index", "train-stage", "show-augmentation", "evaluate",
+            "predict", "convert", "benchmark"]
+HEAVY = ("numpy", "torch", "chainer", "cv2", "scipy", "matplotlib")
 
 
 @pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])
-def test_help_imports_no_framework(argv):
+def test_help_imports_neither_numpy_nor_a_framework(argv):
     code = ("import sys; from deeppose_cli.cli import main\n"
             "try:\n    main(%r, prog_name='deeppose')\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
             "loaded = [m for m in %r if m in sys.modules]\n"
@@ -184,3 +185,33 @@ def test_cascade_example_trains_every_stage_and_evaluates_both_ways(synthetic_da
     flipped = json.loads((runs / "stage3" / "eval" / "metrics-flip.json").read_text())
     assert [r["name"] for r in plain["rows"]][-1] == "stages 1-2-3"
     assert not plain["flip_test"] and flipped["flip_test"]
+
+
+# ----------------------------------------------------------------------------- chaining
+
+
+def test_a_value_or_a_required_argument_named_like_a_command_is_not_a_command(tmp_path,
+                                                                             monkeypatch):
+    """`predict info` predicts on a file named info; `--out index` is a directory named
+    index: neither starts the command of that name."""
+    from deeppose_cli.cli import chain_split, main as group
+
+    names = set(group.commands)
+    assert chain_split(group.commands["predict"], ["info"], names) == 1
+    assert chain_split(group.commands["predict"], ["a.jpg", "info"], names) == 1
+    assert chain_split(group.commands["train-stage"], ["1", "--out", "index"], names) == 3
+    assert chain_split(group.commands["train-stage"], ["1", "--out=index", "evaluate"],
+                       names) == 2
+    assert chain_split(group.commands["index"], ["train-stage", "1"], names) == 0
+    assert chain_split(group.commands["fetch"], ["lspet", "index", "lspet"], names) == 1
+    assert chain_split(group.commands["train-stage"], ["1", "--flip", "evaluate"], names) == 2
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["predict", "info", "--model", str(tmp_path / "run")])
+    assert "Missing argument" not in result.output
+    assert "run.json" in result.output or "not a deeppose run" in result.output
+    result = CliRunner().invoke(main, ["train-stage", "1", "--out", "index", "--train",
+                                       str(tmp_path / "missing.jsonl")])
+    assert "requires an argument" not in result.output
+    assert "missing.jsonl" in result.output and result.exit_code == 1
+    assert_no_escaped_exception(result)

@@ -438,7 +438,7 @@ def test_an_unknown_architecture_is_refused():
     with pytest.raises(DeepPoseError, match="unknown architecture 'resnet'"):
         architecture({"num_joints": 14, "input_size": 227, "width": 1.0,
                       "architecture": "resnet"})
-    with pytest.raises(DeepPoseError, match="unknown architecture"):
+    with pytest.raises(DeepPoseError, match="--architecture must be one of alexnet"):
         TrainConfig(stage=1, framework="pytorch", dataset="lsp", train_index="x", out="y",
                     architecture="resnet").validate()
 

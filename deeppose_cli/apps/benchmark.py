@@ -130,7 +130,6 @@ class BenchmarkSettings:
     seed: int = 0
     dataset: str = "lsp"
     index: str | None = None          # pipeline section: training index (None: skip it)
-    pipeline_batch: int = 32
     pipeline_iterations: int = 20
     # pipeline: one row per value; in-process loading, and workers that live for the run
     workers: tuple[int, ...] = (0, 2)
@@ -150,8 +149,7 @@ class BenchmarkSettings:
             raise DeepPoseError("give at least one precision")
         if not self.workers or min(self.workers) < 0:
             raise DeepPoseError("workers: give one or more counts, each at least 0")
-        for name in ("repeats", "pipeline_batch", "pipeline_iterations", "cascade_stages",
-                     "cli_repeats"):
+        for name in ("repeats", "pipeline_iterations", "cascade_stages", "cli_repeats"):
             if getattr(self, name) < 1:
                 raise DeepPoseError(f"{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.max_batch_log2 <= 12:
@@ -173,7 +171,7 @@ def train_config(settings: BenchmarkSettings, framework: str, **overrides: Any):
     recipe = load_stage_recipe(1)
     recipe.update(settings.recipe)
     recipe.update(seed=settings.seed, device=settings.device,
-                  batch_size=settings.pipeline_batch, precision=settings.precisions[0])
+                  precision=settings.precisions[0])
     recipe.update(overrides)
     recipe.setdefault("workers", 0)
     return TrainConfig.from_recipe(recipe, stage=1, framework=framework,

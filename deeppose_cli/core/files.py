@@ -45,10 +45,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically. NaN becomes ``null``: JSON has no NaN, and
-    a file other tools cannot parse is worse than a missing value."""
+    """Write ``obj`` as indented JSON, atomically. NaN and infinity become ``null``: JSON has
+    neither (Python would write ``NaN``/``Infinity``), and a file other tools cannot parse is
+    worse than a missing value."""
     def clean(value: Any) -> Any:
-        if isinstance(value, float) and math.isnan(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return None
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items()}
@@ -57,7 +58,7 @@ def write_json(path: Path, obj: Any) -> Path:
         return value
 
     path = Path(path)
-    atomic_write_text(path, json.dumps(clean(obj), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
     return path
 
 

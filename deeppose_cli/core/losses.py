@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import DeepPoseError
-
 import math
 
-NORMS = ("l2", "l1", "laplace")
+from .errors import DeepPoseError
+from .settings import LOSSES as NORMS
+
 EXPLICIT_NORMS = ("l2", "l1")  # the losses with a hand-written backward (--explicit-backward)
 # The predicted log scale is clipped to this range before use, so a joint the network has
 # learnt exactly on a training image cannot drive its weight 1 / b to infinity.

@@ -14,8 +14,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import DeepPoseError
-
-SCHEDULES = ("constant", "cosine", "step")
+from .settings import SCHEDULES
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .errors import DeepPoseError
+from .settings import ARCHITECTURES, MIN_INPUT_SIZE
 
 LAYER_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 PARAMETER_NAMES: tuple[str, ...] = tuple(f"{layer}/{p}" for layer in LAYER_NAMES for p in ("W", "b"))
@@ -50,7 +51,6 @@ CONV_LAYERS: tuple[tuple[str, int, int, int, int, bool], ...] = (
 )
 FC_UNITS = 4096  # fc6 and fc7 at width 1
 POOL_KSIZE, POOL_STRIDE = 3, 2
-MIN_INPUT_SIZE = 67  # the smallest crop that still leaves a 1x1 map after pool5
 
 
 def scale_width(channels: int, width: float) -> int:
@@ -60,10 +60,9 @@ def scale_width(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-# Backbones a run may name (recipe and run.json key ``architecture``). A second one is a
-# second table like CONV_LAYERS plus a branch in conv_stack/fc_stack; both frameworks' models
-# and the benchmark's bare copies are built from those two functions.
-ARCHITECTURES: tuple[str, ...] = ("alexnet",)
+# A second backbone (core/settings.py ARCHITECTURES) is a second table like CONV_LAYERS plus a
+# branch in conv_stack/fc_stack; both frameworks' models and the benchmark's references are
+# built from those two functions.
 
 
 def check_architecture(name: object) -> str:

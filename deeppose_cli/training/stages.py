@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..engines import check_framework, check_precision, get_engine
-from ..core.config import TrainConfig, default_workers
+from ..core.config import TrainConfig
 from ..core.errors import DeepPoseError
 from ..core.files import sha256_of
 from ..core.losses import predicts_uncertainty
@@ -61,8 +61,7 @@ def resolve_train_config(stage: int, framework: str, *, out: str | None = None,
                          index_dir_of: Callable[[str], Path], train_index: str | None = None,
                          val_index: str | None = None, previous: str | None = None,
                          chained_run: Path | None = None, resume: bool = False,
-                         overrides: dict[str, Any] | None = None,
-                         no_visibility: bool = False) -> TrainConfig:
+                         overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The :class:`TrainConfig` of a ``train-stage`` call: the stage recipe (with ``resume``,
     the run's saved recipe, so it continues exactly what was started), then the flags given,
     then what the call leaves unsaid taken from the dataset's index directory
@@ -75,11 +74,14 @@ def resolve_train_config(stage: int, framework: str, *, out: str | None = None,
     out = out or str(Path("runs") / (dataset or default_dataset) / f"stage{stage}-{framework}")
     saved = resume_directory(Path(out)) / "recipe.json"
     if resume and saved.is_file():
-        recipe = json.loads(saved.read_text())
-        dataset = dataset or recipe["dataset"]
-        train_index = train_index or recipe["train_index"]
-        val_index = val_index or recipe.get("val_index")
-        previous = previous or recipe.get("previous")
+        saved_recipe = json.loads(saved.read_text())
+        dataset = dataset or saved_recipe["dataset"]
+        train_index = train_index or saved_recipe["train_index"]
+        val_index = val_index or saved_recipe.get("val_index")
+        previous = previous or saved_recipe.get("previous")
+        identity = {"stage", "framework", "dataset", "train_index", "out", "val_index",
+                    "previous"}
+        recipe = {k: v for k, v in saved_recipe.items() if k not in identity}
     else:
         recipe = load_stage_recipe(stage)
         dataset = dataset or default_dataset
@@ -97,12 +99,8 @@ def resolve_train_config(stage: int, framework: str, *, out: str | None = None,
         else:
             previous = str(latest_run(dataset=dataset, stage=stage - 1))
     recipe.update(given)
-    if recipe.get("workers") is None:  # a resumed run keeps the count it saved
-        recipe["workers"] = default_workers(recipe.get("device", "cpu"))
     if stage >= 2 and not resume:
         recipe = inherit_architecture(recipe, RunDirectory(previous).meta(), given)
-    if no_visibility:
-        recipe["use_visibility"] = False
     config = TrainConfig.from_recipe(recipe, stage=stage, framework=check_framework(framework),
                                      dataset=dataset, train_index=train_index,
                                      val_index=val_index, out=out, previous=previous)
