@@ -224,19 +224,24 @@ def main(ctx: click.Context) -> None:
 
 
 @main.command()
-def info() -> None:
-    """Print versions of the toolkit's dependencies and the devices each framework can use."""
-    from .apps.info import describe_environment
-
-    out = console()
+@click.option("--devices", is_flag=True,
+              help="Also list the devices each framework can use (imports the frameworks).")
+def info(devices: bool) -> None:
+    """Print the versions of the toolkit's dependencies (and, with --devices, the devices
+    each framework can use)."""
     from rich.table import Table
+
+    from .apps.info import describe_environment
 
     table = Table(title="deeppose environment", show_header=True)
     table.add_column("component")
     table.add_column("version / devices")
-    for name, value in describe_environment():
+    for name, value in describe_environment(devices):
         table.add_row(name, value)
+    out = console()
     out.print(table)
+    if not devices:
+        out.print("devices: deeppose info --devices")
 
 
 @main.command()

@@ -83,11 +83,20 @@ def test_bad_input_is_one_line_error(tmp_path, monkeypatch, argv, message):
     assert_no_escaped_exception(result)
 
 
-def test_info_lists_versions_and_devices():
-    result = CliRunner().invoke(main, ["info"])
+def test_info_lists_versions_at_once_and_devices_when_asked():
+    code = ("import sys; from deeppose_cli.cli import main\n"
+            "try:\n    main(['info'], prog_name='deeppose')\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "loaded = [m for m in %r if m in sys.modules]\n"
+            "assert not loaded, loaded\n" % (HEAVY,))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for word in ("python", "numpy", "torch", "chainer", "cupy", "opencv"):
+        assert word in result.stdout
+    assert "deeppose info --devices" in result.stdout
+    result = CliRunner().invoke(main, ["info", "--devices"])
     assert result.exit_code == 0, result.output
-    for word in ("python", "numpy", "torch", "chainer", "cupy", "opencv", "torch devices",
-                 "chainer devices", "cpu"):
+    for word in ("torch devices", "chainer devices", "cpu"):
         assert word in result.output
 
 

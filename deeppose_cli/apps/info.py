@@ -1,49 +1,57 @@
-"""What `deeppose info` reports: dependency versions and usable devices per framework."""
+"""What `deeppose info` reports: dependency versions, and the devices each framework can use.
+
+Versions come from the installed distributions' metadata, so `deeppose info` imports no
+framework and answers at once; probing devices imports the frameworks (seconds) and is
+done only when asked (``--devices``) and by the benchmark, which records it.
+"""
 
 from __future__ import annotations
 
 import platform
+from importlib import metadata
 
 from ..engines import FRAMEWORKS
 
+# distribution names of what the toolkit runs on (cupy: any of its CUDA builds)
+DISTRIBUTIONS = ("numpy", "torch", "torchvision", "chainer", "opencv-python-headless",
+                 "opencv-contrib-python-headless", "scipy", "onnxruntime", "mpi4py")
 
-def _version(module_name: str) -> str:
+
+def installed_version(distribution: str) -> str | None:
     try:
-        module = __import__(module_name)
-    except Exception as e:  # an optional dependency may be absent or broken
-        return f"not installed ({type(e).__name__})" if not isinstance(e, ImportError) else "not installed"
-    return getattr(module, "__version__", "unknown")
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cupy_version() -> str | None:
+    """CuPy's version, whichever CUDA build (``cupy-cuda13x``, ...) is installed."""
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name == "cupy" or name.startswith("cupy-cuda"):
+            return f"{dist.version} ({name})"
+    return None
 
 
 def framework_devices(framework: str) -> str:
-    """The devices ``framework``'s backend can use, or why it cannot be imported."""
+    """The devices ``framework``'s engine can use, or why it cannot be imported."""
     from ..engines import get_engine
 
     try:
         return get_engine(framework).devices()
-    except ImportError:
-        return "not installed"
+    except ImportError as e:
+        return f"not usable ({e})"
 
 
-def describe_environment() -> list[tuple[str, str]]:
+def describe_environment(devices: bool = True) -> list[tuple[str, str]]:
+    """(component, version or devices) rows; ``devices`` probes each framework's devices."""
     from .. import __version__
-    from ..engines.chainer_compat import import_chainer
 
-    try:
-        chainer_version = import_chainer().__version__
-    except ImportError:
-        chainer_version = "not installed"
-    import cv2
-
-    return [
-        ("deeppose", __version__),
-        ("python", platform.python_version()),
-        ("numpy", _version("numpy")),
-        ("torch", _version("torch")),
-        ("torchvision", _version("torchvision")),
-        ("chainer", chainer_version),
-        ("cupy", _version("cupy")),
-        ("opencv", cv2.__version__),
-        *((f"{'torch' if name == 'pytorch' else name} devices", framework_devices(name))
-          for name in FRAMEWORKS),
-    ]
+    rows = [("deeppose", __version__), ("python", platform.python_version())]
+    rows += [(name, version) for name in DISTRIBUTIONS
+             if (version := installed_version(name)) is not None]
+    rows.append(("cupy", cupy_version() or "not installed"))
+    if devices:
+        rows += [(f"{'torch' if name == 'pytorch' else name} devices", framework_devices(name))
+                 for name in FRAMEWORKS]
+    return rows

@@ -114,30 +114,59 @@ class RunDirectory:
         atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot_loss(self) -> Path | None:
+        """``loss.png`` (see :func:`loss_figure`), or None before anything was logged."""
         records = self.read_log()
-        train = [(r["iteration"], r["loss"]) for r in records if "loss" in r]
-        val = [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
-        if not train:
+        if not any("loss" in r for r in records):
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(*zip(*train), label="train loss")
-        if val:
-            ax.plot(*zip(*val), "o-", label="val loss")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("masked MSE (normalized coordinates)")
-        ax.set_yscale("log")
-        ax.legend()
-        ax.set_title(self.path.name)
-        fig.tight_layout()
+        fig = loss_figure(records, self._recipe().get("loss", ""), self.path.name)
         target = self.path / "loss.png"
         atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
         return target
+
+    def _recipe(self) -> dict[str, Any]:
+        try:
+            recipe = json.loads(self.recipe_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return recipe if isinstance(recipe, dict) else {}
+
+
+LOSS_NAMES = {"l2": "squared error", "l1": "absolute error",
+              "laplace": "Laplace negative log-likelihood"}
+
+
+def loss_figure(records: list[dict[str, Any]], loss: str, title: str):
+    """The training loss, named after the run's loss and on a log axis unless it can be
+    negative (the laplace likelihood is), and beside it the validations: their masked squared
+    error, and PDJ@0.2 or a refinement stage's error where logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["iteration"], r["loss"]) for r in records if "loss" in r]
+    fig, (ax, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
+    ax.plot(*zip(*train), label="train")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(f"{loss} loss: {LOSS_NAMES[loss]}" if loss in LOSS_NAMES else "training loss")
+    if min(v for _, v in train) > 0:
+        ax.set_yscale("log")
+    ax.set_title(f"{title}: training loss")
+    for key, label in (("val_loss", "masked squared error (normalized)"),
+                       ("val_pdj@0.2", "PDJ@0.2"), ("val_err", "error (torso diameters)")):
+        points = [(r["iteration"], r[key]) for r in records if key in r]
+        if points:
+            ax_val.plot(*zip(*points), "o-", label=label)
+    ax_val.set_xlabel("iteration")
+    ax_val.set_title("validation")
+    ax_val.grid(alpha=0.3)
+    if ax_val.lines:
+        ax_val.legend()
+    fig.tight_layout()
+    return fig
 
 
 def staging_path(out: Path) -> Path:
