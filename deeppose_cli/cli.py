@@ -456,12 +456,16 @@ def _default_eval_index(run_dir: Path) -> Path:
               help="scales: weight the two views of a coordinate by the inverse variance of "
                    "their predicted Laplace scales (stages trained with the laplace loss); "
                    "equal: the plain mean.")
+@click.option("--refinement-crops", is_flag=True,
+              help="Also run each refinement stage on its own simulated boxes and on boxes "
+                   "centred on the truth (its error beside not refining; two more forward "
+                   "passes per joint and image).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_obj
 def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
              json_out: str | None, plot: str | None, save_predictions: str | None,
-             stages: int | None, flip_test: bool | None, flip_weights: str, device: str
-             ) -> None:
+             stages: int | None, flip_test: bool | None, flip_weights: str, device: str,
+             refinement_crops: bool) -> None:
     """PCP and PDJ of every cascade stage beside the mean-pose baseline."""
     from .data.annotations import read_index
     from .core.cascade import run_cascade_on_records, with_flip_test
@@ -485,7 +489,8 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     seconds = time.perf_counter() - started  # loading, cropping and every stage's forward
     rows = evaluate_predictions(per_stage, meta["mean_pose"], records, manifest)
     stage_dirs = [d for d, _ in chain_dirs(run_dir)][:len(cascade)]
-    refinements = refinement_reports(stage_dirs, cascade, per_stage, records, manifest)
+    refinements = refinement_reports(stage_dirs, cascade, per_stage, records, manifest,
+                                     on_crops=refinement_crops)
     eval_dir = Path(run_dir) / "eval"
     json_path = Path(json_out) if json_out else eval_dir / "metrics.json"
     plot_path = Path(plot) if plot else eval_dir / "pdj.png"

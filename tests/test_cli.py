@@ -224,3 +224,39 @@ def test_a_value_or_a_required_argument_named_like_a_command_is_not_a_command(tm
     assert "requires an argument" not in result.output
     assert "missing.jsonl" in result.output and result.exit_code == 1
     assert_no_escaped_exception(result)
+
+
+def test_refinement_crop_diagnostics_are_asked_for_and_decode_each_image_once(
+        synthetic_dataset, tmp_path, monkeypatch):
+    """evaluate reports how often a refinement stage moved joints closer from the predictions
+    it made anyway; running the stage on its own simulated crops costs two more forward
+    passes per joint and image, so it happens with --refinement-crops only, and then each
+    image is decoded once, not once per joint."""
+    import deeppose_cli.data.pipeline as pipeline
+
+    _, index_dir = synthetic_dataset
+    runner = CliRunner()
+    tiny = ["--framework", "pytorch", "--train", str(index_dir / "train.jsonl"), "--dataset",
+            "synthetic", "--input-size", "67", "--width", "0.0625", "--batch-size", "4",
+            "--max-iterations", "2", "--quiet"]
+    for stage, extra in (("1", []), ("2", ["--previous", str(tmp_path / "s1")])):
+        done = runner.invoke(main, ["train-stage", stage, *tiny, "--out",
+                                    str(tmp_path / f"s{stage}"), *extra])
+        assert done.exit_code == 0, done.output
+    from conftest import subset_index
+
+    val = subset_index(index_dir, tmp_path / "index", 1, 12) / "val.jsonl"
+    decodes = []
+    real = pipeline.read_rgb
+    monkeypatch.setattr(pipeline, "read_rgb", lambda path: decodes.append(path) or real(path))
+    refinement = {}
+    for flag in ([], ["--refinement-crops"]):
+        done = runner.invoke(main, ["evaluate", "--model", str(tmp_path / "s2"), "--index",
+                                    str(val), "--json", str(tmp_path / "m.json"), *flag])
+        assert done.exit_code == 0, done.output
+        (refinement[bool(flag)],) = json.loads((tmp_path / "m.json").read_text())["refinement"]
+    assert refinement[False]["crops"] == {}
+    assert set(refinement[True]["crops"]) == {"loss", "err", "err_none", "closer",
+                                              "err_centred"}
+    assert refinement[False]["moved_closer"] == refinement[True]["moved_closer"]
+    assert len(decodes) == len(set(decodes)) == 12  # the crops' images, one decode each

@@ -124,7 +124,7 @@ class RefinementReport:
     stage: int
     closer: np.ndarray    # (J,)
     farther: np.ndarray   # (J,)
-    crops: dict[str, float]  # err, err_none, closer, err_centred, loss; empty without statistics
+    crops: dict[str, float]  # err, err_none, closer, err_centred, loss; empty unless asked
 
     def to_json(self, joint_names: Sequence[str]) -> dict[str, Any]:
         return {"stage": self.stage,
@@ -137,13 +137,22 @@ class RefinementReport:
 
 def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[np.ndarray],
                        records: Sequence[PoseRecord], manifest: DatasetManifest,
-                       batch_size: int = 64) -> list[RefinementReport]:
+                       batch_size: int = 64, on_crops: bool = False,
+                       image_cache_gib: float = 2.0) -> list[RefinementReport]:
     """A :class:`RefinementReport` for each stage >= 2 of a cascade; ``stage_dirs`` are the
-    run directories of stages 1..S (for each stage's ``displacement.json``)."""
+    run directories of stages 1..S (for each stage's ``displacement.json``).
+
+    How often a stage moved the cascade's joints closer comes from the predictions already
+    made, at no cost. With ``on_crops`` each stage is also run on its own simulated boxes and on
+    boxes centred on the truth: two more forward passes per visible joint and image (of the
+    same order as the cascade itself), so it is asked for, not done by default; each image
+    is decoded once (``image_cache_gib``) rather than once per joint."""
     from ..core.cascade import DisplacementStatistics, moved_closer
     from ..data.refinement import RefinementDataset
-    from ..data.pipeline import Augmentation
+    from ..data.pipeline import Augmentation, ImageCache
     from ..training.reporting import validation_metrics
+
+    images = ImageCache.of_gib(image_cache_gib) if on_crops else None
 
     gt = np.stack([r.joints for r in records])
     visible = np.stack([r.visible for r in records])
@@ -152,7 +161,7 @@ def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[
         closer, farther = moved_closer(per_stage[k - 1], per_stage[k], gt, visible)
         crops: dict[str, float] = {}
         stats_path = Path(stage_dirs[k]) / "displacement.json"
-        if stats_path.is_file():
+        if on_crops and stats_path.is_file():
             stage = cascade[k]
             stats = DisplacementStatistics.from_json(json.loads(stats_path.read_text()))
             recipe_path = Path(stage_dirs[k]) / "recipe.json"
@@ -160,7 +169,8 @@ def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[
             crops_set = RefinementDataset(records, stats, stage.sigma, stage.input_size,
                                           manifest.flip_permutation, manifest.torso_diameter,
                                           Augmentation.none(),
-                                          sampling=recipe.get("displacement_sampling", "normal"))
+                                          sampling=recipe.get("displacement_sampling", "normal"),
+                                          images=images)
             crops = {key: float(v) for key, v in
                      validation_metrics(stage.predictor, crops_set, batch_size).items()}
         reports.append(RefinementReport(k + 1, closer, farther, crops))
