@@ -226,3 +226,30 @@ def test_jitter_off_epoch_follows_the_iterations_that_will_run(epochs, max_itera
     recipe = {"batch_size": 4, "epochs": epochs, "max_iterations": max_iterations,
               "jitter_off_fraction": fraction}
     assert jitter_off_epoch(recipe, 40) == expected
+
+
+def test_the_engines_device_normalization_equals_the_host_path(synthetic_dataset):
+    """Loaders move uint8 crops with their per-channel scale and bias; each engine
+    normalizes them on its device with the host path's float32 arithmetic, bit for bit
+    (augmented samples, so every sample has its own colour noise)."""
+    import torch
+
+    from deeppose_cli.data.annotations import read_index
+    from deeppose_cli.data.pipeline import collate_raw, normalized_batch
+    from deeppose_cli.engines import chainer_engine, torch_engine
+
+    _, index_dir = synthetic_dataset
+    records = read_index(index_dir / "train.jsonl")[:6]
+    dataset = PoseDataset(records, 67, list(range(14)),
+                          Augmentation(colour_noise=0.2, rotation=10.0), seed=3)
+    raw = collate_raw([dataset.raw(i, epoch=2) for i in range(6)])
+    host = normalized_batch(raw)
+    assert host.dtype == np.float32 and host.shape == (6, 3, 67, 67)
+    np.testing.assert_array_equal(host, np.stack([dataset.get(i, 2)[0] for i in range(6)]))
+    as_tensors = type(raw)(*(torch.from_numpy(a) for a in raw))
+    x, joints, visible = torch_engine.normalize_on_device(as_tensors, torch.device("cpu"))
+    np.testing.assert_array_equal(x.numpy(), host)
+    np.testing.assert_array_equal(joints.numpy(), raw.joints)
+    x, _, _ = chainer_engine.normalize_on_device(raw, chainer_engine.get_device("cpu"))
+    np.testing.assert_array_equal(x, host)
+    assert raw.crops.dtype == np.uint8  # a quarter of the float bytes travel
