@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train a cascade with the stage recipes, one stage after another, timing each, then evaluate
-# it with and without the test-time flip: the workflow behind README "Full AlexNet on one GPU".
+# it with and without the test-time flip: the workflow behind docs/results.md#full-alexnet-on-one-gpu.
 # The dataset must be fetched and indexed first (e.g. `deeppose fetch lspet --archive FILE
 # index lspet`).
 #

@@ -75,7 +75,7 @@ def default_workers(device: str, cpu_count: int | None = None) -> int:
     """Loader processes when neither the recipe nor ``--workers`` names a count.
 
     None on CPU: there the loader shares the cores with the step, and loading in the training
-    process was fastest (README "Performance"). On a GPU the loader, not the GPU, bounds
+    process was fastest (docs/performance.md#keeping-an-accelerator-busy). On a GPU the loader, not the GPU, bounds
     training (on an H100, 12 workers fed 2744 images/s at batch 32; one process prepares
     about 1500 a second at 227 px on a development CPU core), so all cores but
     ``GPU_RESERVED_CORES``, at least one.
