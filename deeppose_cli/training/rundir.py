@@ -1,5 +1,6 @@
-"""Run directories: what one training run leaves on disk, how a retrain replaces it only
-on success, and the lock that keeps one process per ``--out``."""
+"""One run directory as training writes it: its files, how a retrain replaces it only on
+success, and the lock that keeps one process per ``--out``. ``runs.py`` finds finished
+runs and loads them as cascades."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Finding run directories and loading them as a cascade of stages.
+"""Runs as a whole: finding the finished ones, and loading one as a cascade of stages
+(its own model and the earlier stages of its chain). ``rundir.py`` is one run directory's
+files as training writes them.
 
 A stage-N run directory is self-sufficient: ``run.json`` lists the earlier stages it was
 trained on, each copied under ``chain/stage<k>/`` with the sha256 of its model file, so the

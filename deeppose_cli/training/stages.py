@@ -48,7 +48,7 @@ def stage1_datasets(config: TrainConfig, manifest):
 
 def jitter_off_epoch(recipe: dict[str, Any], num_samples: int) -> int | None:
     """The epoch from which a run of ``recipe`` on ``num_samples`` samples trains without
-    geometric jitter (``jitter_off_fraction``), from the plan both backends follow."""
+    geometric jitter (``jitter_off_fraction``), from the plan every engine follows."""
     from .reporting import IterationPlan
 
     plan = IterationPlan.make(num_samples, int(recipe["batch_size"]), int(recipe["epochs"]),
@@ -194,7 +194,7 @@ def resume_hint(config: TrainConfig) -> str:
 
 def train_stage1(config: TrainConfig, resume: bool = False,
                  show_progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
-    """Train a stage-1 regressor; returns the run directory and the backend's summary."""
+    """Train a stage-1 regressor; returns the run directory and the loop's summary."""
     from ..core.geometry import normalize_pose
     from ..core.manifests import load_dataset_manifest
     from ..core.metrics import mean_normalized_pose
