@@ -125,8 +125,8 @@ class SettingValue(click.ParamType):
                 self.fail(f"{value!r} is not a valid {self.name}", param, ctx)
         try:
             return self.setting.check(raw)
-        except DeepPoseError as e:
-            self.fail(str(e).split(" must ", 1)[-1].join(("must ", "")), param, ctx)
+        except DeepPoseError as e:  # "--rotation must be ..." -> "must be ..."
+            self.fail(str(e).removeprefix(f"{self.setting.option} "), param, ctx)
 
 
 def _stage_recipes() -> dict[int, dict]:
@@ -421,24 +421,30 @@ def show_augmentation(state: ChainState, dataset: str | None, root: str | None,
                     f"(epoch {epoch}): {out}")
 
 
-def _default_eval_index(run_dir: Path) -> Path:
-    """The run's dataset test split, else its val split, next to its training index."""
+def _default_eval_index(run_dir: Path, state: ChainState) -> Path:
+    """The run's dataset test split, else its val split: next to its training index, else
+    under the data root (a packaged or moved run was trained elsewhere)."""
     import json
 
     recipe_path = Path(run_dir) / "recipe.json"
     if not recipe_path.is_file():
         raise DeepPoseError(f"{recipe_path} not found: pass --index FILE")
     recipe = json.loads(recipe_path.read_text())
-    index_dir = Path(recipe["train_index"]).parent
-    for split in ("test", "val"):
-        if (index_dir / f"{split}.jsonl").is_file():
-            return index_dir / f"{split}.jsonl"
-    raise DeepPoseError(f"no test.jsonl or val.jsonl beside {recipe['train_index']}: pass --index FILE")
+    places = [Path(recipe["train_index"]).parent,
+              data_root(None, state) / recipe["dataset"] / "index"]
+    for index_dir in places:
+        for split in ("test", "val"):
+            if (index_dir / f"{split}.jsonl").is_file():
+                return index_dir / f"{split}.jsonl"
+    raise DeepPoseError(f"no test.jsonl or val.jsonl beside {recipe['train_index']} or in "
+                        f"{places[1]}: run `deeppose fetch {recipe['dataset']} index "
+                        f"{recipe['dataset']}`, or pass --index FILE")
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(file_okay=False),
-              help="Run directory (default: the chain's, else the latest under runs/).")
+@click.option("--model", "model_dir",
+              help="Run directory or packaged cascade (default: the chain's, else the "
+                   "latest under runs/, else the pretrained lspet-small).")
 @click.option("--index", "index_file", type=click.Path(dir_okay=False),
               help="Index file to evaluate on (default: the dataset's test split, else val).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
@@ -474,11 +480,13 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     from .core.files import write_json
     from .core.manifests import load_dataset_manifest
     from .training.rundir import RunDirectory
-    from .training.runs import chain_dirs, latest_run, load_cascade
+    from .training.runs import chain_dirs, load_cascade, resolve_model
 
-    run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
+    run_dir, note = resolve_model(model_dir, state.run_dir)
+    if note:
+        console().print(note)
     run_meta = RunDirectory(run_dir).meta()  # a clear error for a directory that is not a run
-    index_path = Path(index_file) if index_file else _default_eval_index(run_dir)
+    index_path = Path(index_file) if index_file else _default_eval_index(run_dir, state)
     records = read_index(index_path, run_meta.get("num_joints"))
     cascade, meta = load_cascade(run_dir, device, stages)
     manifest = load_dataset_manifest(meta["dataset"])
@@ -597,8 +605,9 @@ def _parse_bbox(text: str | None):
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--model", "model_dir", type=click.Path(file_okay=False),
-              help="Run directory (default: the chain's, else the latest under runs/).")
+@click.option("--model", "model_dir",
+              help="Run directory or packaged cascade (default: the chain's, else the "
+                   "latest under runs/, else the pretrained lspet-small).")
 @click.option("--bbox", help="Person box X,Y,W,H in pixels (default: the whole image).")
 @click.option("--draw", is_flag=True, help="Write each image with the skeleton drawn on it.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="predictions",
@@ -624,9 +633,11 @@ def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
     from .apps.predict import predict_images
 
     box = _parse_bbox(bbox)
-    from .training.runs import latest_run
+    from .training.runs import resolve_model
 
-    run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
+    run_dir, note = resolve_model(model_dir, state.run_dir)
+    if note:
+        click.echo(note, err=True)
     results, failures = predict_images(run_dir, [Path(p) for p in images], box,
                                        Path(out_dir) if draw else None, stages, device,
                                        flip_test, flip_weights=flip_weights)
@@ -658,13 +669,17 @@ def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
 @click.option("--to", "framework", type=click.Choice(FRAMEWORKS), required=True)
 @click.option("--out", type=click.Path(file_okay=False),
               help="Output run directory (default RUN_DIR-<framework>).")
+@click.option("--half", is_flag=True,
+              help="Store the weights as float16: half the size, predictions within a "
+                   "fraction of a pixel (measure it with evaluate).")
 @click.pass_obj
-def convert(state: ChainState, run_dir: str, framework: str, out: str | None) -> None:
-    """Convert a run's weights (every stage of its cascade) to the other framework."""
+def convert(state: ChainState, run_dir: str, framework: str, out: str | None,
+            half: bool) -> None:
+    """Convert a run's weights (every stage of its cascade) to a framework's model files."""
     from .apps.convert import convert_run
 
     target = Path(out) if out else Path(f"{run_dir.rstrip('/')}-{framework}")
-    convert_run(Path(run_dir), framework, target)
+    convert_run(Path(run_dir), framework, target, half=half)
     console().print(f"converted {run_dir} to {framework}: {target}")
     state.run_dir = target
 

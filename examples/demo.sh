@@ -31,4 +31,8 @@ Demo outputs:
   stage-2 run (cascade)     $RUNS/stage2-pytorch/ (model.pt, chain/stage1/, displacement.json)
   evaluation                $RUNS/stage2-pytorch/eval/metrics.json and pdj.png
   drawn prediction          $DEMO_DIR/predictions/im00005_pose.png
+
+Predict with the demo's cascade (synthetic figures; on real photos use the pretrained
+lspet-small, predict's default when there is no run under runs/):
+  deeppose predict IMAGE --model $RUNS/stage2-pytorch --draw
 EOT

@@ -72,7 +72,7 @@ def test_fetch_local_archive_and_index_real_lspet(tmp_path):
     (["index", "lspet", "--val-fraction", "1.5"], "--val-fraction"),
     (["train-stage", "1", "--dataset", "lspet"], "run `deeppose fetch lspet index lspet` first"),
     (["predict", "x.jpg", "--bbox", "1,2,3"], "--bbox must be X,Y,W,H"),
-    (["evaluate", "--model", "nowhere"], "not a deeppose run directory"),
+    (["evaluate", "--model", "nowhere"], "--model nowhere: no such run directory"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -218,7 +218,7 @@ def test_a_value_or_a_required_argument_named_like_a_command_is_not_a_command(tm
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["predict", "info", "--model", str(tmp_path / "run")])
     assert "Missing argument" not in result.output
-    assert "run.json" in result.output or "not a deeppose run" in result.output
+    assert "--model" in result.output and "no such run directory" in result.output
     result = CliRunner().invoke(main, ["train-stage", "1", "--out", "index", "--train",
                                        str(tmp_path / "missing.jsonl")])
     assert "requires an argument" not in result.output

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from ..core.errors import DeepPoseError
 from ..core.files import atomic_write, sha256_of
 from ..engines import MODEL_SUFFIX, get_engine
@@ -13,10 +15,11 @@ from ..training.rundir import RunDirectory
 from ..training.runs import verified_model
 
 
-def convert_run(source: Path, framework: str, out: Path) -> Path:
+def convert_run(source: Path, framework: str, out: Path, half: bool = False) -> Path:
     """Write a copy of the run ``source`` (with every earlier stage in its chain) whose models
     are in ``framework``'s native format; predictions stay the same (weights are exchanged
-    through the framework-free parameter layout)."""
+    through the framework-free parameter layout). ``half`` stores the weights as float16
+    (read back as float32), for a cascade shipped small."""
 
     source, out = Path(source), Path(out)
     if out.resolve() == source.resolve():
@@ -36,7 +39,7 @@ def convert_run(source: Path, framework: str, out: Path) -> Path:
     new_chain = []
     for entry in meta.get("chain", []):
         target = out / entry["dir"]
-        convert_run(source / entry["dir"], framework, target)
+        convert_run(source / entry["dir"], framework, target, half)
         child = RunDirectory(target).meta()
         new_chain.append({**entry, "framework": framework,
                           "model_sha256": sha256_of(target / child["model_file"])})
@@ -44,9 +47,11 @@ def convert_run(source: Path, framework: str, out: Path) -> Path:
     writer = get_engine(framework)
     params = reader.read_params(verified_model(RunDirectory(source), meta, meta.get("model_sha256")))
     model_file = f"model{MODEL_SUFFIX[framework]}"
-    atomic_write(out / model_file, lambda tmp: writer.write_model(params, meta, tmp))
+    dtype = np.float16 if half else np.float32
+    atomic_write(out / model_file, lambda tmp: writer.write_model(params, meta, tmp, dtype))
     new_meta = {**meta, "framework": framework, "model_file": model_file,
-                "model_sha256": sha256_of(out / model_file), "converted_from": str(source)}
+                "model_sha256": sha256_of(out / model_file), "converted_from": str(source),
+                "weights_dtype": "float16" if half else "float32"}
     if "chain" in meta:
         new_meta["chain"] = new_chain
     RunDirectory(out).write_json("run.json", new_meta)

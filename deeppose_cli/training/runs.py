@@ -55,6 +55,48 @@ def latest_run(root: Path = RUNS_ROOT, dataset: str | None = None,
                         "train one with `deeppose train-stage` or pass --model RUN_DIR")
 
 
+# Cascades shipped inside the package (deeppose_cli/models/<name>/, a run directory each):
+# `--model NAME` names one, and predict and evaluate fall back on DEFAULT_MODEL when there is
+# no run of the user's own.
+PACKAGED_MODELS = Path(__file__).resolve().parents[1] / "models"
+DEFAULT_MODEL = "lspet-small"
+
+
+def packaged_models() -> list[str]:
+    """Names of the cascades shipped inside the package."""
+    if not PACKAGED_MODELS.is_dir():
+        return []
+    return sorted(p.name for p in PACKAGED_MODELS.iterdir() if (p / "run.json").is_file())
+
+
+def resolve_model(model: str | None, chained: Path | None = None,
+                  root: Path = RUNS_ROOT) -> tuple[Path, str | None]:
+    """The run directory ``--model`` means, and a one-line note when it was not said.
+
+    ``model`` is a run (or exported) directory, or the name of a packaged cascade; without
+    it, the run the command chain just produced, else the most recent finished run under
+    ``root``, else the packaged ``DEFAULT_MODEL`` (with a note saying so)."""
+    if model:
+        path = Path(model)
+        if not path.exists() and model in packaged_models():
+            return PACKAGED_MODELS / model, None
+        if not path.exists():
+            shipped = ", ".join(packaged_models()) or "none"
+            raise DeepPoseError(f"--model {model}: no such run directory (or packaged model: "
+                                f"{shipped})")
+        return path, None
+    if chained is not None:
+        return Path(chained), None
+    try:
+        return latest_run(root), None
+    except DeepPoseError:
+        if DEFAULT_MODEL not in packaged_models():
+            raise
+    return (PACKAGED_MODELS / DEFAULT_MODEL,
+            f"no finished run under {root}/: using the pretrained {DEFAULT_MODEL} cascade "
+            "(LSPET, 14 joints, research use; docs/model-card.md)")
+
+
 def verified_model(run: RunDirectory, meta: dict[str, Any], expected_sha: str | None,
                     recorded_by: str | None = None) -> Path:
     """The run's model file, refused when it is missing or differs from the checksum recorded
@@ -128,7 +170,8 @@ def copy_chain(previous_dir: Path, run: RunDirectory) -> list[dict[str, Any]]:
             raise DeepPoseError(f"--previous {source}: that training did not finish")
         target = target_root / f"stage{meta['stage']}"
         target.mkdir(parents=True)
-        for name in ("run.json", "recipe.json", "displacement.json", meta["model_file"]):
+        for name in ("run.json", "recipe.json", "displacement.json", "log.jsonl",
+                     meta["model_file"]):
             if (source / name).is_file():
                 shutil.copy2(source / name, target / name)
         child = RunDirectory(target)
