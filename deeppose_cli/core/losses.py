@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
 
 from .errors import DeepPoseError
@@ -39,23 +37,6 @@ def check_norm(norm: str, explicit: bool = False) -> None:
 def predicts_uncertainty(norm: str) -> bool:
     """Whether a network trained with this loss has the log-scale output layer."""
     return norm == "laplace"
-
-
-def split_prediction(out: Any, num_joints: int, lead_shape: tuple[int, ...],
-                     with_scales: bool = False) -> Any:
-    """A network's raw outputs, (N, 2J) or (N, 4J) with the ``laplace`` scale layer, as
-    (*lead_shape, J, 2) float64 coordinates; with ``with_scales`` a pair (coordinates, log
-    scales in the same layout, or None for a network without the scale layer), which the
-    flip test uses to weight its two opinions."""
-    import numpy as np
-
-    out = np.asarray(out, dtype=np.float64).reshape(-1, np.shape(out)[-1])
-    shape = tuple(lead_shape) + (num_joints, 2)
-    coords = out[:, :2 * num_joints].reshape(shape)
-    if not with_scales:
-        return coords
-    scales = out[:, 2 * num_joints:].reshape(shape) if out.shape[1] == 4 * num_joints else None
-    return coords, scales
 
 
 def check_uncertainty_outputs(width: int, num_joints: int) -> None:
