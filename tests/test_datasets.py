@@ -382,6 +382,14 @@ def test_coco_json_becomes_a_dataset_every_command_knows(tmp_path, monkeypatch):
     assert "fewer than 12 visible joints" in again.output
     unknown = CliRunner().invoke(main, ["index", "people"])
     assert unknown.exit_code == 2 and "'people' is not one of" in unknown.output
+    nothing = CliRunner().invoke(main, ["fetch", "people", "--root", str(root)])
+    assert nothing.exit_code == 1 and "there is nothing to fetch" in nothing.output
+    # A later command of the same chain takes the name the chain's index --coco gives.
+    chained = CliRunner().invoke(main, ["index", "--coco", str(path), "--images", str(folder),
+                                        "--name", "again", "--root", str(root),
+                                        "index", "again", "--val-fraction", "0.5"])
+    assert chained.exit_code == 0, chained.output
+    assert len(read_index(root / "again" / "index" / "val.jsonl")) >= 4
 
 
 # --------------------------------------------------------------------------------------------
