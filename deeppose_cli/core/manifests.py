@@ -269,11 +269,15 @@ def manifest_problem(manifest: DatasetManifest) -> str | None:
         if len(joints) not in (1, 2) or not all(0 <= j < count for j in joints):
             return f"{where} names joints {list(joints)}, outside 0..{count - 1}"
     groups = manifest.evaluation.get("groups", {})
+    if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
+        return "[evaluation.groups] must map each group name to a list of joint names"
     for group, names in groups.items():
         unknown = [n for n in names if n not in manifest.joint_names]
         if unknown:
             return f"evaluation group {group!r} names unknown joints {unknown}"
     for metric in manifest.headline:
+        if not isinstance(metric, str):
+            return f"headline metrics must be names, found {metric!r}"
         base, _, group = metric.partition("/")
         if base not in HEADLINE_METRICS:
             return (f"unknown headline metric {metric!r} (known: "

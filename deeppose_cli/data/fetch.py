@@ -73,7 +73,12 @@ class PartResult:
     archive: Path
     sha256: str
     size: int
-    message: str        # one sentence, for the CLI
+    what: str           # what was done: "Downloaded URL and extracted it", ...
+    details: str        # "(N bytes, sha256 X)." and how to pin the checksum where none is known
+
+    @property
+    def message(self) -> str:
+        return f"{self.what} {self.details}"
 
 
 @dataclass
@@ -399,21 +404,20 @@ class _PartDone:
 
 def _part_result(part: _Part, status: str, archive_path: Path, checked: _CheckedArchive,
                  what: str) -> PartResult:
-    message = f"{what} ({checked.size} bytes, sha256 {checked.sha256})."
+    details = f"({checked.size} bytes, sha256 {checked.sha256})."
     if not checked.checksum_known:
         pin = checked.sha256 if part.count == 1 else f"{part.name}={checked.sha256}"
-        message += f" No checksum is recorded for this archive; pin it with --sha256 {pin}."
+        details += f" No checksum is recorded for this archive; pin it with --sha256 {pin}."
     return PartResult(name=part.name, status=status, archive=archive_path,
-                      sha256=checked.sha256, size=checked.size, message=message)
+                      sha256=checked.sha256, size=checked.size, what=what, details=details)
 
 
 def _fetch_result(dataset_dir: Path, parts: list[PartResult]) -> FetchResult:
     if len(parts) == 1:
         only = parts[0]
-        what, _, rest = only.message.partition(" (")
         return FetchResult(dataset_dir=dataset_dir, status=only.status, archive=only.archive,
                            sha256=only.sha256, size=only.size,
-                           message=f"{what} into {dataset_dir} ({rest}", parts=parts)
+                           message=f"{only.what} into {dataset_dir} {only.details}", parts=parts)
     status = "downloaded" if any(p.status == "downloaded" for p in parts) \
         else "extracted from archive"
     message = " ".join(f"{p.name}: {p.message}" for p in parts) + \
