@@ -24,8 +24,11 @@ from .engines import FRAMEWORKS
 
 
 class DatasetName(click.Choice):
-    """A dataset with a manifest: the package's and those in ``$DEEPPOSE_MANIFESTS``, looked
-    up when the command line is parsed (so a manifest added there is a valid choice)."""
+    """A dataset with a manifest: the package's, those in ``$DEEPPOSE_MANIFESTS`` and those
+    ``index --coco`` generated under the data root, looked up when the command line is parsed
+    (so a manifest added there is a valid choice). A generated dataset under another root is
+    found through the ``--root`` options of the command line, and one that an earlier command
+    of the same chain creates (``index --coco ... --name NAME``) through its ``--name``."""
 
     def __init__(self) -> None:
         super().__init__([])
@@ -39,6 +42,30 @@ class DatasetName(click.Choice):
     @choices.setter
     def choices(self, _value) -> None:
         pass
+
+    def convert(self, value, param, ctx):
+        from .core.manifests import dataset_names
+
+        argv = ctx.meta.get(ARGV_KEY, []) if ctx is not None else []
+        names = dataset_names([Path(v) for v in _option_values(argv, "--root")])
+        if value in names or value in _option_values(argv, "--name"):
+            return value
+        self.fail(f"{value!r} is not one of {', '.join(map(repr, names))}.", param, ctx)
+
+
+#: Where the group keeps its whole command line (``Context.meta`` is shared by subcommands).
+ARGV_KEY = "deeppose.argv"
+
+
+def _option_values(argv: list[str], option: str) -> list[str]:
+    """The values given to ``option`` anywhere in ``argv`` (``--opt V`` or ``--opt=V``)."""
+    values = []
+    for k, token in enumerate(argv):
+        if token == option and k + 1 < len(argv):
+            values.append(argv[k + 1])
+        elif token.startswith(option + "="):
+            values.append(token[len(option) + 1:])
+    return values
 
 
 @dataclass
@@ -179,6 +206,10 @@ class DeepPoseGroup(click.Group):
 
     command_class = ChainedCommand
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGV_KEY] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -248,27 +279,35 @@ def info(devices: bool) -> None:
 @click.argument("dataset", type=DatasetName())
 @click.option("--root", type=click.Path(file_okay=False),
               help="Data root (default ./data, or $DEEPPOSE_DATA).")
-@click.option("--url", help="Download from this URL instead of the manifest's.")
-@click.option("--archive", type=click.Path(dir_okay=False),
-              help="Use this local copy of the archive instead of downloading.")
-@click.option("--sha256", help="Accept an archive with this checksum.")
+@click.option("--url", help="Download from this URL instead of the manifest's (a dataset of "
+              "one archive).")
+@click.option("--archive", "archives", multiple=True, metavar="[NAME=]FILE",
+              help="Use this local copy of an archive instead of downloading it. Repeat for "
+              "a dataset of several archives (e.g. MPII's images and annotations); NAME= says "
+              "which archive a FILE is when its file name does not.")
+@click.option("--sha256", "checksums", multiple=True, metavar="[NAME=]HEX",
+              help="Accept an archive with this checksum (NAME=HEX for a dataset of several "
+              "archives).")
 @click.option("--force", is_flag=True, help="Fetch again even if the dataset is complete.")
 @click.option("--max-extract-gib", type=click.FloatRange(0, min_open=True),
               help="Refuse archives that unpack to more than this (default: the manifest's "
               "bound, else 8 GiB; or $DEEPPOSE_MAX_EXTRACT_GIB).")
 @click.pass_obj
 def fetch(state: ChainState, dataset: str, root: str | None, url: str | None,
-          archive: str | None, sha256: str | None, force: bool,
+          archives: tuple[str, ...], checksums: tuple[str, ...], force: bool,
           max_extract_gib: float | None) -> None:
     """Download (or generate) DATASET and unpack it under the data root."""
-    from .data.fetch import fetch_dataset
+    from .data.fetch import assign_archives, assign_checksums, fetch_dataset
     from .core.manifests import load_dataset_manifest
 
     root_path = data_root(root, state)
-    if archive is not None and not Path(archive).is_file():
-        raise DeepPoseError(f"archive {archive} not found")
-    result = fetch_dataset(load_dataset_manifest(dataset), root_path, url=url,
-                           archive=Path(archive) if archive else None, sha256=sha256,
+    manifest = load_dataset_manifest(dataset, [root_path])
+    local = assign_archives(manifest, list(archives))
+    for path in local.values():
+        if not path.is_file():
+            raise DeepPoseError(f"archive {path} not found")
+    result = fetch_dataset(manifest, root_path, url=url, archives=local,
+                           checksums=assign_checksums(manifest, list(checksums)),
                            force=force, progress=sys.stderr.isatty(),
                            max_extract_bytes=(int(max_extract_gib * 2**30)
                                               if max_extract_gib else None))
@@ -285,24 +324,58 @@ def fetch(state: ChainState, dataset: str, root: str | None, url: str | None,
               help="Fraction held out for validation (default: the manifest's).")
 @click.option("--seed", type=int, help="Seed of the train/val split (default: the manifest's).")
 @click.option("--box-margin", type=click.FloatRange(0.0, 2.0), default=0.2, show_default=True,
-              help="Person box margin around the visible joints, as a fraction of its side.")
+              help="Person box margin around the visible joints, as a fraction of its side "
+              "(datasets whose annotations give no box).")
+@click.option("--min-keypoints", type=click.IntRange(1),
+              help="Index only people with at least this many labelled joints (default: the "
+              "skeleton's min_visible; --coco: 1).")
+@click.option("--coco", "coco_files", multiple=True, metavar="[SPLIT=]FILE",
+              help="Index a COCO-format keypoint JSON file as a new dataset (--name): one "
+              "file is split into train and val by --val-fraction (default 0.1) and --seed; "
+              "or repeat with train=FILE, val=FILE, test=FILE.")
+@click.option("--images", "image_dirs", multiple=True, metavar="[SPLIT=]DIR",
+              help="--coco: the directory its file_name entries are in (one for all files, "
+              "or SPLIT=DIR each).")
+@click.option("--name", help="--coco: the new dataset's name (ROOT/NAME holds its manifest, "
+              "skeleton and index files).")
+@click.option("--category", help="--coco: the keypoint category to read (default: the only "
+              "one with keypoints).")
 @click.pass_obj
 def index(state: ChainState, dataset: str | None, root: str | None, val_fraction: float | None,
-          seed: int | None, box_margin: float) -> None:
-    """Parse DATASET's annotations into JSON Lines index files (train/val/test)."""
+          seed: int | None, box_margin: float, min_keypoints: int | None,
+          coco_files: tuple[str, ...], image_dirs: tuple[str, ...], name: str | None,
+          category: str | None) -> None:
+    """Parse DATASET's annotations into JSON Lines index files (train/val/test), or write a
+    COCO-format keypoint dataset as a new dataset (--coco FILE --images DIR --name NAME)."""
     from rich.table import Table
 
     from .data.annotations import build_index
     from .core.manifests import load_dataset_manifest
 
-    dataset = dataset or state.dataset or "lsp"
     root_path = data_root(root, state)
-    manifest = load_dataset_manifest(dataset)
+    if coco_files:
+        from .data.coco import coco_sources, write_coco_dataset
+
+        if not name or dataset:
+            raise DeepPoseError("--coco writes a new dataset: give it --name NAME (and no "
+                                "DATASET argument)")
+        manifest = write_coco_dataset(name, root_path, coco_sources(coco_files, image_dirs),
+                                      category=category, min_keypoints=min_keypoints or 1,
+                                      val_fraction=val_fraction, seed=seed)
+        dataset = name
+        console().print(f"wrote {manifest.path} ({manifest.num_joints} keypoints, "
+                        f"{len(manifest.flip_pairs)} left/right pairs, headline metric "
+                        f"{', '.join(manifest.headline)})")
+    else:
+        if image_dirs or name or category:
+            raise DeepPoseError("--images, --name and --category go with --coco FILE")
+        dataset = dataset or state.dataset or "lsp"
+        manifest = load_dataset_manifest(dataset, [root_path])
     report = build_index(manifest, root_path / dataset, val_fraction=val_fraction, seed=seed,
-                         box_margin=box_margin)
+                         box_margin=box_margin, min_visible=min_keypoints)
     table = Table(title=f"{dataset} index")
     table.add_column("split")
-    table.add_column("images", justify="right")
+    table.add_column("people", justify="right")
     table.add_column("file")
     files = report.files()
     for split, count in report.counts.items():
@@ -371,6 +444,7 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
     out_console.print(f"run directory: {run.path} (model {run.model_path.name}, log "
                       f"{run.log_path.name}, loss curve loss.png)")
     state.run_dir, state.framework, state.dataset = run.path, framework, dataset
+    state.root = data_root(root, state)  # a later stage of the chain trains on the same data
 
 
 @main.command("show-augmentation")
@@ -406,7 +480,7 @@ def show_augmentation(state: ChainState, dataset: str | None, root: str | None,
     recipe = load_stage_recipe(1)
     recipe.update({k: v for k, v in overrides.items() if v is not None})
     recipe = check_recipe(recipe)
-    manifest = load_dataset_manifest(dataset)
+    manifest = load_dataset_manifest(dataset, [data_root(root, state)])
     samples = augmentation_preview_dataset(Path(index_file), recipe, manifest)
     grid = augmentation_grid(samples, range(min(count, len(samples))), epoch, manifest.skeleton)
 
@@ -478,7 +552,7 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     from .apps.evaluate import (evaluate_predictions, metrics_json, plot_pdj,
                              predictions_json, refinement_reports)
     from .core.files import write_json
-    from .core.manifests import load_dataset_manifest
+    from .core.manifests import run_manifest
     from .training.rundir import RunDirectory
     from .training.runs import chain_dirs, load_cascade, resolve_model
 
@@ -489,7 +563,7 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     index_path = Path(index_file) if index_file else _default_eval_index(run_dir, state)
     records = read_index(index_path, run_meta.get("num_joints"))
     cascade, meta = load_cascade(run_dir, device, stages)
-    manifest = load_dataset_manifest(meta["dataset"])
+    manifest = run_manifest(meta)
     cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test, flip_weights)
     flipped = [stage.stage for stage in cascade if stage.flip_test]
     started = time.perf_counter()
@@ -533,24 +607,32 @@ def _print_evaluation(rows, manifest, title: str) -> None:
 
     from rich.table import Table
 
+    from .apps.evaluate import metric_label, per_joint_metric, summary_metrics
+
     def pct(v: float) -> str:
         return "-" if v is None or math.isnan(v) else f"{100 * v:.1f}"
 
-    categories = [c for c in rows[0].pcp if c != "mean"] + ["mean"]
-    table = Table(title=f"{title}\nstrict PCP@0.5 per limb category, PDJ (%)")
+    metrics = summary_metrics(rows, manifest)
+    categories = [c for c in rows[0].pcp if c != "mean"]
+    categories += ["mean"] if categories and "pcp" not in metrics else []
+    headline = ", ".join(metric_label(m) for m in manifest.headline)
+    table = Table(title=f"{title}\n{manifest.title}: headline {headline}; then the other "
+                  "metrics" + ("; strict PCP@0.5 per limb category" if categories else "")
+                  + " (%)")
     table.add_column("model", no_wrap=True)
+    for metric in metrics:
+        table.add_column(metric_label(metric), justify="right")
     for c in categories:
         table.add_column(PCP_SHORT.get(c, c), justify="right")
-    for name in ("PDJ@.1", "PDJ@.2", "AUC"):
-        table.add_column(name, justify="right")
     for row in rows:
-        table.add_row(row.name, *[pct(row.pcp[c]) for c in categories], pct(row.pdj.at(0.1)[0]),
-                      pct(row.pdj.at(0.2)[0]), pct(row.pdj.auc))
-    joints = Table(title="PDJ@0.2 per joint (%)")
+        table.add_row(row.name, *[pct(row.metric(m)) for m in metrics],
+                      *[pct(row.pcp[c]) for c in categories])
+    joint_metric, values_of = per_joint_metric(rows, manifest)
+    joints = Table(title=f"{metric_label(joint_metric)} per joint (%)")
     joints.add_column("joint", no_wrap=True)
     for row in rows:
         joints.add_column(row.name, justify="right")
-    per_joint = [row.pdj.at(0.2)[1] for row in rows]
+    per_joint = [values_of(row) for row in rows]
     for j, name in enumerate(manifest.joint_names):
         joints.add_row(name, *[pct(float(p[j])) for p in per_joint])
     out = console()

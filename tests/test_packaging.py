@@ -29,6 +29,10 @@ def test_wheel_holds_manifests_and_recipes_inside_the_package(wheel):
                      "deeppose_cli/dataset_manifests/lspet.toml",
                      "deeppose_cli/dataset_manifests/synthetic.toml",
                      "deeppose_cli/dataset_manifests/skeletons/lsp14.toml",
+                     "deeppose_cli/dataset_manifests/mpii.toml",
+                     "deeppose_cli/dataset_manifests/skeletons/mpii16.toml",
+                     "deeppose_cli/dataset_manifests/flic.toml",
+                     "deeppose_cli/dataset_manifests/skeletons/flic11.toml",
                      "deeppose_cli/stage_recipes/stage1.toml",
                      "deeppose_cli/stage_recipes/stage2.toml"):
         assert expected in names
@@ -47,4 +51,4 @@ def test_installed_wheel_finds_manifests_without_the_clone(wheel, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['lsp', 'lspet', 'synthetic'] 14 1.0"
+    assert result.stdout.strip() == "['flic', 'lsp', 'lspet', 'mpii', 'synthetic'] 14 1.0"

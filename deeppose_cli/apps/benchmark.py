@@ -126,7 +126,7 @@ class BenchmarkSettings:
     warmup: int = 1
     # stage-1 recipe values given as train-stage flags (input_size, width, loss, ...)
     recipe: dict[str, Any] = field(default_factory=dict)
-    num_joints: int = 14
+    num_joints: int | None = None    # None: the dataset's skeleton
     seed: int = 0
     dataset: str = "lsp"
     index: str | None = None          # pipeline section: training index (None: skip it)
@@ -297,12 +297,12 @@ def pipeline_section(settings: BenchmarkSettings, framework: str,
     prefetch, so a block of compute cannot hide loading work. The loader alone (no compute)
     is timed last, to show how much headroom the data path has.
     """
-    from ..core.manifests import load_dataset_manifest
+    from ..core.manifests import dataset_manifest_roots, load_dataset_manifest
     from ..training.reporting import IterationPlan
     from ..training.stages import stage1_datasets
 
     config = train_config(settings, framework, workers=workers or 0)
-    manifest = load_dataset_manifest(settings.dataset)
+    manifest = load_dataset_manifest(settings.dataset, dataset_manifest_roots(settings.index))
     dataset, _ = stage1_datasets(config, manifest)
     engine = get_engine(framework).Engine(config, manifest.num_joints)
     block = 1 if config.workers == 0 else max(4 * config.workers, 4)
@@ -386,9 +386,10 @@ def cascade_section(settings: BenchmarkSettings, framework: str, image: np.ndarr
     The stages are loaded through the engine's ``load_predictor``, as ``predict`` loads
     them. (Predictors return NumPy, so a GPU forward pass is complete when they return.)"""
     from ..core.cascade import StageModel, run_cascade
-    from ..core.manifests import load_dataset_manifest
+    from ..core.manifests import dataset_manifest_roots, load_dataset_manifest
 
-    torso_pair = load_dataset_manifest(settings.dataset).torso_diameter
+    torso_pair = load_dataset_manifest(settings.dataset,
+                                       dataset_manifest_roots(settings.index)).torso_diameter
     engine = get_engine(framework)
     with tempfile.TemporaryDirectory(prefix="deeppose-benchmark-") as tmp:
         paths, meta = _random_model_files(settings, framework, Path(tmp),
@@ -511,6 +512,13 @@ def run_benchmark(settings: BenchmarkSettings,
                   log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Every section of the benchmark in this process; returns the JSON-ready result."""
     settings.validate()
+    if settings.num_joints is None:
+        from dataclasses import replace
+
+        from ..core.manifests import dataset_manifest_roots, load_dataset_manifest
+
+        settings = replace(settings, num_joints=load_dataset_manifest(
+            settings.dataset, dataset_manifest_roots(settings.index)).num_joints)
     result: dict[str, Any] = {"format": FORMAT, "version": 1,
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                               "settings": asdict(settings), "environment": environment(),

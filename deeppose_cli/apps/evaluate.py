@@ -1,5 +1,7 @@
-"""Evaluating a cascade on an index file: PCP and PDJ per stage beside the mean-pose floor,
-the PDJ-curve plot, and per-image predictions in image pixels."""
+"""Evaluating a cascade on an index file: PCKh (where the skeleton names a head segment),
+PCK of the box, PDJ and PCP per stage beside the mean-pose floor, the PDJ-curve plot, and
+per-image predictions in image pixels. The dataset's headline metrics (its manifest's
+``[evaluation] headline``) come first in the table."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from ..core.records import PoseRecord
 from ..core.files import atomic_write
 from ..core.geometry import denormalize_pose
 from ..core.manifests import DatasetManifest
-from ..core.metrics import PDJResult, pcp, pdj
+from ..core.metrics import RateCurve, head_sizes, pck_box, pckh, pcp, pdj
 
 
 @dataclass
@@ -22,7 +24,60 @@ class StageScores:
     name: str           # "mean pose", "stage 1", "stages 1-2", ...
     predictions: np.ndarray  # (N, J, 2) image pixels
     pcp: dict[str, float]
-    pdj: PDJResult
+    pdj: RateCurve
+    pck: RateCurve      # of the person box
+    pckh: RateCurve | None = None   # None: the dataset has no head size
+    groups: dict[str, tuple[int, ...]] | None = None  # the manifest's joint groups
+
+    def metric(self, name: str) -> float:
+        """A headline metric by name: ``pckh@0.5``, ``pck@0.2``, ``pdj@0.1``, ``pdj@0.2``,
+        ``pdj_auc``, ``pcp`` (strict PCP over every limb); the curves' ones may end in
+        ``/GROUP`` (that joint group only, e.g. ``pdj@0.2/wrists``)."""
+        base, _, group = name.partition("/")
+        if base == "pcp":
+            return self.pcp["mean"]
+        kind, _, alpha = base.partition("@")
+        curve = {"pckh": self.pckh, "pck": self.pck, "pdj": self.pdj, "pdj_auc": self.pdj}[kind]
+        if curve is None:
+            return float("nan")
+        if group:
+            curve = curve.group((self.groups or {})[group])
+        return curve.auc if kind == "pdj_auc" else curve.at(float(alpha))[0]
+
+
+def metric_label(name: str) -> str:
+    """A metric's column heading: ``pckh@0.5`` -> ``PCKh@.5``, ``pdj@0.2/wrists`` ->
+    ``PDJ@.2 wrists``."""
+    base, _, group = name.partition("/")
+    kind, _, alpha = base.partition("@")
+    label = {"pckh": "PCKh", "pck": "PCK", "pdj": "PDJ", "pdj_auc": "AUC", "pcp": "PCP"}[kind]
+    if alpha:
+        label += "@" + alpha.removeprefix("0")
+    return f"{label} {group}" if group else label
+
+
+def summary_metrics(rows: Sequence[StageScores], manifest: DatasetManifest) -> list[str]:
+    """The table's metric columns: the headline first, then PCKh@0.5 (where there are head
+    sizes), PCK@0.2, PDJ@0.1, PDJ@0.2, its AUC and each joint group's PDJ@0.2."""
+    rest = (["pckh@0.5"] if rows[0].pckh is not None else []) + \
+        ["pck@0.2", "pdj@0.1", "pdj@0.2", "pdj_auc"] + \
+        [f"pdj@0.2/{group}" for group in manifest.joint_groups]
+    headline = list(manifest.headline)
+    return headline + [m for m in rest if m not in headline]
+
+
+def per_joint_metric(rows: Sequence[StageScores], manifest: DatasetManifest
+                     ) -> tuple[str, Any]:
+    """The per-joint table's metric: the headline's curve (PDJ@0.2 for a PCP headline), as
+    (name, row -> per-joint values)."""
+    for metric in manifest.headline:
+        base = metric.partition("/")[0]
+        if base in ("pckh@0.5", "pck@0.2", "pdj@0.1", "pdj@0.2") and \
+                not (base == "pckh@0.5" and rows[0].pckh is None):
+            kind, _, alpha = base.partition("@")
+            return base, lambda row, kind=kind, alpha=float(alpha): \
+                getattr(row, kind).at(alpha)[1]
+    return "pdj@0.2", lambda row: row.pdj.at(0.2)[1]
 
 
 def stage_label(k: int) -> str:
@@ -41,8 +96,14 @@ def score(name: str, predictions: np.ndarray, records: Sequence[PoseRecord],
           manifest: DatasetManifest) -> StageScores:
     gt = np.stack([r.joints for r in records])
     visible = np.stack([r.visible for r in records])
+    boxes = np.stack([r.box for r in records])
+    heads = head_sizes(gt, visible, [r.head_size for r in records], manifest.head_segment)
+    head_curve = (pckh(predictions, gt, visible, heads, excluded=manifest.pckh_excludes)
+                  if np.isfinite(heads).any() else None)
+    pdj_curve = pdj(predictions, gt, visible, manifest.torso_diameter)
     return StageScores(name, predictions, pcp(predictions, gt, visible, manifest.limbs),
-                       pdj(predictions, gt, visible, manifest.torso_diameter))
+                       pdj_curve, pck_box(predictions, gt, visible, boxes), head_curve,
+                       manifest.joint_groups)
 
 
 def evaluate_predictions(per_stage: Sequence[np.ndarray], mean_pose, records, manifest
@@ -53,44 +114,74 @@ def evaluate_predictions(per_stage: Sequence[np.ndarray], mean_pose, records, ma
     return rows
 
 
+def _per_joint(curve: RateCurve, alpha: float, names: Sequence[str]) -> dict[str, float | None]:
+    return dict(zip(names, [None if np.isnan(v) else float(v) for v in curve.at(alpha)[1]]))
+
+
+def _curve(curve: RateCurve) -> dict[str, list[float]]:
+    return {"alpha": curve.alphas.round(4).tolist(), "mean": curve.mean.round(6).tolist()}
+
+
 def metrics_json(rows: Sequence[StageScores], manifest: DatasetManifest,
                  extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(extra)
+    out["headline"] = list(manifest.headline)
     out["rows"] = []
+    names = manifest.joint_names
     for row in rows:
-        mean02, per_joint02 = row.pdj.at(0.2)
-        out["rows"].append({
+        entry: dict[str, Any] = {
             "name": row.name,
+            "headline": {metric: row.metric(metric) for metric in manifest.headline},
             "pcp": row.pcp,
             "pdj@0.1": row.pdj.at(0.1)[0],
-            "pdj@0.2": mean02,
-            "pdj@0.2_per_joint": dict(zip(manifest.joint_names,
-                                          [None if np.isnan(v) else float(v) for v in per_joint02])),
+            "pdj@0.2": row.pdj.at(0.2)[0],
+            "pdj@0.2_per_joint": _per_joint(row.pdj, 0.2, names),
             "pdj_auc": row.pdj.auc,
-            "pdj_curve": {"alpha": row.pdj.alphas.round(4).tolist(),
-                          "mean": row.pdj.mean.round(6).tolist()},
-        })
+            "pdj_curve": _curve(row.pdj),
+            "pck@0.2": row.pck.at(0.2)[0],
+            "pck@0.2_per_joint": _per_joint(row.pck, 0.2, names),
+            "pck_curve": _curve(row.pck),
+        }
+        if row.pckh is not None:
+            entry.update({"pckh@0.5": row.pckh.at(0.5)[0],
+                          "pckh@0.5_per_joint": _per_joint(row.pckh, 0.5, names),
+                          "pckh_curve": _curve(row.pckh)})
+        if row.groups:
+            entry["pdj_groups"] = {group: {"pdj@0.2": row.pdj.group(joints).at(0.2)[0],
+                                           **_curve(row.pdj.group(joints))}
+                                   for group, joints in row.groups.items()}
+        out["rows"].append(entry)
     return out
 
 
 def plot_pdj(rows: Sequence[StageScores], path: Path, title: str) -> None:
-    """All stages' mean PDJ curves (and the baseline's) in one PNG."""
+    """All stages' mean PDJ curves (and the baseline's) in one PNG; beside them the PCKh
+    curves where the dataset has head sizes, and each joint group's PDJ curves (FLIC's elbows
+    and wrists, as the DeepPose paper plots them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for row in rows:
-        style = "--" if row.name == "mean pose" else "-"
-        ax.plot(row.pdj.alphas, row.pdj.mean, style, label=f"{row.name} (AUC {row.pdj.auc:.3f})")
-    ax.set_xlabel("normalized distance to true joint (fraction of torso diameter)")
-    ax.set_ylabel("detection rate (PDJ)")
-    ax.set_xlim(0, 0.5)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(title)
+    panels = [("PDJ", "fraction of torso diameter", lambda row: row.pdj)]
+    if rows[0].pckh is not None:
+        panels.append(("PCKh", "fraction of head size", lambda row: row.pckh))
+    for group, joints in (rows[0].groups or {}).items():
+        panels.append((f"PDJ, {group}", "fraction of torso diameter",
+                       lambda row, joints=joints: row.pdj.group(joints)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (name, unit, curve_of) in zip(axes[0], panels):
+        for row in rows:
+            curve = curve_of(row)
+            style = "--" if row.name == "mean pose" else "-"
+            ax.plot(curve.alphas, curve.mean, style, label=f"{row.name} (AUC {curve.auc:.3f})")
+        ax.set_xlabel(f"normalized distance to true joint ({unit})")
+        ax.set_ylabel(f"detection rate ({name.split(',')[0]})")
+        ax.set_xlim(0, 0.5)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        ax.set_title(title if len(panels) == 1 else f"{title}: {name}")
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

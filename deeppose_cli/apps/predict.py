@@ -44,11 +44,11 @@ def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] |
     from ..core.cascade import run_cascade, with_flip_test
     from .drawing import draw_pose
     from ..core.geometry import box_from_xywh, box_to_xywh
-    from ..core.manifests import load_dataset_manifest
+    from ..core.manifests import run_manifest
     from ..training.runs import load_cascade
 
     cascade, meta = load_cascade(run_dir, device, stages)
-    manifest = load_dataset_manifest(meta["dataset"])
+    manifest = run_manifest(meta)
     cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test, flip_weights)
     results, failures = [], []
     for start in range(0, len(paths), chunk):

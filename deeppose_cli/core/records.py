@@ -22,13 +22,16 @@ class PoseRecord:
     box: np.ndarray      # (4,) cx, cy, w, h
     width: int = 0
     height: int = 0
+    #: The PCKh normalizer in pixels where the dataset gives one per person (MPII: 0.6 x
+    #: its head box diagonal); None: the skeleton's head segment is used.
+    head_size: float | None = None
 
     def to_json(self, index_dir: Path) -> dict:
         try:
             image = os.path.relpath(self.image, index_dir)
         except ValueError:  # another drive on Windows
             image = str(self.image)
-        return {
+        out = {
             "id": self.id,
             "image": image,
             "width": self.width,
@@ -37,3 +40,6 @@ class PoseRecord:
             "visible": [int(v) for v in self.visible],
             "box": [round(v, 3) for v in box_to_xywh(self.box)],
         }
+        if self.head_size is not None:
+            out["head_size"] = round(float(self.head_size), 3)
+        return out

@@ -8,8 +8,10 @@ An index file has one JSON object per line, one per image::
 ``image`` is absolute or relative to the index file's directory; ``joints`` are 0-based image
 pixels (pixel centres at integers) in the dataset's joint order; ``visible`` is 1 where the
 joint is visible (invisible joints' coordinates are ignored); ``box`` is the person box
-(top-left x, y, width, height) that crops are taken from. Any file that follows this format
-works for training and evaluation.
+(top-left x, y, width, height) that crops are taken from; an optional ``head_size`` is the
+person's PCKh normalizer in pixels (MPII gives one). Any file that follows this format works
+for training and evaluation. One line is one annotated person: an image with several people
+(MPII, COCO) has several lines, which always land in the same split.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..core.files import atomic_write_text
 from ..core.geometry import box_from_xywh, person_box
 from ..core.manifests import DatasetManifest
 from ..core.records import PoseRecord
+from .formats import Person, read_flic, read_mpii
 
 SPLITS = ("train", "val", "test")
 
@@ -78,12 +81,14 @@ JOINTS_MAT_LAYOUTS = {"lsp": _lsp_layout, "lspet": _lspet_layout}
 
 
 def split_ids(manifest: DatasetManifest, numbers: list[int], val_fraction: float | None,
-              seed: int | None) -> dict[str, list[int]]:
+              seed: int | None, given: dict[int, str] | None = None) -> dict[str, list[int]]:
     """Assign 1-based image numbers to splits by the manifest's rule.
 
     ``ranges``: fixed inclusive ranges (LSP: 1-1000 train, 1001-2000 test); a val split is
     carved out of train only when ``val_fraction`` is given. ``random``: a seeded split of
-    everything into train and val.
+    everything into train and val. ``annotated``: the split the annotations give each image
+    (``given``: FLIC's istrain/istest, COCO files named per split); a val split is carved out
+    of train only when ``val_fraction`` (or the manifest's) is given.
     """
     rule = manifest.splits.get("rule", "random")
     out: dict[str, list[int]] = {s: [] for s in SPLITS}
@@ -93,6 +98,13 @@ def split_ids(manifest: DatasetManifest, numbers: list[int], val_fraction: float
                 lo, hi = manifest.splits[split]
                 out[split] = [n for n in numbers if lo <= n <= hi]
         pool_split, fraction = "train", val_fraction or 0.0
+    elif rule == "annotated":
+        given = given or {}
+        for split in SPLITS:
+            out[split] = [n for n in numbers if given.get(n) == split]
+        pool_split = "train"
+        fraction = manifest.splits.get("val_fraction", 0.0) if val_fraction is None \
+            else val_fraction
     elif rule == "random":
         out["train"] = list(numbers)
         pool_split = "train"
@@ -147,60 +159,97 @@ def write_index(path: Path, records: Iterable[PoseRecord]) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-def build_index(manifest: DatasetManifest, dataset_dir: Path, *, val_fraction: float | None = None,
-                seed: int | None = None, box_margin: float = 0.2) -> IndexReport:
-    """Parse a fetched dataset into ``dataset_dir/index/{train,val,test}.jsonl``.
-
-    Unreadable images and records with fewer than the manifest's ``min_visible`` visible
-    joints are skipped and listed in ``index/skipped.jsonl``, not fatal.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    dataset_dir = Path(dataset_dir)
-    annotations = dataset_dir / manifest.archive.get("annotations", "joints.mat")
-    if not annotations.is_file():
-        raise DeepPoseError(f"{annotations} not found: run `deeppose fetch {manifest.name}` first")
+def joints_mat_people(manifest: DatasetManifest, dataset_dir: Path) -> list[Person]:
+    """LSP / LSPET ``joints.mat``: one person per image, image ``n`` at the manifest's
+    ``image_template``; the person box comes from the visible joints."""
+    annotations = dataset_dir / manifest.annotations_file
     joints, visible = read_joints_mat(annotations, manifest.format)
     if joints.shape[1] != manifest.num_joints:
         raise DeepPoseError(f"{annotations}: {joints.shape[1]} joints, manifest "
                             f"{manifest.name} expects {manifest.num_joints}")
     template = manifest.archive["image_template"]
-    numbers = list(range(1, len(joints) + 1))
-    index_dir = dataset_dir / "index"
-    paths = [dataset_dir / template.format(n) for n in numbers]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        sizes = list(pool.map(_image_size, paths))
+    people = []
+    for n in range(1, len(joints) + 1):
+        path = dataset_dir / template.format(n)
+        people.append(Person(path.stem, path, joints[n - 1], visible[n - 1], n))
+    return people
 
-    records: dict[int, PoseRecord] = {}
+
+def _coco_people(manifest: DatasetManifest, dataset_dir: Path) -> list[Person]:
+    from .coco import read_coco
+
+    return read_coco(manifest, dataset_dir)
+
+
+# A manifest's ``format`` -> the reader of its annotations. A dataset in another format is one
+# function here (returning ``formats.Person`` candidates) plus a manifest naming it.
+ANNOTATION_READERS = {"lsp": joints_mat_people, "lspet": joints_mat_people,
+                      "mpii": read_mpii, "flic": read_flic, "coco": _coco_people}
+
+
+def build_index(manifest: DatasetManifest, dataset_dir: Path, *, val_fraction: float | None = None,
+                seed: int | None = None, box_margin: float = 0.2,
+                min_visible: int | None = None) -> IndexReport:
+    """Parse a fetched dataset into ``dataset_dir/index/{train,val,test}.jsonl``.
+
+    Unreadable images and people with fewer than ``min_visible`` (default: the manifest's)
+    labelled joints are skipped and listed in ``index/skipped.jsonl``, not fatal. A person's
+    box is the one its annotations give (MPII, COCO), else the square around its labelled
+    joints enlarged by ``box_margin`` of its side on each side.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    dataset_dir = Path(dataset_dir)
+    reader = ANNOTATION_READERS.get(manifest.format)
+    if reader is None:
+        raise DeepPoseError(f"{manifest.path or manifest.name}: unknown annotation format "
+                            f"{manifest.format!r} (known: {', '.join(sorted(ANNOTATION_READERS))})")
+    annotations = dataset_dir / manifest.annotations_file
+    if manifest.annotations_file and not annotations.is_file():
+        raise DeepPoseError(f"{annotations} not found: run `deeppose fetch {manifest.name}` first")
+    people = reader(manifest, dataset_dir)
+    min_visible = manifest.min_visible if min_visible is None else int(min_visible)
+    images = sorted({p.image for p in people if p.problem is None})
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        sizes = dict(zip(images, pool.map(_image_size, images)))
+
+    records: dict[int, list[PoseRecord]] = {}
+    given: dict[int, str] = {}
     skipped = []
-    for n, path, size in zip(numbers, paths, sizes):
-        vis = visible[n - 1]
-        reason = None
-        if isinstance(size, str):
+    for person in people:
+        vis = np.asarray(person.visible, dtype=bool)
+        size = sizes.get(person.image)
+        reason = person.problem
+        if reason is None and isinstance(size, str):
             reason = size
-        elif not np.isfinite(joints[n - 1][vis]).all():
+        elif reason is None and not np.isfinite(person.joints[vis]).all():
             reason = "non-finite joint coordinates"
-        elif int(vis.sum()) < manifest.min_visible:
-            reason = f"fewer than {manifest.min_visible} visible joints"
+        elif reason is None and int(vis.sum()) < min_visible:
+            reason = f"fewer than {min_visible} visible joints"
         if reason:
-            skipped.append({"id": path.stem, "image": str(path), "reason": reason})
+            skipped.append({"id": person.id, "image": str(person.image), "reason": reason})
             continue
         # An invisible joint's coordinates are ignored; a NaN there must not make the index
         # invalid JSON.
-        pose = np.where(np.isfinite(joints[n - 1]), joints[n - 1], 0.0)
-        records[n] = PoseRecord(id=path.stem, image=path, joints=pose, visible=vis,
-                                box=person_box(pose, vis, box_margin),
-                                width=size[0], height=size[1])
+        pose = np.where(np.isfinite(person.joints), person.joints, 0.0)
+        box = person.box if person.box is not None else person_box(pose, vis, box_margin)
+        records.setdefault(person.group, []).append(PoseRecord(
+            id=person.id, image=person.image, joints=pose, visible=vis, box=box,
+            width=size[0], height=size[1], head_size=person.head_size))
+        if person.split:
+            given[person.group] = person.split
 
-    splits = split_ids(manifest, list(records), val_fraction, seed)
+    splits = split_ids(manifest, list(records), val_fraction, seed, given)
+    index_dir = dataset_dir / "index"
     counts = {}
     for split in SPLITS:
         target = index_dir / f"{split}.jsonl"
-        if splits[split]:
-            write_index(target, (records[n] for n in splits[split]))
+        chosen = [r for n in splits[split] for r in records[n]]
+        if chosen:
+            write_index(target, chosen)
         elif target.exists():
             target.unlink()  # a stale split from an earlier run with other settings
-        counts[split] = len(splits[split])
+        counts[split] = len(chosen)
     atomic_write_text(index_dir / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
     return IndexReport(index_dir=index_dir, counts=counts, skipped=skipped)
 
@@ -241,8 +290,15 @@ def _record_from_json(obj: dict, index_dir: Path, num_joints: int | None,
         width, height = int(obj.get("width", 0)), int(obj.get("height", 0))
     except (TypeError, ValueError):
         raise ValueError("width and height must be integers") from None
+    head_size = obj.get("head_size")
+    if head_size is not None:
+        if isinstance(head_size, bool) or not isinstance(head_size, (int, float)) or \
+                not np.isfinite(head_size) or head_size <= 0:
+            raise ValueError("head_size must be a positive number of pixels")
+        head_size = float(head_size)
     return PoseRecord(id=str(obj.get("id", image.stem)), image=image, joints=joints,
-                      visible=visible, box=box, width=width, height=height)
+                      visible=visible, box=box, width=width, height=height,
+                      head_size=head_size)
 
 
 # Bad lines listed in one error before the rest are summarised as a count.

@@ -8,6 +8,12 @@ temporary directory inside ROOT and renamed into place with a ``.deeppose-comple
 marker. Only then does the ``.partial`` file take its final name, so a final name in
 ``downloads/`` always means an archive that was verified and extracted once. A failure at any
 step removes the temporary directory and leaves the previous dataset (if any) untouched.
+
+A dataset may come in several archives (MPII: its images and its annotations, listed as
+``[[archive.parts]]`` in the manifest): each is obtained and verified as above, unpacked into
+the same staging directory (into its own subdirectory where the manifest says so), and the
+directory is renamed into place only once every archive is in. ``--archive`` names a local
+copy of each (``NAME=FILE``, or a FILE whose name says which archive it is).
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..core.errors import DeepPoseError
 from ..core.files import sha256_of
 from ..core.manifests import DatasetManifest
+from ..core.manifests import default_data_root as manifest_data_root
 
 #: Seconds a connect or a read may stall before the download counts as failed.
 SOCKET_TIMEOUT_S = 30.0
@@ -42,8 +49,6 @@ SOCKET_TIMEOUT_S = 30.0
 CHUNK_SIZE = 1 << 16
 #: Written last into a dataset directory; its presence means the directory is complete.
 MARKER_NAME = ".deeppose-complete.json"
-#: Environment variable naming the default data root.
-DATA_ROOT_ENV = "DEEPPOSE_DATA"
 #: Most bytes an archive may unpack to when its manifest sets no ``max_extracted_bytes``.
 DEFAULT_MAX_EXTRACTED_BYTES = 8 << 30
 #: Environment variable that raises (or lowers) the extraction bound, in GiB.
@@ -60,8 +65,29 @@ _HTML_STARTS = (b"<!doctype", b"<html", b"<head", b"<body", b"<?xml", b"<!--")
 
 
 @dataclass
+class PartResult:
+    """How one archive of a dataset was obtained."""
+
+    name: str           # the archive's name in the manifest (its dataset's name for one archive)
+    status: str         # "downloaded" or "extracted from archive"
+    archive: Path
+    sha256: str
+    size: int
+    what: str           # what was done: "Downloaded URL and extracted it", ...
+    details: str        # "(N bytes, sha256 X)." and how to pin the checksum where none is known
+
+    @property
+    def message(self) -> str:
+        return f"{self.what} {self.details}"
+
+
+@dataclass
 class FetchResult:
-    """What ``fetch_dataset`` did, for the CLI to report and for callers to locate the data."""
+    """What ``fetch_dataset`` did, for the CLI to report and for callers to locate the data.
+
+    ``archive``, ``sha256`` and ``size`` describe a dataset's only archive; a dataset of
+    several archives has them in ``parts`` (and None here).
+    """
 
     dataset_dir: Path
     status: str  # "downloaded", "extracted from archive", "generated", "already complete"
@@ -69,12 +95,128 @@ class FetchResult:
     sha256: str | None
     size: int | None
     message: str
+    parts: list[PartResult] = field(default_factory=list)
+
+
+@dataclass
+class _Part:
+    """One archive of a dataset (``DatasetManifest.archive_parts``), with the names the
+    messages about it use."""
+
+    manifest: DatasetManifest
+    spec: dict[str, Any]
+    count: int  # how many archives the dataset has
+
+    @property
+    def name(self) -> str:
+        return str(self.spec["name"])
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(u) for u in self.spec.get("urls", [])]
+
+    @property
+    def contains(self) -> str:
+        return str(self.spec.get("contains", "") or "")
+
+    @property
+    def into(self) -> list[str]:
+        """The subdirectory it unpacks into, as path components (checked to stay inside)."""
+        parts = [p for p in re.split(r"[/\\]", str(self.spec.get("into", "") or ""))
+                 if p not in ("", ".")]
+        if ".." in parts or any(_DRIVE_RE.match(p) for p in parts):
+            raise DeepPoseError(f"{self.where}: archive {self.name!r} unpacks outside its "
+                                "dataset directory (into = ...)")
+        return parts
+
+    @property
+    def where(self) -> Path | str:
+        return self.manifest.path or self.manifest.name
+
+    @property
+    def title(self) -> str:
+        """How messages name it: the dataset for a one-archive dataset, else the archive."""
+        return self.manifest.name if self.count == 1 else \
+            f"{self.manifest.name}'s {self.name} archive"
+
+    def filename(self, first_url: str = "") -> str:
+        name = str(self.spec.get("filename", "") or "")
+        if not name and first_url:
+            name = PurePosixPath(urllib.parse.urlsplit(first_url).path).name
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            name = f"{self.manifest.name}-{self.name}.archive" if self.count > 1 \
+                else f"{self.manifest.name}.archive"
+        return name
 
 
 def default_data_root() -> Path:
     """Where datasets live unless ``--root`` says otherwise: ``$DEEPPOSE_DATA`` or ``./data``."""
-    env = os.environ.get(DATA_ROOT_ENV, "")
-    return Path(env) if env else Path("data")
+    return manifest_data_root()
+
+
+def dataset_parts(manifest: DatasetManifest) -> list[_Part]:
+    specs = manifest.archive_parts
+    names = [str(spec.get("name", "")) for spec in specs]
+    if len(specs) > 1 and (not all(names) or len(set(names)) != len(names)):
+        raise DeepPoseError(f"{manifest.path or manifest.name}: each [[archive.parts]] needs "
+                            "a name of its own")
+    return [_Part(manifest, spec, len(specs)) for spec in specs]
+
+
+def assign_archives(manifest: DatasetManifest, given: list[str]) -> dict[str, Path]:
+    """Which archive of the dataset each ``--archive`` value is: ``NAME=FILE`` names it; a
+    plain FILE is the only archive of a one-archive dataset, else the archive whose file name
+    it has, else the only archive of its kind (tar or zip, read from the file's first bytes)."""
+    parts = dataset_parts(manifest)
+    names = {p.name for p in parts}
+    assigned: dict[str, Path] = {}
+    for value in given:
+        name, sep, rest = value.partition("=")
+        if sep and name in names:
+            part_name, path = name, Path(rest)
+        else:
+            path = Path(value)
+            part_name = _guess_part(manifest, parts, path, assigned)
+        if part_name in assigned:
+            raise DeepPoseError(f"--archive: two files given for {manifest.name}'s "
+                                f"{part_name} archive ({assigned[part_name]} and {path})")
+        assigned[part_name] = path
+    return assigned
+
+
+def _guess_part(manifest: DatasetManifest, parts: list[_Part], path: Path,
+                assigned: dict[str, Path]) -> str:
+    if len(parts) == 1:
+        return parts[0].name
+    by_name = [p for p in parts if p.filename().lower() == path.name.lower()]
+    if len(by_name) == 1:
+        return by_name[0].name
+    by_kind = [p for p in parts if p.name not in assigned
+               and archive_kind(p.filename()) == _file_kind(path)]
+    if len(by_kind) == 1:
+        return by_kind[0].name
+    choices = " or ".join(f"--archive {p.name}={path}" for p in parts)
+    raise DeepPoseError(f"--archive {path}: {manifest.name} has {len(parts)} archives and this "
+                        f"file's name does not say which it is; write {choices}")
+
+
+def assign_checksums(manifest: DatasetManifest, given: list[str]) -> dict[str, str]:
+    """``--sha256`` values by archive: ``HEX`` for a one-archive dataset, else ``NAME=HEX``."""
+    parts = dataset_parts(manifest)
+    names = [p.name for p in parts]
+    pins: dict[str, str] = {}
+    for value in given:
+        name, sep, digest = value.rpartition("=")
+        if not sep:
+            if len(parts) > 1:
+                raise DeepPoseError(f"--sha256: {manifest.name} has {len(parts)} archives; "
+                                    f"write --sha256 NAME=HEX with NAME one of {', '.join(names)}")
+            name, digest = names[0], value
+        elif name not in names:
+            raise DeepPoseError(f"--sha256 {value}: {manifest.name} has no archive {name!r} "
+                                f"(its archives: {', '.join(names)})")
+        pins[name] = _normalise_sha256(digest)
+    return pins
 
 
 def fetch_dataset(
@@ -84,21 +226,47 @@ def fetch_dataset(
     url: str | None = None,
     archive: Path | None = None,
     sha256: str | None = None,
+    archives: dict[str, Path] | None = None,
+    checksums: dict[str, str] | None = None,
     force: bool = False,
     progress: bool = True,
     max_extract_bytes: int | None = None,
 ) -> FetchResult:
     """Make ``root/<manifest.name>`` hold the complete dataset, doing only the work still needed.
 
-    ``url`` replaces the manifest's mirrors; ``archive`` is a local copy used instead of the
-    network; ``sha256`` is the checksum to accept (overriding the manifest's, e.g. for a copy
-    obtained elsewhere); ``force`` fetches again even when a complete copy is present;
-    ``max_extract_bytes`` bounds what the archive may unpack to (default:
+    A dataset is one archive or several (``DatasetManifest.archive_parts``); each is taken
+    from a local copy (``archive`` for a one-archive dataset, ``archives`` by name for any),
+    else from an earlier verified download in ``root/downloads``, else downloaded from its
+    mirrors (``url`` replaces those of a one-archive dataset). ``sha256`` / ``checksums`` (by
+    name) are checksums to accept, overriding the manifest's (e.g. for a copy obtained
+    elsewhere); ``force`` fetches again even when a complete copy is present;
+    ``max_extract_bytes`` bounds what each archive may unpack to (default:
     ``$DEEPPOSE_MAX_EXTRACT_GIB``, else the manifest's ``max_extracted_bytes``, else 8 GiB).
+    Every archive unpacks into one staging directory that is renamed into place only when
+    all of them are in.
     """
     root = Path(root)
     dataset_dir = root / manifest.name
-    pinned_sha256 = _normalise_sha256(sha256) if sha256 is not None else None
+    if manifest.format == "coco":
+        raise DeepPoseError(f"dataset {manifest.name} was written by `deeppose index --coco` "
+                            f"from files already on this machine: there is nothing to fetch "
+                            f"(`deeppose index {manifest.name}` indexes it again)")
+    parts = dataset_parts(manifest)
+    local = dict(archives or {})
+    pins = {name: _normalise_sha256(value) for name, value in (checksums or {}).items()}
+    if archive is not None:
+        local[parts[0].name if len(parts) == 1 else
+              assign_archives(manifest, [str(archive)]).popitem()[0]] = Path(archive)
+    if sha256 is not None:
+        pins.update(assign_checksums(manifest, [sha256]))
+    unknown = sorted((set(local) | set(pins)) - {p.name for p in parts})
+    if unknown:
+        raise DeepPoseError(f"{manifest.name} has no archive named {', '.join(unknown)} "
+                            f"(its archives: {', '.join(p.name for p in parts)})")
+    if url and len(parts) > 1:
+        raise DeepPoseError(f"--url replaces the mirrors of a dataset of one archive; "
+                            f"{manifest.name} has {len(parts)}: give local copies with "
+                            + " ".join(f"--archive {p.name}=FILE" for p in parts))
 
     marker = _read_marker(dataset_dir)
     if marker is not None and not force:
@@ -112,19 +280,51 @@ def fetch_dataset(
             message=f"{dataset_dir} is already complete{when}; pass --force to fetch it again.",
         )
 
-    limit = _extraction_limit(manifest, max_extract_bytes)
+    for part in parts:
+        _extraction_limit(part, max_extract_bytes)  # a bad bound fails before any work
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DeepPoseError(f"cannot create data root {root}: {e.strerror or e}") from None
 
-    if archive is not None:
-        archive_path = Path(archive)
+    if not local and not url and manifest.generator and not any(p.urls for p in parts):
+        return _generate(manifest, dataset_dir)
+
+    staged = _new_temp_dir(dataset_dir, "tmp")
+    try:
+        results = [_fetch_part(part, root, staged, local=local, url=url,
+                               pinned_sha256=pins.get(part.name), force=force,
+                               progress=progress,
+                               limit=_extraction_limit(part, max_extract_bytes))
+                   for part in parts]
+        files = sum(r.files for r in results)
+        if len(results) == 1:
+            only = results[0]
+            _write_marker(staged, dataset=manifest.name, source=only.source,
+                          archive=str(only.result.archive), sha256=only.result.sha256,
+                          size=only.result.size, files=files)
+        else:
+            _write_marker(staged, dataset=manifest.name, files=files, parts=[
+                {"name": r.result.name, "source": r.source, "archive": str(r.result.archive),
+                 "sha256": r.result.sha256, "size": r.result.size, "files": r.files}
+                for r in results])
+        _swap_into_place(staged, dataset_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return _fetch_result(dataset_dir, [r.result for r in results])
+
+
+def _fetch_part(part: _Part, root: Path, staged: Path, *, local: dict[str, Path],
+                url: str | None, pinned_sha256: str | None, force: bool, progress: bool,
+                limit: int) -> _PartDone:
+    """Unpack one archive into ``staged``: from its local copy, an earlier download, or the
+    network."""
+    archive_path = local.get(part.name)
+    if archive_path is not None:
         try:
-            checked = _check_archive(manifest, archive_path, pinned_sha256,
-                                     source_is_user_file=True)
-            _install(manifest, dataset_dir, source=str(archive_path), archive_path=archive_path,
-                     sha256=checked.sha256, size=checked.size, limit=limit)
+            checked = _check_archive(part, archive_path, pinned_sha256, source_is_user_file=True)
+            files = _unpack(part, archive_path, staged, limit)
         except _BadArchive as e:
             if not e.unusable:
                 raise
@@ -133,19 +333,11 @@ def fetch_dataset(
                 f"again: replace that file, or leave out --archive to download the dataset "
                 f"(with --force if a complete copy is already there)."
             ) from None
-        return _archive_result(dataset_dir, "extracted from archive", archive_path, checked,
-                               f"Extracted {archive_path}")
+        return _PartDone(_part_result(part, "extracted from archive", archive_path, checked,
+                                      f"Extracted {archive_path}"), str(archive_path), files)
 
-    urls = [url] if url else [str(u) for u in manifest.archive.get("urls", [])]
-    if not urls and manifest.generator:
-        return _generate(manifest, dataset_dir)
-    if not urls:
-        raise DeepPoseError(
-            f"dataset {manifest.name!r} lists no download URL; pass --url URL or "
-            f"--archive FILE with a copy of its archive"
-        )
-
-    filename = _archive_filename(manifest, urls[0])
+    urls = [url] if url else part.urls
+    filename = part.filename(urls[0] if urls else "")
     downloads = root / "downloads"
     final_path = downloads / filename
     partial_path = downloads / f"{filename}.partial"
@@ -153,12 +345,11 @@ def fetch_dataset(
     discarded = ""
     if final_path.is_file() and not force:
         try:
-            checked = _check_archive(manifest, final_path, pinned_sha256,
-                                     source_is_user_file=False)
-            _install(manifest, dataset_dir, source=str(final_path), archive_path=final_path,
-                     sha256=checked.sha256, size=checked.size, limit=limit)
-            return _archive_result(dataset_dir, "extracted from archive", final_path, checked,
-                                   f"Extracted the earlier download {final_path}")
+            checked = _check_archive(part, final_path, pinned_sha256, source_is_user_file=False)
+            files = _unpack(part, final_path, staged, limit)
+            return _PartDone(_part_result(part, "extracted from archive", final_path, checked,
+                                          f"Extracted the earlier download {final_path}"),
+                             str(final_path), files)
         except _BadArchive as e:
             if not e.unusable:
                 raise
@@ -167,6 +358,11 @@ def fetch_dataset(
             final_path.unlink(missing_ok=True)
             discarded = (f"The earlier download {final_path} was unusable ({e.reason}) "
                          f"and was deleted. ")
+    if not urls:
+        how = ("--url URL or --archive FILE with a copy of its archive" if part.count == 1
+               else f"--archive {part.name}=FILE with a copy of its {part.name} archive")
+        raise DeepPoseError(f"{discarded}dataset {part.manifest.name!r} lists no download URL "
+                            f"for {part.filename()}; pass {how}")
 
     try:
         downloads.mkdir(parents=True, exist_ok=True)
@@ -175,16 +371,17 @@ def fetch_dataset(
     if force:
         _discard_partial(partial_path)  # --force means a fresh copy, not the remains of an old one
     try:
-        used_url, checked = _download_and_install(
-            manifest, urls, partial_path, final_path, dataset_dir, pinned_sha256,
+        used_url, checked, files = _download_and_unpack(
+            part, urls, partial_path, final_path, staged, pinned_sha256, local=local,
             limit=limit, progress=progress)
     except DeepPoseError as e:
         if discarded:
             text = str(e)
             raise DeepPoseError(f"{discarded}{text[:1].upper()}{text[1:]}", e.exit_code) from None
         raise
-    return _archive_result(dataset_dir, "downloaded", final_path, checked,
-                           f"{discarded}Downloaded {used_url} and extracted it")
+    return _PartDone(_part_result(part, "downloaded", final_path, checked,
+                                  f"{discarded}Downloaded {used_url} and extracted it"),
+                     used_url, files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,14 +395,35 @@ class _CheckedArchive:
     checksum_known: bool
 
 
-def _archive_result(dataset_dir: Path, status: str, archive_path: Path, checked: _CheckedArchive,
-                    what: str) -> FetchResult:
-    message = f"{what} into {dataset_dir} ({checked.size} bytes, sha256 {checked.sha256})."
+@dataclass
+class _PartDone:
+    result: PartResult
+    source: str   # the URL or file it came from, for the marker
+    files: int
+
+
+def _part_result(part: _Part, status: str, archive_path: Path, checked: _CheckedArchive,
+                 what: str) -> PartResult:
+    details = f"({checked.size} bytes, sha256 {checked.sha256})."
     if not checked.checksum_known:
-        message += (" No checksum is recorded for this archive; "
-                    f"pin it with --sha256 {checked.sha256}.")
-    return FetchResult(dataset_dir=dataset_dir, status=status, archive=archive_path,
-                       sha256=checked.sha256, size=checked.size, message=message)
+        pin = checked.sha256 if part.count == 1 else f"{part.name}={checked.sha256}"
+        details += f" No checksum is recorded for this archive; pin it with --sha256 {pin}."
+    return PartResult(name=part.name, status=status, archive=archive_path,
+                      sha256=checked.sha256, size=checked.size, what=what, details=details)
+
+
+def _fetch_result(dataset_dir: Path, parts: list[PartResult]) -> FetchResult:
+    if len(parts) == 1:
+        only = parts[0]
+        return FetchResult(dataset_dir=dataset_dir, status=only.status, archive=only.archive,
+                           sha256=only.sha256, size=only.size,
+                           message=f"{only.what} into {dataset_dir} {only.details}", parts=parts)
+    status = "downloaded" if any(p.status == "downloaded" for p in parts) \
+        else "extracted from archive"
+    message = " ".join(f"{p.name}: {p.message}" for p in parts) + \
+        f" All {len(parts)} archives are unpacked into {dataset_dir}."
+    return FetchResult(dataset_dir=dataset_dir, status=status, archive=None, sha256=None,
+                       size=None, message=message, parts=parts)
 
 
 def _read_marker(dataset_dir: Path) -> dict[str, Any] | None:
@@ -269,6 +487,24 @@ def archive_kind(filename: str) -> str:
     return "tar" if name.endswith(TAR_SUFFIXES) else "zip"
 
 
+def _kind_of(head: bytes, filename: str) -> str:
+    """``tar`` or ``zip`` from a file's first bytes, else from its name: a local copy may be
+    called anything (``--archive images=copy.bin``)."""
+    if head.startswith(_ZIP_SIGNATURES):
+        return "zip"
+    if head.startswith(_COMPRESSED_TAR_SIGNATURES) or head[257:262] == b"ustar":
+        return "tar"
+    return archive_kind(filename)
+
+
+def _file_kind(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return _kind_of(f.read(512), path.name)
+    except OSError:
+        return archive_kind(path.name)
+
+
 def _signature_problem(head: bytes, content_type: str = "", kind: str = "zip") -> str | None:
     """None when ``head`` starts like a ``kind`` archive, else a short description of what
     it is (a plain tar has "ustar" at byte 257; compressed ones their compressor's magic)."""
@@ -284,7 +520,7 @@ def _signature_problem(head: bytes, content_type: str = "", kind: str = "zip") -
     return f"not a valid {kind} archive (it does not start with a {kind} signature)"
 
 
-def _check_archive(manifest: DatasetManifest, path: Path, pinned_sha256: str | None, *,
+def _check_archive(part: _Part, path: Path, pinned_sha256: str | None, *,
                    source_is_user_file: bool) -> _CheckedArchive:
     """Check ``path``'s zip signature, that its directory reads, and its expected size and sha256.
 
@@ -309,7 +545,7 @@ def _check_archive(manifest: DatasetManifest, path: Path, pinned_sha256: str | N
             head = f.read(512)
     except OSError as e:
         raise DeepPoseError(f"cannot read {path}: {e.strerror or e}") from None
-    kind = archive_kind(path.name)
+    kind = _kind_of(head, path.name)
     problem = _signature_problem(head, kind=kind)
     if problem is not None:
         raise _BadArchive(f"{label} is {problem}{keep}.", problem)
@@ -331,12 +567,13 @@ def _check_archive(manifest: DatasetManifest, path: Path, pinned_sha256: str | N
         raise DeepPoseError(f"cannot read {path}: {e.strerror or e}") from None
 
     actual = sha256_of(path)
-    official = _normalise_manifest_sha256(manifest)
+    official = _official_sha256(part)
     expected = pinned_sha256 or official
-    accept = f"; if you trust this copy, accept it with --sha256 {actual}" \
+    pin = actual if part.count == 1 else f"{part.name}={actual}"
+    accept = f"; if you trust this copy, accept it with --sha256 {pin}" \
         if source_is_user_file else ""
 
-    expected_size = int(manifest.archive.get("size", 0) or 0)
+    expected_size = int(part.spec.get("size", 0) or 0)
     if pinned_sha256 is None and expected_size > 0 and size != expected_size:
         raise _BadArchive(
             f"{label} has the wrong size: expected {expected_size} bytes, got {size} "
@@ -345,7 +582,7 @@ def _check_archive(manifest: DatasetManifest, path: Path, pinned_sha256: str | N
             cut_short=size < expected_size,
         )
     if expected and actual != expected:
-        which = "--sha256" if pinned_sha256 else f"the official checksum of {manifest.name}"
+        which = "--sha256" if pinned_sha256 else f"the official checksum of {part.title}"
         raise _BadArchive(
             f"{label} does not match {which}: expected sha256 {expected}, got {actual}"
             f"{keep}{accept if not pinned_sha256 else ''}",
@@ -354,15 +591,15 @@ def _check_archive(manifest: DatasetManifest, path: Path, pinned_sha256: str | N
     return _CheckedArchive(sha256=actual, size=size, checksum_known=bool(expected))
 
 
-def _normalise_manifest_sha256(manifest: DatasetManifest) -> str:
-    value = str(manifest.archive.get("sha256", "") or "").strip().lower()
+def _official_sha256(part: _Part) -> str:
+    value = str(part.spec.get("sha256", "") or "").strip().lower()
     if value and not _SHA256_RE.match(value):
-        where = manifest.path or manifest.name
-        raise DeepPoseError(f"{where}: archive.sha256 must be 64 hexadecimal digits")
+        raise DeepPoseError(f"{part.where}: the sha256 of archive {part.name!r} must be 64 "
+                            "hexadecimal digits")
     return value
 
 
-def _extraction_limit(manifest: DatasetManifest, override: int | None) -> int:
+def _extraction_limit(part: _Part, override: int | None) -> int:
     """The most bytes the archive may unpack to: argument, environment, manifest, default."""
     if override is not None:
         if int(override) <= 0:
@@ -378,12 +615,11 @@ def _extraction_limit(manifest: DatasetManifest, override: int | None) -> int:
             raise DeepPoseError(f"${MAX_EXTRACT_ENV} must be a positive number of GiB, "
                                 f"got {env!r}")
         return int(gib * (1 << 30))
-    value = manifest.archive.get("max_extracted_bytes", 0) or 0
+    value = part.spec.get("max_extracted_bytes", 0) or 0
     if value:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            where = manifest.path or manifest.name
-            raise DeepPoseError(f"{where}: archive.max_extracted_bytes must be a positive "
-                                f"number of bytes")
+            raise DeepPoseError(f"{part.where}: max_extracted_bytes of archive {part.name!r} "
+                                f"must be a positive number of bytes")
         return value
     return DEFAULT_MAX_EXTRACTED_BYTES
 
@@ -397,15 +633,6 @@ def _human_bytes(n: int) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Download
-
-
-def _archive_filename(manifest: DatasetManifest, first_url: str) -> str:
-    name = str(manifest.archive.get("filename", "") or "")
-    if not name:
-        name = PurePosixPath(urllib.parse.urlsplit(first_url).path).name
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        name = f"{manifest.name}.archive"
-    return name
 
 
 class _DownloadFailed(Exception):
@@ -472,10 +699,11 @@ def _if_range(state: dict[str, Any] | None) -> str | None:
     return modified if isinstance(modified, str) and modified else None
 
 
-def _download_and_install(manifest: DatasetManifest, urls: list[str], partial_path: Path,
-                          final_path: Path, dataset_dir: Path, pinned_sha256: str | None, *,
-                          limit: int, progress: bool) -> tuple[str, _CheckedArchive]:
-    """Download from the first mirror whose file verifies and extracts; return its URL.
+def _download_and_unpack(part: _Part, urls: list[str], partial_path: Path, final_path: Path,
+                         staged: Path, pinned_sha256: str | None, *, local: dict[str, Path],
+                         limit: int, progress: bool) -> tuple[str, _CheckedArchive, int]:
+    """Download from the first mirror whose file verifies and unpacks into ``staged``; return
+    its URL, the checks and the file count.
 
     The ``.partial`` file takes its final name only after extraction succeeded. A mirror whose
     complete file is unusable is dropped (its bytes discarded) and the next one tried; a file of
@@ -490,11 +718,9 @@ def _download_and_install(manifest: DatasetManifest, urls: list[str], partial_pa
                 failures.append(f"{candidate} ({_one_line(e)})")
                 break
             try:
-                checked = _check_archive(manifest, partial_path, pinned_sha256,
+                checked = _check_archive(part, partial_path, pinned_sha256,
                                          source_is_user_file=False)
-                _install(manifest, dataset_dir, source=candidate, archive_path=partial_path,
-                         recorded_archive=final_path, sha256=checked.sha256, size=checked.size,
-                         limit=limit)
+                files = _unpack(part, partial_path, staged, limit)
             except _BadArchive as e:
                 if not got.length_known and e.cut_short:
                     size = partial_path.stat().st_size if partial_path.exists() else 0
@@ -517,13 +743,15 @@ def _download_and_install(manifest: DatasetManifest, urls: list[str], partial_pa
                 raise DeepPoseError(f"cannot rename {partial_path} to {final_path}: "
                                     f"{e.strerror or e}") from None
             _state_path(partial_path).unlink(missing_ok=True)
-            return candidate, checked
-    raise _all_mirrors_failed(manifest, final_path.name, failures, partial_path)
+            return candidate, checked, files
+    raise _all_mirrors_failed(part, final_path, failures, partial_path, local)
 
 
-def _all_mirrors_failed(manifest: DatasetManifest, filename: str, failures: list[str],
-                        partial_path: Path) -> DeepPoseError:
-    """Every mirror failed: say where a copy can be had and how to hand it over."""
+def _all_mirrors_failed(part: _Part, final_path: Path, failures: list[str],
+                        partial_path: Path, local: dict[str, Path]) -> DeepPoseError:
+    """Every mirror failed: say where a copy can be had and how to hand it over, naming every
+    archive the command then needs (those not given with --archive nor already downloaded)."""
+    manifest = part.manifest
     tried = "; ".join(failures)
     homepage = manifest.homepage
     where = f"get it from {homepage}" if homepage else "get a copy elsewhere"
@@ -531,10 +759,16 @@ def _all_mirrors_failed(manifest: DatasetManifest, filename: str, failures: list
     if partial_path.exists() and partial_path.stat().st_size > 0:
         resume = (f" The {partial_path.stat().st_size} bytes already in {partial_path} "
                   f"are resumed next time.")
+    options = []
+    for other in dataset_parts(manifest):
+        if other.name in local:
+            options.append(f"--archive {local[other.name]}")
+        elif other.name == part.name or not (final_path.parent / other.filename()).is_file():
+            options.append(f"--archive PATH/TO/{other.filename()}")
     return DeepPoseError(
-        f"could not download {filename} from {tried}. If no mirror works (or this machine is "
-        f"offline), {where} and run: deeppose fetch {manifest.name} --archive "
-        f"PATH/TO/{filename}{resume}"
+        f"could not download {final_path.name} from {tried}. If no mirror works (or this "
+        f"machine is offline), {where} and run: deeppose fetch {manifest.name} "
+        f"{' '.join(options)}{resume}"
     )
 
 
@@ -840,9 +1074,6 @@ def _extract_zip(archive_path: Path, target: Path, annotations: str,
     except OSError as e:
         raise DeepPoseError(f"cannot extract {archive_path}: {e.strerror or e}") from None
 
-    if annotations and not (target / annotations).is_file():
-        raise _BadArchive(f"archive {archive_path} has no {annotations}; is it the right file?",
-                          f"an archive without {annotations}")
     return count
 
 
@@ -933,26 +1164,39 @@ def _extract_tar(archive_path: Path, target: Path, annotations: str,
     return count
 
 
-def _install(manifest: DatasetManifest, dataset_dir: Path, *, source: str, archive_path: Path,
-             sha256: str, size: int, limit: int = DEFAULT_MAX_EXTRACTED_BYTES,
-             recorded_archive: Path | None = None) -> None:
-    """Extract a verified archive into a temporary directory, mark it complete and move it in.
+def _unpack(part: _Part, archive_path: Path, staged: Path, limit: int) -> int:
+    """Extract a verified archive into ``staged`` (in its ``into`` subdirectory); return the
+    file count.
 
-    ``recorded_archive`` is the name the marker gives the archive when it is extracted from
-    a ``.partial`` file that takes that name afterwards.
+    It is extracted into a directory of its own first, so a failure leaves ``staged`` as it
+    was, and its entries are then moved in; two archives may not hold the same file.
     """
-    staged = _new_temp_dir(dataset_dir, "tmp")
+    extract = _extract_tar if _file_kind(archive_path) == "tar" else _extract_zip
+    scratch = Path(tempfile.mkdtemp(prefix=".unpack-", dir=staged))
     try:
-        annotations = str(manifest.archive.get("annotations", "") or "")
-        extract = _extract_tar if archive_kind(archive_path.name) == "tar" else _extract_zip
-        files = extract(archive_path, staged, annotations, limit)
-        _write_marker(staged, dataset=manifest.name, source=source,
-                      archive=str(recorded_archive or archive_path),
-                      sha256=sha256, size=size, files=files)
-        _swap_into_place(staged, dataset_dir)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        files = extract(archive_path, scratch, part.contains, limit)
+        if part.contains and not (scratch / part.contains).is_file():
+            raise _BadArchive(f"archive {archive_path} has no {part.contains}; is it the "
+                              f"right file?", f"an archive without {part.contains}")
+        target = staged.joinpath(*part.into)
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(scratch.iterdir()):
+            _merge(entry, target / entry.name, part)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return files
+
+
+def _merge(source: Path, destination: Path, part: _Part) -> None:
+    """Move ``source`` to ``destination``, merging directories that two archives share."""
+    if source.is_dir() and destination.is_dir():
+        for entry in sorted(source.iterdir()):
+            _merge(entry, destination / entry.name, part)
+        return
+    if destination.exists():
+        raise DeepPoseError(f"{part.manifest.name}'s {part.name} archive holds "
+                            f"{destination.name}, which another of its archives holds too")
+    os.replace(source, destination)
 
 
 def _generate(manifest: DatasetManifest, dataset_dir: Path) -> FetchResult:

@@ -139,6 +139,8 @@ def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
         "framework": config.framework,
         "stage": config.stage,
         "dataset": manifest.name,
+        # where a generated dataset's manifest lives, for evaluate and predict to find it
+        "manifest": str(Path(manifest.path).resolve()) if manifest.path else None,
         "num_joints": manifest.num_joints,
         "joint_names": list(manifest.joint_names),
         "architecture": config.architecture,
@@ -196,10 +198,10 @@ def train_stage1(config: TrainConfig, resume: bool = False,
                  show_progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
     """Train a stage-1 regressor; returns the run directory and the loop's summary."""
     from ..core.geometry import normalize_pose
-    from ..core.manifests import load_dataset_manifest
+    from ..core.manifests import dataset_manifest_roots, load_dataset_manifest
     from ..core.metrics import mean_normalized_pose
 
-    manifest = load_dataset_manifest(config.dataset)
+    manifest = load_dataset_manifest(config.dataset, dataset_manifest_roots(config.train_index))
     train_set, val_set = stage1_datasets(config, manifest)
     init_params = init_parameters(config, resume)
     run = prepare_run(config, resume)
@@ -277,7 +279,7 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
     1..N-1, of either framework)."""
     from ..data.annotations import read_index
     from ..core.cascade import DisplacementStatistics
-    from ..core.manifests import load_dataset_manifest
+    from ..core.manifests import dataset_manifest_roots, load_dataset_manifest
     from .runs import copy_chain
 
     if not config.previous:
@@ -287,7 +289,7 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
     if previous_meta["stage"] != config.stage - 1:
         raise DeepPoseError(f"--previous {previous} is a stage-{previous_meta['stage']} run; "
                             f"stage {config.stage} refines a stage-{config.stage - 1} run")
-    manifest = load_dataset_manifest(config.dataset)
+    manifest = load_dataset_manifest(config.dataset, dataset_manifest_roots(config.train_index))
     train_records = read_index(Path(config.train_index), manifest.num_joints)
     val_records = (read_index(Path(config.val_index), manifest.num_joints)
                    if config.val_index else [])
