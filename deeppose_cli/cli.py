@@ -20,6 +20,7 @@ from . import __version__
 from .engines import FRAMEWORKS
 from .core.config import PRECISIONS
 from .core.errors import DeepPoseError
+from .core.exports import EXPORT_FORMATS
 from .core.weights import ARCHITECTURES, MIN_INPUT_SIZE
 
 
@@ -390,22 +391,21 @@ def show_augmentation(state: ChainState, dataset: str | None, root: str | None,
 
 def _default_eval_index(run_dir: Path) -> Path:
     """The run's dataset test split, else its val split, next to its training index."""
-    import json
+    from .training.runs import training_index
 
-    recipe_path = Path(run_dir) / "recipe.json"
-    if not recipe_path.is_file():
-        raise DeepPoseError(f"{recipe_path} not found: pass --index FILE")
-    recipe = json.loads(recipe_path.read_text())
-    index_dir = Path(recipe["train_index"]).parent
+    train_index = training_index(run_dir)
+    if train_index is None:
+        raise DeepPoseError(f"{run_dir} records no training index: pass --index FILE")
     for split in ("test", "val"):
-        if (index_dir / f"{split}.jsonl").is_file():
-            return index_dir / f"{split}.jsonl"
-    raise DeepPoseError(f"no test.jsonl or val.jsonl beside {recipe['train_index']}: pass --index FILE")
+        if (train_index.parent / f"{split}.jsonl").is_file():
+            return train_index.parent / f"{split}.jsonl"
+    raise DeepPoseError(f"no test.jsonl or val.jsonl beside {train_index}: pass --index FILE")
 
 
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(file_okay=False),
-              help="Run directory (default: the chain's, else the latest under runs/).")
+              help="Run directory or export (default: the chain's, else the latest run "
+                   "under runs/).")
 @click.option("--index", "index_file", type=click.Path(dir_okay=False),
               help="Index file to evaluate on (default: the dataset's test split, else val).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
@@ -436,11 +436,10 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
                              predictions_json, refinement_reports)
     from .core.files import write_json
     from .core.manifests import load_dataset_manifest
-    from .training.rundir import RunDirectory
-    from .training.runs import chain_dirs, latest_run, load_cascade
+    from .training.runs import latest_run, load_cascade, model_meta, stage_directories
 
     run_dir = Path(model_dir) if model_dir else (state.run_dir or latest_run())
-    run_meta = RunDirectory(run_dir).meta()  # a clear error for a directory that is not a run
+    run_meta = model_meta(run_dir)  # a clear error for a directory that is not a run
     index_path = Path(index_file) if index_file else _default_eval_index(run_dir)
     records = read_index(index_path, run_meta.get("num_joints"))
     cascade, meta = load_cascade(run_dir, device, stages)
@@ -451,7 +450,7 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     per_stage = run_cascade_on_records(cascade, records, manifest.torso_diameter)
     seconds = time.perf_counter() - started  # loading, cropping and every stage's forward
     rows = evaluate_predictions(per_stage, meta["mean_pose"], records, manifest)
-    stage_dirs = [d for d, _ in chain_dirs(run_dir)][:len(cascade)]
+    stage_dirs = stage_directories(run_dir)[:len(cascade)]
     refinements = refinement_reports(stage_dirs, cascade, per_stage, records, manifest)
     eval_dir = Path(run_dir) / "eval"
     json_path = Path(json_out) if json_out else eval_dir / "metrics.json"
@@ -560,7 +559,8 @@ def _parse_bbox(text: str | None):
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--model", "model_dir", type=click.Path(file_okay=False),
-              help="Run directory (default: the chain's, else the latest under runs/).")
+              help="Run directory or export (default: the chain's, else the latest run "
+                   "under runs/).")
 @click.option("--bbox", help="Person box X,Y,W,H in pixels (default: the whole image).")
 @click.option("--draw", is_flag=True, help="Write each image with the skeleton drawn on it.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="predictions",
@@ -629,6 +629,37 @@ def convert(state: ChainState, run_dir: str, framework: str, out: str | None) ->
     convert_run(Path(run_dir), framework, target)
     console().print(f"converted {run_dir} to {framework}: {target}")
     state.run_dir = target
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--format", "model_format", default="onnx", show_default=True,
+              help=f"{' or '.join(EXPORT_FORMATS)} (onnx needs the export extra: "
+                   "pip install -e '.[export]').")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Export directory (default RUN_DIR-<format>); an earlier export there is "
+                   "replaced.")
+@click.option("--opset", type=click.IntRange(18), help="ONNX opset (default 20).")
+@click.option("--flip-test/--no-flip-test", default=None,
+              help="Build the test-time flip into every stage's graph, or into none "
+                   "(default: into each stage trained on mirrored images, as predict does).")
+@click.pass_obj
+def export(state: ChainState, run_dir: str | None, model_format: str, out: str | None,
+           opset: int | None, flip_test: bool | None) -> None:
+    """Export every stage of RUN_DIR's cascade as ONNX or TorchScript graphs with a
+    cascade.json, to run without deeppose (docs/export.md)."""
+    from .apps.export import export_run
+    from .training.runs import latest_run
+
+    source = Path(run_dir) if run_dir else (state.run_dir or latest_run())
+    result = export_run(source, model_format, Path(out) if out else None, opset, flip_test)
+    out_console = console()
+    for stage, (name, size) in zip(result.description.stages, result.sizes().items()):
+        flip = "flip test in graph" if stage.flip_in_graph else "no flip test in graph"
+        out_console.print(f"stage {stage.stage} ({stage.source_framework}): {name}, "
+                          f"{size / 2**20:.1f} MiB, {flip}")
+    out_console.print(f"exported {source} to {model_format}: {result.out}")
+    state.run_dir = result.out
 
 
 BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")

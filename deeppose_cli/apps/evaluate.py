@@ -135,11 +135,13 @@ class RefinementReport:
                 "crops": self.crops}
 
 
-def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[np.ndarray],
-                       records: Sequence[PoseRecord], manifest: DatasetManifest,
-                       batch_size: int = 64) -> list[RefinementReport]:
+def refinement_reports(stage_dirs: Sequence[Path | None], cascade,
+                       per_stage: Sequence[np.ndarray], records: Sequence[PoseRecord],
+                       manifest: DatasetManifest, batch_size: int = 64
+                       ) -> list[RefinementReport]:
     """A :class:`RefinementReport` for each stage >= 2 of a cascade; ``stage_dirs`` are the
-    run directories of stages 1..S (for each stage's ``displacement.json``)."""
+    run directories of stages 1..S (for each stage's ``displacement.json``), None for a
+    stage without one (an exported stage: no crop statistics then)."""
     from ..core.cascade import DisplacementStatistics, moved_closer
     from ..data.refinement import RefinementDataset
     from ..data.pipeline import Augmentation
@@ -151,8 +153,8 @@ def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[
     for k in range(1, len(cascade)):
         closer, farther = moved_closer(per_stage[k - 1], per_stage[k], gt, visible)
         crops: dict[str, float] = {}
-        stats_path = Path(stage_dirs[k]) / "displacement.json"
-        if stats_path.is_file():
+        stats_path = None if stage_dirs[k] is None else Path(stage_dirs[k]) / "displacement.json"
+        if stats_path is not None and stats_path.is_file():
             stage = cascade[k]
             stats = DisplacementStatistics.from_json(json.loads(stats_path.read_text()))
             recipe_path = Path(stage_dirs[k]) / "recipe.json"
