@@ -44,6 +44,20 @@ def describe_environment() -> list[tuple[str, str]]:
         ("chainer", chainer_version),
         ("cupy", _version("cupy")),
         ("opencv", cv2.__version__),
+        # the export extra (deeppose export --format onnx, running ONNX exports)
+        ("onnx", _version("onnx")),
+        ("onnxscript", _version("onnxscript")),
+        ("onnxruntime", _version("onnxruntime")),
         *((f"{'torch' if name == 'pytorch' else name} devices", framework_devices(name))
           for name in FRAMEWORKS),
+        ("onnxruntime providers", onnxruntime_providers()),
     ]
+
+
+def onnxruntime_providers() -> str:
+    """The execution providers onnxruntime offers here (CUDA needs onnxruntime-gpu)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return "not installed"
+    return ", ".join(onnxruntime.get_available_providers())
