@@ -44,8 +44,9 @@ def _predictors(meta: dict[str, Any], directory: Path, threads: int, seed: int
     from ..engines.export_graph import example_input, stage_graph
 
     rng = np.random.default_rng(seed)
-    params = {name: (rng.standard_normal(shape) * 0.01).astype(np.float32)
-              for name, shape in parameter_shapes(**meta).items()}
+    params = {name: (rng.standard_normal(shape) * 0.01
+                     + (1.0 if name.endswith(("/avg_var", "/gamma")) else 0.0)).astype(np.float32)
+              for name, shape in parameter_shapes(**meta).items()}  # variances positive
     stage = ExportedStage(stage=1, file="", sha256="", input_size=meta["input_size"],
                           sigma=None, has_log_scales=meta["uncertainty"], flip_in_graph=False,
                           flip_weights="scales", trained_on_mirrors=True, source_framework="",
