@@ -143,9 +143,12 @@ def val_images(runs, count=8):
 
 
 def assert_same_joints(source, exported, context):
+    """Within the tolerance after every stage; the largest difference is printed (pytest -s:
+    docs/export.md quotes them)."""
     assert len(source) == len(exported)
     for k, (a, b) in enumerate(zip(source, exported), 1):
         worst = float(np.abs(a - b).max())
+        print(f"{context}, stages 1-{k}: {worst:.5f} px")
         assert worst <= TOLERANCE_PX, f"{context}, stages 1-{k}: {worst:.4f} px apart"
 
 
@@ -505,3 +508,31 @@ def test_cascade_json_is_read_back_checked(tmp_path):
     (tmp_path / "cascade.json").write_text("[]")
     with pytest.raises(DeepPoseError, match="not a deeppose export description"):
         read_export(tmp_path)
+
+
+# ----------------------------------------------------------------------------- the docs
+
+
+def docs_example() -> dict:
+    """The functions of docs/export.md's example of running an export without deeppose
+    (its last lines, which read a photo, left out)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    start = text.index("```python\n", text.index("## Running an export without deeppose"))
+    code = text[start + len("```python\n"):text.index("```", start + 3)]
+    code = code[:code.index("spec, sessions = load_export(")]
+    namespace: dict = {}
+    exec(compile(code, "docs/export.md", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.slow
+def test_the_docs_example_runs_an_export_as_deeppose_does(runs, exports):
+    """NumPy, OpenCV and onnxruntime alone, reading cascade.json, give deeppose's joints
+    (the default export: stage 1 of this run plain, stages 2-3 with the flip test inside)."""
+    example = docs_example()
+    images, boxes = val_images(runs)
+    out = exports("ch3")
+    spec, sessions = example["load_export"](out)
+    mine = np.stack([example["predict_joints"](spec, sessions, image, box)
+                     for image, box in zip(images, boxes)])
+    assert_same_joints(cascade_joints(runs["ch3"], images, boxes)[-1:], [mine], "docs example")
