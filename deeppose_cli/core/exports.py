@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import DeepPoseError
 from .files import sha256_of
+from .manifests import flip_permutation
 
 EXPORT_FORMAT = "deeppose-export"
 EXPORT_VERSION = 1
@@ -102,10 +103,7 @@ class ExportDescription:
     @property
     def flip_permutation(self) -> list[int]:
         """``perm[i]`` is the joint that lands at index ``i`` after a horizontal flip."""
-        perm = list(range(self.num_joints))
-        for a, b in self.flip_pairs:
-            perm[a], perm[b] = b, a
-        return perm
+        return flip_permutation(self.num_joints, self.flip_pairs)
 
     def run_meta(self) -> dict[str, Any]:
         """The keys of a run.json that inference reads (``evaluate``, ``predict``)."""
