@@ -214,6 +214,17 @@ def test_exported_stages_take_any_batch(runs, exports, model_format):
             assert (got.log_scales is None) == (want.log_scales is None)
             if want.log_scales is not None:
                 np.testing.assert_allclose(got.log_scales, want.log_scales, atol=2e-5)
+    # the protocol's crops(): images and boxes, crops cut on the host
+    from deeppose_cli.core.cascade import host_network_inputs
+
+    images, boxes = val_images(runs, 3)
+    boxes = np.stack([boxes, boxes * [1.0, 1.0, 0.5, 0.5]], axis=1)  # (N, K=2, 4)
+    flipped = with_flip_test(source[:1], MANIFEST.flip_permutation)[0].predictor
+    for mirror in (False, True):
+        got = cascade[0].predictor.crops(images, boxes, mirror)
+        want = flipped(np.stack(host_network_inputs(images, boxes, 67, mirror)))
+        assert got.coords.shape == (3, 2, 14, 2)
+        np.testing.assert_allclose(got.coords, want.coords.reshape(3, 2, 14, 2), atol=2e-5)
 
 
 @pytest.mark.slow
@@ -415,6 +426,29 @@ def test_export_output_refusals_and_replacement(runs, exports, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_opset_the_exporter_cannot_write_is_refused(runs, tmp_path):
+    out = tmp_path / "export"
+    one_line_error(invoke(["export", str(runs["pt2"]), "--opset", "30", "--out", str(out)]),
+                   "wrote opset 18 when asked for opset 30")
+    nothing_beside(out)
+
+
+def test_onnx_on_cuda_needs_an_onnxruntime_with_the_cuda_provider(monkeypatch):
+    import onnxruntime
+
+    from deeppose_cli.engines import onnx_runtime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(DeepPoseError, match="no CUDA provider .*onnxruntime-gpu"):
+        onnx_runtime.providers("cuda:1")
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_runtime.providers("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}),
+                                                "CPUExecutionProvider"]
+    assert onnx_runtime.providers("cpu") == ["CPUExecutionProvider"]
+
+
+@pytest.mark.slow
 def test_predicting_an_export_refuses_what_its_graphs_cannot_do(runs, exports):
     out = exports("pt2")
     image = str(read_index(runs["index"] / "val.jsonl")[0].image)
@@ -449,16 +483,17 @@ def test_a_damaged_export_is_refused_in_one_line(runs, exports, tmp_path):
     one_line_error(invoke(["predict", image, "--model", str(out)]), "version 99")
 
 
-def test_export_help_imports_no_framework_and_no_export_package():
+@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"]])
+def test_help_imports_no_framework_and_no_export_package(argv):
     heavy = ("torch", "chainer", "cv2", "onnx", "onnxruntime", "onnxscript")
     code = ("import sys; from deeppose_cli.cli import main\n"
-            "try:\n    main(['export', '--help'], prog_name='deeppose')\n"
+            "try:\n    main(%r, prog_name='deeppose')\n"
             "except SystemExit as e:\n    assert e.code == 0, e.code\n"
             "loaded = [m for m in %r if m in sys.modules]\n"
-            "assert not loaded, loaded\n" % (heavy,))
+            "assert not loaded, loaded\n" % (argv, heavy))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "--flip-test / --no-flip-test" in result.stdout
+    assert "export" in result.stdout
 
 
 # ----------------------------------------------------------------------------- the graph

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,10 @@ def write_stage(graph: Any, example: Any, path: Path, opset: int | None = None) 
     outputs = [COORDS_OUTPUT] + ([LOG_SCALES_OUTPUT] if graph.network.uncertainty else [])
     opset = DEFAULT_OPSET if opset is None else opset
     try:
-        # the exporter reports its progress on stdout and warns about things it handles
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # the exporter reports its progress on stdout, warns about things it handles and
+        # logs how it converts between opsets
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                _quiet_loggers("onnxscript", "torch.onnx"):
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, (example,), str(path), dynamo=True, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=outputs,
@@ -50,6 +53,33 @@ def write_stage(graph: Any, example: Any, path: Path, opset: int | None = None) 
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # onnx.checker.ValidationError, onnx.shape_inference errors
         raise DeepPoseError(f"the exported ONNX file fails onnx.checker: {_first_line(e)}") from None
+    written = written_opset(path)
+    if written != opset:  # the exporter falls back to its own opset when it cannot convert
+        raise DeepPoseError(f"torch's ONNX exporter wrote opset {written} when asked for "
+                            f"opset {opset}: choose another --opset (default {DEFAULT_OPSET})")
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Errors only from these loggers, for the duration."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def written_opset(path: Path) -> int | None:
+    """The default-domain opset an ONNX file imports."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((entry.version for entry in model.opset_import
+                 if entry.domain in ("", "ai.onnx")), None)
 
 
 def _first_line(error: BaseException) -> str:
