@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from deeppose_cli.cli import main
 from conftest import LSPET_MINI, assert_no_escaped_exception, needs_lspet_mini
 
-COMMANDS = ["info", "fetch", "index", "train-stage", "evaluate", "predict", "convert"]
-HEAVY = ("torch", "chainer", "cv2")
+COMMANDS = ["info", "fetch", "index", "train-stage", "evaluate", "predict", "convert", "export"]
+HEAVY = ("torch", "chainer", "cv2", "onnx", "onnxscript", "onnxruntime")
 
 
 @pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])

@@ -6,7 +6,6 @@ and every refusal is one line that leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -481,19 +480,6 @@ def test_a_damaged_export_is_refused_in_one_line(runs, exports, tmp_path):
     cascade["version"] = 99
     (out / "cascade.json").write_text(json.dumps(cascade))
     one_line_error(invoke(["predict", image, "--model", str(out)]), "version 99")
-
-
-@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"]])
-def test_help_imports_no_framework_and_no_export_package(argv):
-    heavy = ("torch", "chainer", "cv2", "onnx", "onnxruntime", "onnxscript")
-    code = ("import sys; from deeppose_cli.cli import main\n"
-            "try:\n    main(%r, prog_name='deeppose')\n"
-            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
-            "loaded = [m for m in %r if m in sys.modules]\n"
-            "assert not loaded, loaded\n" % (argv, heavy))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "export" in result.stdout
 
 
 # ----------------------------------------------------------------------------- the graph
