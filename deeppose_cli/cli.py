@@ -18,6 +18,7 @@ import click
 
 from . import __version__
 from .core.errors import DeepPoseError
+from .core.exports import EXPORT_FORMATS
 from .core.settings import BY_NAME, PRECISIONS, SETTINGS, Setting, recipe_defaults
 from .engines import FRAMEWORKS
 
@@ -496,29 +497,28 @@ def show_augmentation(state: ChainState, dataset: str | None, root: str | None,
 
 
 def _default_eval_index(run_dir: Path, state: ChainState) -> Path:
-    """The run's dataset test split, else its val split: next to its training index, else
-    under the data root (a packaged or moved run was trained elsewhere)."""
-    import json
+    """The dataset test split, else its val split, of the run (or the run an export came
+    from): next to its training index, else under the data root (a packaged or moved run
+    was trained elsewhere)."""
+    from .training.runs import model_meta, training_index
 
-    recipe_path = Path(run_dir) / "recipe.json"
-    if not recipe_path.is_file():
-        raise DeepPoseError(f"{recipe_path} not found: pass --index FILE")
-    recipe = json.loads(recipe_path.read_text())
-    places = [Path(recipe["train_index"]).parent,
-              data_root(None, state) / recipe["dataset"] / "index"]
+    train_index = training_index(run_dir)
+    dataset = model_meta(run_dir).get("dataset")
+    places = ([train_index.parent] if train_index else []) + \
+        ([data_root(None, state) / dataset / "index"] if dataset else [])
     for index_dir in places:
         for split in ("test", "val"):
             if (index_dir / f"{split}.jsonl").is_file():
                 return index_dir / f"{split}.jsonl"
-    raise DeepPoseError(f"no test.jsonl or val.jsonl beside {recipe['train_index']} or in "
-                        f"{places[1]}: run `deeppose fetch {recipe['dataset']} index "
-                        f"{recipe['dataset']}`, or pass --index FILE")
+    where = " or ".join(str(p) for p in places) or f"the records of {run_dir}"
+    fetch = f"run `deeppose fetch {dataset} index {dataset}`, or " if dataset else ""
+    raise DeepPoseError(f"no test.jsonl or val.jsonl in {where}: {fetch}pass --index FILE")
 
 
 @main.command()
 @click.option("--model", "model_dir",
-              help="Run directory or packaged cascade (default: the chain's, else the "
-                   "latest under runs/, else the pretrained lspet-small).")
+              help="Run directory, export, or packaged cascade (default: the chain's, else "
+                   "the latest run under runs/, else the pretrained lspet-small).")
 @click.option("--index", "index_file", type=click.Path(dir_okay=False),
               help="Index file to evaluate on (default: the dataset's test split, else val).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
@@ -553,13 +553,12 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
                              predictions_json, refinement_reports)
     from .core.files import write_json
     from .core.manifests import run_manifest
-    from .training.rundir import RunDirectory
-    from .training.runs import chain_dirs, load_cascade, resolve_model
+    from .training.runs import load_cascade, model_meta, resolve_model, stage_directories
 
     run_dir, note = resolve_model(model_dir, state.run_dir)
     if note:
         console().print(note)
-    run_meta = RunDirectory(run_dir).meta()  # a clear error for a directory that is not a run
+    run_meta = model_meta(run_dir)  # a clear error for a directory that is not a run
     index_path = Path(index_file) if index_file else _default_eval_index(run_dir, state)
     records = read_index(index_path, run_meta.get("num_joints"))
     cascade, meta = load_cascade(run_dir, device, stages)
@@ -570,7 +569,7 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     per_stage = run_cascade_on_records(cascade, records, manifest.torso_diameter)
     seconds = time.perf_counter() - started  # loading, cropping and every stage's forward
     rows = evaluate_predictions(per_stage, meta["mean_pose"], records, manifest)
-    stage_dirs = [d for d, _ in chain_dirs(run_dir)][:len(cascade)]
+    stage_dirs = stage_directories(run_dir)[:len(cascade)]
     refinements = refinement_reports(stage_dirs, cascade, per_stage, records, manifest,
                                      on_crops=refinement_crops)
     eval_dir = Path(run_dir) / "eval"
@@ -688,8 +687,8 @@ def _parse_bbox(text: str | None):
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--model", "model_dir",
-              help="Run directory or packaged cascade (default: the chain's, else the "
-                   "latest under runs/, else the pretrained lspet-small).")
+              help="Run directory, export, or packaged cascade (default: the chain's, else "
+                   "the latest run under runs/, else the pretrained lspet-small).")
 @click.option("--bbox", help="Person box X,Y,W,H in pixels (default: the whole image).")
 @click.option("--draw", is_flag=True, help="Write each image with the skeleton drawn on it.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="predictions",
@@ -764,6 +763,37 @@ def convert(state: ChainState, run_dir: str, framework: str, out: str | None,
     convert_run(Path(run_dir), framework, target, half=half)
     console().print(f"converted {run_dir} to {framework}: {target}")
     state.run_dir = target
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--format", "model_format", default="onnx", show_default=True,
+              help=f"{' or '.join(EXPORT_FORMATS)} (onnx needs the export extra: "
+                   "pip install -e '.[export]').")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Export directory (default RUN_DIR-<format>); an earlier export there is "
+                   "replaced.")
+@click.option("--opset", type=click.IntRange(18), help="ONNX opset (default 20).")
+@click.option("--flip-test/--no-flip-test", default=None,
+              help="Build the test-time flip into every stage's graph, or into none "
+                   "(default: into each stage trained on mirrored images, as predict does).")
+@click.pass_obj
+def export(state: ChainState, run_dir: str | None, model_format: str, out: str | None,
+           opset: int | None, flip_test: bool | None) -> None:
+    """Export every stage of RUN_DIR's cascade as ONNX or TorchScript graphs with a
+    cascade.json, to run without deeppose (docs/export.md)."""
+    from .apps.export import export_run
+    from .training.runs import latest_run
+
+    source = Path(run_dir) if run_dir else (state.run_dir or latest_run())
+    result = export_run(source, model_format, Path(out) if out else None, opset, flip_test)
+    out_console = console()
+    for stage, (name, size) in zip(result.description.stages, result.sizes().items()):
+        flip = "flip test in graph" if stage.flip_in_graph else "no flip test in graph"
+        out_console.print(f"stage {stage.stage} ({stage.source_framework}): {name}, "
+                          f"{size / 2**20:.1f} MiB, {flip}")
+    out_console.print(f"exported {source} to {model_format}: {result.out}")
+    state.run_dir = result.out
 
 
 BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")

@@ -12,8 +12,9 @@ from deeppose_cli.cli import main
 from conftest import LSPET_MINI, assert_no_escaped_exception, needs_lspet_mini
 
 COMMANDS = ["info", "fetch", "index", "train-stage", "show-augmentation", "evaluate",
-            "predict", "convert", "benchmark"]
-HEAVY = ("numpy", "torch", "chainer", "cv2", "scipy", "matplotlib")
+            "predict", "convert", "export", "benchmark"]
+HEAVY = ("numpy", "torch", "chainer", "cv2", "scipy", "matplotlib", "onnx", "onnxscript",
+         "onnxruntime")
 
 
 @pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])

@@ -372,6 +372,9 @@ def _random_model_files(settings: BenchmarkSettings, framework: str, directory: 
     for stage in range(1, stages + 1):
         params = {name: (rng.standard_normal(shape) * 0.01).astype(np.float32)
                   for name, shape in parameter_shapes(**meta).items()}
+        for name in params:  # batch norm as a trained one: positive variances, unit gains
+            if name.endswith(("avg_var", "gamma")):
+                params[name] = np.ones_like(params[name])
         path = directory / f"stage{stage}-{framework}{MODEL_SUFFIX[framework]}"
         get_engine(framework).write_model(params, meta, path)
         paths.append(path)

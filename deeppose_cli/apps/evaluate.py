@@ -226,18 +226,19 @@ class RefinementReport:
                 "crops": self.crops}
 
 
-def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[np.ndarray],
-                       records: Sequence[PoseRecord], manifest: DatasetManifest,
-                       batch_size: int = 64, on_crops: bool = False,
+def refinement_reports(stage_dirs: Sequence[Path | None], cascade,
+                       per_stage: Sequence[np.ndarray], records: Sequence[PoseRecord],
+                       manifest: DatasetManifest, batch_size: int = 64, on_crops: bool = False,
                        image_cache_gib: float = 2.0) -> list[RefinementReport]:
     """A :class:`RefinementReport` for each stage >= 2 of a cascade; ``stage_dirs`` are the
-    run directories of stages 1..S (for each stage's ``displacement.json``).
+    run directories of stages 1..S (for each stage's ``displacement.json``), None for a
+    stage without one (an exported stage: no crop statistics then).
 
     How often a stage moved the cascade's joints closer comes from the predictions already
-    made, at no cost. With ``on_crops`` each stage is also run on its own simulated boxes and on
-    boxes centred on the truth: two more forward passes per visible joint and image (of the
-    same order as the cascade itself), so it is asked for, not done by default; each image
-    is decoded once (``image_cache_gib``) rather than once per joint."""
+    made, at no cost. With ``on_crops`` each stage is also run on its own simulated boxes and
+    on boxes centred on the truth: two more forward passes per visible joint and image (of
+    the same order as the cascade itself), so it is asked for, not done by default; each
+    image is decoded once (``image_cache_gib``) rather than once per joint."""
     from ..core.cascade import DisplacementStatistics, moved_closer
     from ..data.refinement import RefinementDataset
     from ..data.pipeline import Augmentation, ImageCache
@@ -251,8 +252,8 @@ def refinement_reports(stage_dirs: Sequence[Path], cascade, per_stage: Sequence[
     for k in range(1, len(cascade)):
         closer, farther = moved_closer(per_stage[k - 1], per_stage[k], gt, visible)
         crops: dict[str, float] = {}
-        stats_path = Path(stage_dirs[k]) / "displacement.json"
-        if on_crops and stats_path.is_file():
+        stats_path = None if stage_dirs[k] is None else Path(stage_dirs[k]) / "displacement.json"
+        if on_crops and stats_path is not None and stats_path.is_file():
             stage = cascade[k]
             stats = DisplacementStatistics.from_json(json.loads(stats_path.read_text()))
             recipe_path = Path(stage_dirs[k]) / "recipe.json"

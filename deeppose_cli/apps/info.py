@@ -14,7 +14,11 @@ from ..engines import FRAMEWORKS
 
 # distribution names of what the toolkit runs on (cupy: any of its CUDA builds)
 DISTRIBUTIONS = ("numpy", "torch", "torchvision", "chainer", "opencv-python-headless",
-                 "opencv-contrib-python-headless", "scipy", "onnxruntime", "mpi4py")
+                 "opencv-contrib-python-headless", "scipy",
+                 # the export extra (deeppose export, running exported models)
+                 "onnx", "onnxscript", "onnxruntime",
+                 # the distributed extra (ChainerMN)
+                 "mpi4py", "mpich")
 
 
 def installed_version(distribution: str) -> str | None:
@@ -54,4 +58,14 @@ def describe_environment(devices: bool = True) -> list[tuple[str, str]]:
     if devices:
         rows += [(f"{'torch' if name == 'pytorch' else name} devices", framework_devices(name))
                  for name in FRAMEWORKS]
+        rows.append(("onnxruntime providers", onnxruntime_providers()))
     return rows
+
+
+def onnxruntime_providers() -> str:
+    """The execution providers onnxruntime offers here (CUDA needs onnxruntime-gpu)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return "not installed (pip install -e '.[export]')"
+    return ", ".join(onnxruntime.get_available_providers())

@@ -31,6 +31,7 @@ class StageModel:
     sigma: float | None = None
     trained_on_mirrors: bool = True  # its recipe's `flip`: it saw mirrored images in training
     flip_test: bool = False          # predictions average each crop with its mirror image
+    flip_weights: str = "scales"     # how that average weighs the two views (FLIP_WEIGHTS)
 
     @property
     def input_size(self) -> int:
@@ -38,6 +39,43 @@ class StageModel:
 
 
 FLIP_WEIGHTS = ("scales", "equal")  # how the flip test weights its two opinions
+
+
+def average_mirrored(coords: Any, log_scales: Any, mirrored_coords: Any, mirrored_log_scales: Any,
+                     flip_permutation: Sequence[int], weighted: bool, xp: Any = np
+                     ) -> tuple[Any, Any]:
+    """The flip test's combination of a crop's prediction (``coords``, ``log_scales``:
+    (..., J, 2), log scales or None) with its mirror image's, as (coords, log scales).
+
+    The mirrored prediction is mapped back (joint ``i`` from ``flip_permutation[i]``, x
+    negated). With ``weighted`` and scales, each coordinate's two opinions count by their
+    inverse variances (1 / b^2 for a Laplace scale b), and the combined scale is theirs;
+    otherwise the plain mean, whose scale is the spread of a mean of two.
+
+    ``xp`` is the array module: NumPy here, ``torch`` where an exported graph carries the
+    flip test (``engines.export_graph``), so both compute the one formula."""
+    perm = list(flip_permutation)
+
+    def mirror_back(values: Any, negate_x: bool) -> Any:
+        values = values[..., perm, :]
+        return xp.stack((-values[..., 0], values[..., 1]), -1) if negate_x else values
+
+    back = mirror_back(mirrored_coords, True)
+    if log_scales is None or mirrored_log_scales is None:
+        return (coords + back) / 2.0, None
+    log_b1, log_b2 = log_scales, mirror_back(mirrored_log_scales, False)
+    if weighted:
+        # weight of the plain view: b2^2 / (b1^2 + b2^2) = 1 / (1 + exp(d)), d clipped so
+        # that neither exp overflows, and log(weight) = -log(1 + exp(d)) stays finite
+        difference = xp.clip(2.0 * (log_b1 - log_b2), -60.0, 60.0)
+        growth = xp.exp(difference)
+        weight = 1.0 / (1.0 + growth)
+        # combined variance 1 / (1/v1 + 1/v2): log b = log b1 + 0.5 log(weight)
+        return (weight * coords + (1.0 - weight) * back,
+                log_b1 - 0.5 * xp.log1p(growth))
+    # a plain mean of two: variance (v1 + v2) / 4
+    return ((coords + back) / 2.0,
+            0.5 * xp.logaddexp(2.0 * log_b1, 2.0 * log_b2) - float(np.log(2.0)))
 
 
 class FlipAveraged:
@@ -58,27 +96,9 @@ class FlipAveraged:
         self.num_joints, self.input_size = inner.num_joints, inner.input_size
         self.has_scales, self.cuts_crops = inner.has_scales, inner.cuts_crops
 
-    def _mirror_back(self, values: np.ndarray, negate_x: bool) -> np.ndarray:
-        values = np.asarray(values)[..., self.perm, :].copy()
-        if negate_x:
-            values[..., 0] = -values[..., 0]
-        return values
-
     def average(self, plain: Prediction, mirrored: Prediction) -> Prediction:
-        coords = self._mirror_back(mirrored.coords, True)
-        if plain.log_scales is None or mirrored.log_scales is None:
-            return Prediction((plain.coords + coords) / 2.0)
-        log_b1, log_b2 = plain.log_scales, self._mirror_back(mirrored.log_scales, False)
-        if self.weighted:
-            # weight of the plain view: b2^2 / (b1^2 + b2^2), computed without overflow
-            difference = np.clip(2.0 * (log_b1 - log_b2), -60.0, 60.0)
-            weight = 1.0 / (1.0 + np.exp(difference))
-            # combined variance 1 / (1/v1 + 1/v2): log b = log b1 + 0.5 log(weight)
-            return Prediction(weight * plain.coords + (1.0 - weight) * coords,
-                              log_b1 + 0.5 * np.log(np.maximum(weight, 1e-300)))
-        # a plain mean of two: variance (v1 + v2) / 4
-        return Prediction((plain.coords + coords) / 2.0,
-                          0.5 * np.logaddexp(2.0 * log_b1, 2.0 * log_b2) - np.log(2.0))
+        return Prediction(*average_mirrored(plain.coords, plain.log_scales, mirrored.coords,
+                                            mirrored.log_scales, self.perm, self.weighted))
 
     def __call__(self, images: np.ndarray) -> Prediction:
         return self.average(self.inner(images),
@@ -99,7 +119,7 @@ def flip_averaged(stage: StageModel, flip_permutation: Sequence[int],
                             f"got {weights!r}")
     return StageModel(stage.stage, stage.framework,
                       FlipAveraged(stage.predictor, flip_permutation, weights == "scales"),
-                      stage.sigma, stage.trained_on_mirrors, flip_test=True)
+                      stage.sigma, stage.trained_on_mirrors, flip_test=True, flip_weights=weights)
 
 
 def with_flip_test(cascade: Sequence[StageModel], flip_permutation: Sequence[int],
@@ -111,10 +131,46 @@ def with_flip_test(cascade: Sequence[StageModel], flip_permutation: Sequence[int
     (docs/results.md#lspet-on-cpu: +0.5 to +1.6 points of PDJ@0.2), as pose toolkits such as
     MMPose do; a stage that never saw a mirrored person is not asked to judge one unless the
     caller says so. ``weights``: as :func:`flip_averaged`.
+
+    A stage that already averages (an exported graph that carries the flip test) stays as it
+    is; asking it not to flip, or to weigh the views otherwise, is a one-line error, since
+    its graph cannot be undone.
     """
-    return [flip_averaged(stage, flip_permutation, weights)
-            if (stage.trained_on_mirrors if flip_test is None else flip_test) else stage
-            for stage in cascade]
+    if weights not in FLIP_WEIGHTS:
+        raise DeepPoseError(f"flip weights must be one of {', '.join(FLIP_WEIGHTS)}, "
+                            f"got {weights!r}")
+    chosen = []
+    for stage in cascade:
+        if stage.flip_test:
+            _check_built_in_flip(stage, flip_test, weights)
+            chosen.append(stage)
+        elif stage.trained_on_mirrors if flip_test is None else flip_test:
+            chosen.append(flip_averaged(stage, flip_permutation, weights))
+        else:
+            chosen.append(stage)
+    return chosen
+
+
+def _check_built_in_flip(stage: StageModel, flip_test: bool | None, weights: str) -> None:
+    if flip_test is False:
+        raise DeepPoseError(f"stage {stage.stage} averages each crop with its mirror image "
+                            "inside its exported graph: export the run again with "
+                            "--no-flip-test to predict without the flip test")
+    if stage.predictor.has_scales and weights != stage.flip_weights:
+        raise DeepPoseError(f"stage {stage.stage}'s exported graph weighs the flip test's two "
+                            f"views with --flip-weights {stage.flip_weights}: use that, or "
+                            "export the run with --no-flip-test and choose here")
+
+
+def host_network_inputs(images: Sequence[np.ndarray], boxes: np.ndarray, size: int,
+                        flip: bool = False) -> list[np.ndarray]:
+    """The (3, size, size) network inputs of the K boxes (N, K, 4) of each of the RGB
+    images, image by image, cut with OpenCV on the host (:func:`geometry.crop_and_resize`)."""
+    from .geometry import crop_and_resize
+
+    return [to_network_input(crop_and_resize(image, box, size, flip))
+            for image, image_boxes in zip(images, np.asarray(boxes, dtype=np.float64))
+            for box in image_boxes]
 
 
 def regress_boxes(stage: StageModel, images: Sequence[np.ndarray], boxes: np.ndarray,
@@ -123,15 +179,12 @@ def regress_boxes(stage: StageModel, images: Sequence[np.ndarray], boxes: np.nda
 
     A predictor that cuts crops on its device (a network on a GPU) gets the images; otherwise
     the crops are cut here with OpenCV and sent ``batch_size`` at a time."""
-    from .geometry import crop_and_resize
-
     boxes = np.asarray(boxes, dtype=np.float64)
     n_images, n_boxes = boxes.shape[:2]
     predictor = stage.predictor
     if predictor.cuts_crops:
         return predictor.crops(images, boxes, False)
-    crops = [to_network_input(crop_and_resize(images[n], boxes[n, k], stage.input_size))
-             for n in range(n_images) for k in range(n_boxes)]
+    crops = host_network_inputs(images, boxes, stage.input_size)
     parts = [predictor(np.stack(crops[s:s + batch_size]))
              for s in range(0, len(crops), batch_size)]
     return Prediction.concatenate(parts, predictor.num_joints).reshape(n_images, n_boxes)

@@ -153,10 +153,7 @@ class DatasetManifest:
     @property
     def flip_permutation(self) -> list[int]:
         """``perm[i]`` is the joint that lands at index ``i`` after a horizontal flip."""
-        perm = list(range(self.num_joints))
-        for a, b in self.flip_pairs:
-            perm[a], perm[b] = b, a
-        return perm
+        return flip_permutation(self.num_joints, self.flip_pairs)
 
     @property
     def annotations_file(self) -> str:
@@ -189,6 +186,15 @@ class DatasetManifest:
         """``[evaluation.groups]``: group name -> joint indices."""
         return {name: tuple(self.joint_names.index(j) for j in joints)
                 for name, joints in self.evaluation.get("groups", {}).items()}
+
+
+def flip_permutation(num_joints: int, flip_pairs: Any) -> list[int]:
+    """The permutation a horizontal flip applies to ``num_joints`` joints whose left/right
+    pairs are ``flip_pairs``: ``perm[i]`` is the joint that lands at index ``i``."""
+    perm = list(range(num_joints))
+    for a, b in flip_pairs:
+        perm[a], perm[b] = b, a
+    return perm
 
 
 def _limbs(entries: list[dict[str, Any]]) -> tuple[Limb, ...]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import DeepPoseError
+from ..core.exports import EXPORT_FORMATS
 from ..core.files import is_npz
 
 
@@ -86,6 +87,59 @@ def get_engine(name: str) -> EngineModule:
 def get_reference(name: str) -> Any:
     """The benchmark's bare-framework reference module of framework ``name``."""
     return import_module(f"{__name__}.{ENGINES[check_framework(name)].reference}")
+
+
+@dataclass(frozen=True)
+class ExportRuntimeInfo:
+    """What the registry knows about an export format without importing its module."""
+
+    module: str                  # the module that writes and runs its graphs
+    run_needs: tuple[str, ...]   # optional packages (the ``export`` extra) running needs
+    write_needs: tuple[str, ...]  # ... and writing
+
+
+EXPORT_RUNTIMES: dict[str, ExportRuntimeInfo] = {
+    # writing: torch's ONNX exporter (onnxscript) and the checker (onnx); every written
+    # graph is run once by onnxruntime before the export is published
+    "onnx": ExportRuntimeInfo("onnx_runtime", ("onnxruntime",),
+                              ("onnx", "onnxscript", "onnxruntime")),
+    "torchscript": ExportRuntimeInfo("torchscript", (), ()),
+}
+assert tuple(EXPORT_RUNTIMES) == EXPORT_FORMATS
+EXPORT_EXTRA = "pip install -e '.[export]' (or pip install 'deeppose[export]')"
+
+
+class ExportRuntime(Protocol):
+    """What an export format's module provides."""
+
+    FORMAT: str
+
+    def write_stage(self, graph: Any, example: Any, path: Path, opset: int | None) -> None:
+        """Write a stage graph (``engines.export_graph``) to ``path``, batch dynamic."""
+
+    def load_predictor(self, path: Path, stage: Any, num_joints: int, device: str = "cpu") -> Any:
+        """A :class:`~deeppose_cli.core.predictor.Predictor` of an exported stage file."""
+
+
+def check_export_format(name: str) -> str:
+    if name not in EXPORT_RUNTIMES:
+        raise DeepPoseError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, "
+                            f"got {name!r}")
+    return name
+
+
+def get_export_runtime(name: str, writing: bool = False) -> ExportRuntime:
+    """The module that runs (and with ``writing``, writes) format ``name``'s graphs; a
+    one-line error naming the extra to install when an optional package is missing."""
+    info = EXPORT_RUNTIMES[check_export_format(name)]
+    for package in info.write_needs if writing else info.run_needs:
+        try:
+            import_module(package)
+        except ImportError:
+            raise DeepPoseError(f"{'exporting to' if writing else 'running'} {name} needs the "
+                                f"package {package}, which is not installed: install the "
+                                f"export extra with {EXPORT_EXTRA}") from None
+    return import_module(f"{__name__}.{info.module}")
 
 
 def framework_of_model_file(path: Path) -> str | None:

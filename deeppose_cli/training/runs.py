@@ -16,8 +16,9 @@ from typing import Any
 
 from ..core.cascade import StageModel
 from ..core.errors import DeepPoseError
+from ..core.exports import is_export_directory, read_export
 from ..core.files import sha256_of
-from ..engines import framework_of_model_file, get_engine
+from ..engines import framework_of_model_file, get_engine, get_export_runtime
 from .rundir import RunDirectory, run_meta_problem
 
 RUNS_ROOT = Path("runs")
@@ -112,19 +113,26 @@ def verified_model(run: RunDirectory, meta: dict[str, Any], expected_sha: str | 
     return path
 
 
-def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = None,
-               recorded_by: str | None = None) -> StageModel:
+def finished_stage(run_dir: Path, expected_sha: str | None = None,
+                   recorded_by: str | None = None) -> tuple[RunDirectory, dict[str, Any], Path]:
+    """A finished stage's run directory, run.json and verified model file (see
+    :func:`verified_model`); a one-line error for an unfinished or damaged one."""
     run = RunDirectory(run_dir)
     meta = run.meta()
     if not meta.get("complete"):
         raise DeepPoseError(f"{run_dir}: training did not finish (resume it with --resume)")
-    model_path = verified_model(run, meta, expected_sha, recorded_by)
+    return run, meta, verified_model(run, meta, expected_sha, recorded_by)
+
+
+def load_stage(run_dir: Path, device: str = "cpu", expected_sha: str | None = None,
+               recorded_by: str | None = None) -> StageModel:
+    run, meta, model_path = finished_stage(run_dir, expected_sha, recorded_by)
     predictor = get_engine(meta["framework"]).load_predictor(model_path, meta, device)
     return StageModel(stage=meta["stage"], framework=meta["framework"], predictor=predictor,
-                      sigma=meta.get("sigma"), trained_on_mirrors=_trained_on_mirrors(run))
+                      sigma=meta.get("sigma"), trained_on_mirrors=trained_on_mirrors(run))
 
 
-def _trained_on_mirrors(run: RunDirectory) -> bool:
+def trained_on_mirrors(run: RunDirectory) -> bool:
     """Whether the run's recipe flipped its training images; a run without a readable
     recipe.json (a bare model made into a run) counts as the recipes' default, which does."""
     try:
@@ -142,19 +150,81 @@ def chain_dirs(run_dir: Path) -> list[tuple[Path, str | None]]:
     return entries + [(run_dir, meta.get("model_sha256"))]
 
 
+def finished_chain(run_dir: Path) -> list[tuple[RunDirectory, dict[str, Any], Path]]:
+    """:func:`finished_stage` of stages 1..N of a run, each model file checked against the
+    checksum the run recorded for it."""
+    dirs = chain_dirs(run_dir)
+    later = f"the stage-{RunDirectory(run_dir).meta()['stage']} run {run_dir}"
+    return [finished_stage(d, sha, None if i == len(dirs) - 1 else later)
+            for i, (d, sha) in enumerate(dirs)]
+
+
+def _check_stage_count(stages: int | None, available: int, where: Path) -> None:
+    if stages is not None and not 1 <= stages <= available:
+        raise DeepPoseError(f"--stages must be between 1 and {available} for {where}")
+
+
 def load_cascade(run_dir: Path, device: str = "cpu",
                  stages: int | None = None) -> tuple[list[StageModel], dict[str, Any]]:
-    """Stages 1..N (or 1..``stages``) of a run, and the run's metadata."""
+    """Stages 1..N (or 1..``stages``) of a run, and the run's metadata; or of an export
+    (``deeppose export``), whose metadata is then ``ExportDescription.run_meta``."""
+    if is_export_directory(run_dir):
+        return load_export_cascade(Path(run_dir), device, stages)
     meta = RunDirectory(run_dir).meta()
     dirs = chain_dirs(run_dir)
-    if stages is not None:
-        if not 1 <= stages <= len(dirs):
-            raise DeepPoseError(f"--stages must be between 1 and {len(dirs)} for {run_dir}")
-        dirs = dirs[:stages]
-    last = len(chain_dirs(run_dir)) - 1
+    _check_stage_count(stages, len(dirs), run_dir)
+    last = len(dirs) - 1
     later = f"the stage-{meta['stage']} run {run_dir}"
     return [load_stage(d, device, sha, None if i == last else later)
-            for i, (d, sha) in enumerate(dirs)], meta
+            for i, (d, sha) in enumerate(dirs[:stages])], meta
+
+
+def load_export_cascade(export_dir: Path, device: str = "cpu", stages: int | None = None
+                        ) -> tuple[list[StageModel], dict[str, Any]]:
+    """Stages 1..N (or 1..``stages``) of an export, each run by its format's runtime
+    (onnxruntime, TorchScript); a graph that carries the flip test is a stage whose
+    ``flip_test`` is already on."""
+    description = read_export(export_dir)
+    _check_stage_count(stages, len(description.stages), export_dir)
+    runtime = get_export_runtime(description.model_format)
+    cascade = []
+    for entry in description.stages[:stages]:
+        predictor = runtime.load_predictor(export_dir / entry.file, entry,
+                                           description.num_joints, device)
+        cascade.append(StageModel(stage=entry.stage, framework=description.model_format,
+                                  predictor=predictor, sigma=entry.sigma,
+                                  trained_on_mirrors=entry.trained_on_mirrors,
+                                  flip_test=entry.flip_in_graph,
+                                  flip_weights=entry.flip_weights))
+    return cascade, description.run_meta()
+
+
+def model_meta(model_dir: Path) -> dict[str, Any]:
+    """The run.json of a run, or what an export says in its place
+    (``ExportDescription.run_meta``), without loading any network."""
+    if is_export_directory(model_dir):
+        return read_export(model_dir, verify=False).run_meta()
+    return RunDirectory(model_dir).meta()
+
+
+def stage_directories(model_dir: Path) -> list[Path | None]:
+    """The run directory of each stage 1..N (where its displacement statistics lie); None
+    for each stage of an export, which keeps graphs only."""
+    if is_export_directory(model_dir):
+        return [None] * len(read_export(model_dir, verify=False).stages)
+    return [d for d, _sha in chain_dirs(model_dir)]
+
+
+def training_index(model_dir: Path) -> Path | None:
+    """The index file the run (or the run an export came from) trained on, if recorded."""
+    if is_export_directory(model_dir):
+        recorded = read_export(model_dir, verify=False).source.get("train_index")
+    else:
+        try:
+            recorded = json.loads(RunDirectory(model_dir).recipe_path.read_text()).get("train_index")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+    return Path(recorded) if isinstance(recorded, str) and recorded else None
 
 
 def copy_chain(previous_dir: Path, run: RunDirectory) -> list[dict[str, Any]]:
