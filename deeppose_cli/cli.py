@@ -8,6 +8,7 @@ in a shared :class:`ChainState` where the next command takes its defaults from. 
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 import time
@@ -201,6 +202,11 @@ BENCHMARK_SETTINGS = ([s.name for s in SETTINGS if s.group in ("network", "optim
                                                                 "augmentation")]
                       + ["loss", "batch_size", "image_cache_gib"])
 
+# What the file system answers when a write cannot happen (full, over quota, read-only, no
+# permission, a file too large): the user's to fix, so one line, whichever write met it.
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                      errno.EFBIG}
+
 
 class DeepPoseGroup(click.Group):
     """Turns a :class:`DeepPoseError` into ``Error: <message>`` and its exit code."""
@@ -218,6 +224,11 @@ class DeepPoseGroup(click.Group):
             error = click.ClickException(str(e))
             error.exit_code = e.exit_code
             raise error from None
+        except OSError as e:
+            if e.errno not in FILE_SYSTEM_ERRORS:
+                raise  # anything else is a bug, and keeps its traceback
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
@@ -253,6 +264,13 @@ def main(ctx: click.Context) -> None:
     one's default input, e.g. `deeppose fetch synthetic index synthetic`.
     """
     ctx.obj = ChainState()
+    from .core.image_headers import bound_opencv_decoding
+
+    bound_opencv_decoding()
+    # File names that are not valid UTF-8 print with escapes rather than stop the command.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors="backslashreplace")
 
 
 @main.command()
@@ -549,10 +567,10 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     """PCP and PDJ of every cascade stage beside the mean-pose baseline."""
     from .data.annotations import read_index
     from .core.cascade import run_cascade_on_records, with_flip_test
-    from .apps.evaluate import (evaluate_predictions, metrics_json, plot_pdj,
-                             predictions_json, refinement_reports)
-    from .core.files import write_json
+    from .apps.evaluate import (EvaluationOutput, evaluate_predictions, metrics_json,
+                                plot_pdj, predictions_json, refinement_reports, run_seen)
     from .core.manifests import run_manifest
+    from .training.rundir import RunReadLock
     from .training.runs import load_cascade, model_meta, resolve_model, stage_directories
 
     run_dir, note = resolve_model(model_dir, state.run_dir)
@@ -561,35 +579,38 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     run_meta = model_meta(run_dir)  # a clear error for a directory that is not a run
     index_path = Path(index_file) if index_file else _default_eval_index(run_dir, state)
     records = read_index(index_path, run_meta.get("num_joints"))
-    cascade, meta = load_cascade(run_dir, device, stages)
-    manifest = run_manifest(meta)
-    cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test, flip_weights)
-    flipped = [stage.stage for stage in cascade if stage.flip_test]
-    started = time.perf_counter()
-    per_stage = run_cascade_on_records(cascade, records, manifest.torso_diameter)
-    seconds = time.perf_counter() - started  # loading, cropping and every stage's forward
-    rows = evaluate_predictions(per_stage, meta["mean_pose"], records, manifest)
-    stage_dirs = stage_directories(run_dir)[:len(cascade)]
-    refinements = refinement_reports(stage_dirs, cascade, per_stage, records, manifest,
-                                     on_crops=refinement_crops)
-    eval_dir = Path(run_dir) / "eval"
-    json_path = Path(json_out) if json_out else eval_dir / "metrics.json"
-    plot_path = Path(plot) if plot else eval_dir / "pdj.png"
-    pred_path = Path(save_predictions) if save_predictions else eval_dir / "predictions.json"
-    write_json(json_path, metrics_json(rows, manifest, {
-        "run": str(run_dir), "index": str(index_path), "images": len(records),
-        "flip_test": bool(flipped), "flip_test_stages": flipped, "flip_weights": flip_weights,
-        "seconds": round(seconds, 6),
-        "images_per_second": round(len(records) / seconds, 2) if seconds > 0 else None,
-        "refinement": [r.to_json(manifest.joint_names) for r in refinements]}))
-    plot_pdj(rows, plot_path, f"{meta['dataset']}: {index_path.name} ({len(records)} images)")
-    write_json(pred_path, predictions_json(records, per_stage, manifest.joint_names))
+    output = EvaluationOutput(run_dir, json_out and Path(json_out), plot and Path(plot),
+                              save_predictions and Path(save_predictions))
+    with output:  # every destination checked writable before the evaluation runs
+        with RunReadLock(run_dir) as lock:  # one run, even if a retrain publishes meanwhile
+            seen = run_seen(lock, run_dir)
+            cascade, meta = load_cascade(run_dir, device, stages)
+            stage_dirs = stage_directories(run_dir)[:len(cascade)]
+        manifest = run_manifest(meta)
+        cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test, flip_weights)
+        flipped = [stage.stage for stage in cascade if stage.flip_test]
+        started = time.perf_counter()
+        per_stage = run_cascade_on_records(cascade, records, manifest.torso_diameter)
+        seconds = time.perf_counter() - started  # loading, cropping and every stage's forward
+        rows = evaluate_predictions(per_stage, meta["mean_pose"], records, manifest)
+        refinements = refinement_reports(stage_dirs, cascade, per_stage, records, manifest,
+                                         on_crops=refinement_crops)
+        title = f"{meta['dataset']}: {index_path.name} ({len(records)} images)"
+        output.write(seen, metrics_json(rows, manifest, {
+            "run": str(run_dir), "index": str(index_path), "images": len(records),
+            "flip_test": bool(flipped), "flip_test_stages": flipped, "flip_weights": flip_weights,
+            "seconds": round(seconds, 6),
+            "images_per_second": round(len(records) / seconds, 2) if seconds > 0 else None,
+            "refinement": [r.to_json(manifest.joint_names) for r in refinements]}),
+            lambda path: plot_pdj(rows, path, title),
+            predictions_json(records, per_stage, manifest.joint_names))
     _print_evaluation(rows, manifest, f"{run_dir} on {index_path} ({len(records)} images, "
                       f"{len(records) / max(seconds, 1e-9):.1f} images/s through the cascade; test-time flip: "
                       f"{_stage_list(flipped)})")
     if refinements:
         _print_refinements(refinements, manifest)
-    console().print(f"metrics: {json_path}\nPDJ curves: {plot_path}\npredictions: {pred_path}")
+    console().print(f"metrics: {output.path('metrics')}\nPDJ curves: {output.path('plot')}\n"
+                    f"predictions: {output.path('predictions')}")
     state.run_dir = Path(run_dir)
 
 
@@ -666,26 +687,25 @@ def _print_refinements(reports, manifest) -> None:
     out.print(moved)
 
 
-# Box coordinates beyond this many pixels describe no photo; they would only overflow.
-MAX_BBOX_PIXELS = 1e6
-
-
 def _parse_bbox(text: str | None):
     if text is None:
         return None
+    from .core.geometry import MAX_PIXEL_COORDINATE, MIN_BOX_SIDE
+
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != 4 or not all(math.isfinite(v) and abs(v) <= MAX_BBOX_PIXELS
-                                   for v in values) or values[2] <= 0 or values[3] <= 0:
+    if len(values) != 4 or not all(math.isfinite(v) and abs(v) <= MAX_PIXEL_COORDINATE
+                                   for v in values) or min(values[2:]) < MIN_BOX_SIDE:
         raise DeepPoseError(f"--bbox must be X,Y,W,H: four finite numbers of pixels (at most "
-                            f"{MAX_BBOX_PIXELS:.0e}) with positive W and H, got {text!r}")
+                            f"{MAX_PIXEL_COORDINATE:.0e}) with W and H at least "
+                            f"{MIN_BOX_SIDE:g} pixel, got {text!r}")
     return values
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--model", "model_dir",
               help="Run directory, export, or packaged cascade (default: the chain's, else "
                    "the latest run under runs/, else the pretrained lspet-small).")

@@ -9,8 +9,10 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import sys
 import threading
+import time
 import types
 import zipfile
 from email.utils import formatdate
@@ -639,7 +641,8 @@ def test_decompression_bomb_is_refused(tmp_path, root, monkeypatch, bound_from):
 def test_bound_counts_bytes_written_not_only_declared_sizes(tmp_path, root, monkeypatch):
     # A directory that understates the sizes: extraction must still stop at the bound.
     monkeypatch.setattr(fetch, "_declared_size", lambda members: 0)
-    with pytest.raises(DeepPoseError, match="refusing"):
+    monkeypatch.setattr(fetch, "MAX_EXPANSION_RATIO", 1 << 40)  # the streaming bound alone
+    with pytest.raises(DeepPoseError, match="unpacks to more than its directory declares"):
         fetch_dataset(lspet_with(), root, archive=bomb_zip(tmp_path / "bomb.zip"),
                       max_extract_bytes=1 << 20, progress=False)
     assert not (root / "lspet").exists()
@@ -902,3 +905,160 @@ def test_a_tar_bomb_is_refused_before_writing(tmp_path):
         fetch_dataset(load_dataset_manifest("lspet"), tmp_path / "data", archive=archive,
                       progress=False, max_extract_bytes=1 << 20)
     assert not (tmp_path / "data" / "lspet" / "zeros.bin").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Servers that never finish: a deadline on progress, a cap on size, a bound on expansion
+
+DEEPPOSE = str(Path(sys.executable).with_name("deeppose"))
+
+
+class MisbehavingServer:
+    """A loopback server of the archive that never finishes, with raw sockets to control
+    every byte: ``trickle`` sends the headers and 600 bytes of a zip, then one byte every
+    ``interval`` seconds; ``slow-headers`` the status line, then header bytes as slowly;
+    ``endless`` a zip signature, then zeros as fast as it can, with no Content-Length.
+    ``requests`` holds each request's first lines."""
+
+    def __init__(self, mode: str, interval: float = 0.05):
+        import socketserver
+
+        self.mode, self.interval = mode, interval
+        self.requests: list[str] = []
+        self.stop = threading.Event()
+        start = build_zip_bytes(lspet_members())[:600]
+        state = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.settimeout(5)
+                state.requests.append(self.request.recv(65536).decode("latin-1"))
+                try:
+                    if state.mode == "trickle":
+                        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/zip"
+                                             b"\r\nContent-Length: 100000\r\n\r\n" + start)
+                        while not state.stop.wait(state.interval):
+                            self.request.sendall(b"\0")
+                    elif state.mode == "slow-headers":
+                        self.request.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                        while not state.stop.wait(state.interval):
+                            self.request.sendall(b"a")
+                    else:
+                        self.request.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/zip"
+                                             b"\r\n\r\nPK\x03\x04")
+                        zeros = bytes(1 << 16)
+                        while not state.stop.is_set():
+                            self.request.sendall(zeros)
+                except OSError:
+                    pass  # the client gave up: what it should do
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{ARCHIVE_NAME}"
+
+    def __enter__(self) -> "MisbehavingServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def build_zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def run_fetch(*argv: str, stall_seconds: str = "0.5") -> subprocess.CompletedProcess:
+    """``deeppose fetch ARGV`` as a real process: a hang shows as a timeout, not as a stuck
+    test run."""
+    env = {**os.environ, "DEEPPOSE_FETCH_STALL_SECONDS": stall_seconds}
+    return subprocess.run([DEEPPOSE, "fetch", *argv], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+@pytest.mark.parametrize("mode, says", [("trickle", "stalled: "),
+                                        ("slow-headers", "stalled: no response within 0.5 s")])
+def test_a_server_that_trickles_is_given_up_with_its_url(tmp_path, mode, says):
+    with MisbehavingServer(mode) as slow:
+        started = time.monotonic()
+        result = run_fetch("lspet", "--root", str(tmp_path / "data"), "--url", slow.url)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert f"could not download lspet_dataset.zip from {slow.url} ({says}" in result.stderr
+    assert "2 tries" in result.stderr and len(slow.requests) == 2  # retried once, then failed
+    assert "Traceback" not in result.stderr
+    assert elapsed < 30  # seconds: half-second windows, not one read timeout per byte
+
+
+def test_a_body_without_end_stops_at_the_manifests_size(tmp_path):
+    code = ("import dataclasses, sys\n"
+            "from deeppose_cli.core.errors import DeepPoseError\n"
+            "from deeppose_cli.core.manifests import load_dataset_manifest\n"
+            "from deeppose_cli.data.fetch import fetch_dataset\n"
+            "base = load_dataset_manifest('lspet')\n"
+            "manifest = dataclasses.replace(base, archive={**base.archive, 'urls': [sys.argv[1]],"
+            " 'size': 300000})\n"
+            "try:\n    fetch_dataset(manifest, sys.argv[2], progress=False)\n"
+            "except DeepPoseError as e:\n    print(e)\n")
+    with MisbehavingServer("endless") as endless:
+        result = subprocess.run([sys.executable, "-c", code, endless.url, str(tmp_path)],
+                                capture_output=True, text=True, timeout=60)
+    assert "the server sent more than the 300000 bytes the manifest gives" in result.stdout, \
+        result.stdout + result.stderr
+    assert not (tmp_path / "downloads" / f"{ARCHIVE_NAME}.partial").exists()
+
+
+def test_a_body_without_end_stops_at_the_bound_when_the_size_is_unknown(tmp_path):
+    with MisbehavingServer("endless") as endless:
+        result = run_fetch("lspet", "--root", str(tmp_path), "--url", endless.url,
+                           "--sha256", "0" * 64, "--max-extract-gib", "0.001")
+    assert result.returncode == 1, result.stderr
+    assert "the server sent more than 2.0 MiB, more than an archive that unpacks to at most" \
+        in result.stderr
+    assert not (tmp_path / "downloads" / f"{ARCHIVE_NAME}.partial").exists()
+
+
+@pytest.mark.parametrize("layout", ["one member", "many small members", "tar.gz"])
+def test_an_archive_expanding_more_than_200_to_1_is_refused_within_the_bound(tmp_path, layout):
+    import tarfile
+
+    members = lspet_members()
+    if layout == "one member":
+        members["images/zeros.bin"] = bytes(48 << 20)
+    else:
+        members.update({f"images/zeros{k:03d}.bin": bytes(512 << 10) for k in range(96)})
+    if layout == "tar.gz":
+        archive = tmp_path / "lspet_dataset.tar.gz"
+        with tarfile.open(archive, "w:gz") as tf:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    else:
+        archive = tmp_path / ARCHIVE_NAME
+        build_zip(archive, members)
+    assert archive.stat().st_size < 1 << 20  # 48 MiB, far below LSPET's 4 GiB bound
+    with pytest.raises(DeepPoseError, match=r"expands \d+:1 .* more than the 200:1"):
+        fetch_dataset(load_dataset_manifest("lspet"), tmp_path / "data", archive=archive,
+                      progress=False)
+    assert not (tmp_path / "data" / "lspet").exists()
+    assert leftover_temp_dirs(tmp_path / "data") == []
+
+
+def test_a_port_out_of_range_is_named_as_such(tmp_path):
+    result = run_fetch("lspet", "--root", str(tmp_path),
+                       "--url", "http://127.0.0.1:99999/lspet_dataset.zip")
+    assert result.returncode == 1
+    assert "invalid URL http://127.0.0.1:99999/lspet_dataset.zip: Port out of range" \
+        in result.stderr

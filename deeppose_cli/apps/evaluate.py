@@ -12,8 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..core.errors import DeepPoseError
 from ..core.records import PoseRecord
-from ..core.files import atomic_write
+from ..core.files import (atomic_write, check_writable, make_temp_dir, os_error_reason,
+                          printable, replace_directory, write_json, WriteError)
 from ..core.geometry import denormalize_pose
 from ..core.manifests import DatasetManifest
 from ..core.metrics import RateCurve, head_sizes, pck_box, pckh, pcp, pdj
@@ -181,7 +183,7 @@ def plot_pdj(rows: Sequence[StageScores], path: Path, title: str) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-        ax.set_title(title if len(panels) == 1 else f"{title}: {name}")
+        ax.set_title(printable(title if len(panels) == 1 else f"{title}: {name}"))
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
@@ -267,3 +269,102 @@ def refinement_reports(stage_dirs: Sequence[Path | None], cascade,
                      validation_metrics(stage.predictor, crops_set, batch_size).items()}
         reports.append(RefinementReport(k + 1, closer, farther, crops))
     return reports
+
+
+@dataclass
+class RunSeen:
+    """Which run an evaluation read: the directory's identity and its run.json."""
+
+    identity: tuple[int, int] | None
+    meta: bytes
+
+
+def run_seen(lock, run_dir: Path) -> RunSeen:
+    """What :func:`EvaluationOutput.write` compares against: read while ``lock`` (the run's
+    :class:`~deeppose_cli.training.rundir.RunReadLock`) is held."""
+    try:
+        meta = (Path(run_dir) / "run.json").read_bytes()
+    except OSError:
+        meta = b""
+    return RunSeen(lock.identity, meta)
+
+
+class EvaluationOutput:
+    """The files of one evaluation: ``metrics.json``, ``pdj.png`` and ``predictions.json``,
+    in ``RUN/eval/`` unless given elsewhere.
+
+    Entered before anything is computed, it checks that every destination can be written
+    (and builds the new ``eval/`` in a hidden directory beside it), so a read-only run or a
+    file in the way fails in seconds, not after the evaluation. :meth:`write` replaces
+    ``eval/`` as one unit, and only if the run it evaluated is still the one at RUN_DIR.
+    """
+
+    NAMES = {"metrics": "metrics.json", "plot": "pdj.png", "predictions": "predictions.json"}
+
+    def __init__(self, run_dir: Path, metrics: Path | None = None, plot: Path | None = None,
+                 predictions: Path | None = None):
+        self.run_dir = Path(run_dir)
+        self.eval_dir = self.run_dir / "eval"
+        given = {"metrics": metrics, "plot": plot, "predictions": predictions}
+        self.custom = {key: Path(path) for key, path in given.items()
+                       if path is not None and Path(path).resolve() != self._default(key).resolve()}
+        self.staged: Path | None = None
+
+    def _default(self, key: str) -> Path:
+        return self.eval_dir / self.NAMES[key]
+
+    def path(self, key: str) -> Path:
+        """Where the file ``key`` ends up."""
+        return self.custom.get(key, self._default(key))
+
+    def __enter__(self) -> "EvaluationOutput":
+        for path in self.custom.values():
+            check_writable(path.parent)
+            if path.is_dir():
+                raise DeepPoseError(f"cannot write {path}: it is a directory")
+        if len(self.custom) < len(self.NAMES):
+            self.staged = make_temp_dir(self.eval_dir, "new")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.staged is not None and self.staged.exists():
+            import shutil
+
+            shutil.rmtree(self.staged, ignore_errors=True)
+
+    def write(self, seen: RunSeen, metrics: dict[str, Any], plot: Any,
+              predictions: list[dict[str, Any]]) -> None:
+        """Write the evaluation: ``plot(path)`` draws the PDJ curves. Refused, writing
+        nothing, when the run at RUN_DIR was retrained meanwhile (its ``eval/`` would
+        describe a model it does not hold)."""
+        from ..training.rundir import RunReadLock
+
+        writers = {"metrics": lambda path: write_json(path, metrics),
+                   "plot": plot,
+                   "predictions": lambda path: write_json(path, predictions)}
+        with RunReadLock(self.run_dir) as lock:
+            if run_seen(lock, self.run_dir) != seen:
+                raise DeepPoseError(f"{self.run_dir} was replaced (retrained) while it was "
+                                    "being evaluated; nothing was written: evaluate it again")
+            for key, write in writers.items():
+                if key not in self.custom:
+                    _write_or_say_why(write, self.staged / self.NAMES[key], self.path(key))
+            if self.staged is not None:
+                try:
+                    replace_directory(self.staged, self.eval_dir)
+                except OSError as e:
+                    raise DeepPoseError(f"cannot write {self.eval_dir}: "
+                                        f"{os_error_reason(e)}") from None
+                self.staged = None
+        for key, path in self.custom.items():
+            _write_or_say_why(writers[key], path, path)
+
+
+def _write_or_say_why(write, path: Path, shown: Path) -> None:
+    """``write(path)``, a refusal of the file system becoming one line about ``shown``."""
+    try:
+        write(path)
+    except WriteError as e:
+        raise DeepPoseError(f"cannot write {shown}: {e.reason}") from None
+    except OSError as e:
+        raise DeepPoseError(f"cannot write {shown}: {os_error_reason(e)}") from None

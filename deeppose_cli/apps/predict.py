@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from ..core.errors import DeepPoseError
-from ..core.files import atomic_write
+from ..core.files import atomic_write, check_writable
 from ..core.images import ImageError, read_bgr
 
 
@@ -47,6 +47,8 @@ def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] |
     from ..core.manifests import run_manifest
     from ..training.runs import load_cascade
 
+    if draw_dir is not None:
+        check_writable(draw_dir)  # before any work: a read-only --out fails in one line
     cascade, meta = load_cascade(run_dir, device, stages)
     manifest = run_manifest(meta)
     cascade = with_flip_test(cascade, manifest.flip_permutation, flip_test, flip_weights)
@@ -75,11 +77,13 @@ def predict_images(run_dir: Path, paths: Sequence[Path], bbox: Sequence[float] |
         for (path, bgr, box), joints in zip(readable, predicted):
             result = ImagePrediction(path, box_to_xywh(box), manifest.joint_names, joints)
             if draw_dir is not None:
-                draw_dir.mkdir(parents=True, exist_ok=True)
                 target = draw_dir / f"{path.stem}_pose.png"
                 drawn = draw_pose(bgr, joints, manifest.skeleton)
-                atomic_write(target, lambda tmp: _write_png(tmp, drawn))
-                result.drawn = target
+                try:
+                    atomic_write(target, lambda tmp: _write_png(tmp, drawn))
+                    result.drawn = target
+                except DeepPoseError as e:  # a full disk: the prediction itself stands
+                    failures.append((path, f"predicted, but the drawing was not written ({e})"))
             results.append(result)
     return results, failures
 

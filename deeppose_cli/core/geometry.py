@@ -16,6 +16,12 @@ import numpy as np
 Box = np.ndarray  # shape (4,) or (..., 4): cx, cy, w, h
 
 
+# Coordinates beyond this many pixels describe no photo; they would only overflow.
+MAX_PIXEL_COORDINATE = 1e6
+# A person box under one pixel gives a crop of nothing (every joint lands on one point).
+MIN_BOX_SIDE = 1.0
+
+
 def person_box(joints: np.ndarray, visible: np.ndarray, margin: float = 0.2) -> Box:
     """Square box around the visible joints, enlarged by ``margin`` of its side on each side.
 

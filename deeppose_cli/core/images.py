@@ -1,23 +1,29 @@
-"""Reading images a user gives us: bounded in size, and truncated files recognised.
+"""Reading images a user gives us: bounded in size, truncated files recognised, any path.
 
 Every decode in the toolkit goes through :func:`read_bgr`, so a 30000 x 30000 PNG (a
 decompression bomb: a small file that decodes to gigabytes) is refused from its header,
-before any pixel is decoded.
+before any pixel is decoded, and so is a file whose header does not parse (OpenCV would
+allocate whatever it claims). The bytes are read here and handed to ``cv2.imdecode``:
+``cv2.imread`` crashes the process on a path that is not valid UTF-8.
 """
 
 from __future__ import annotations
 
-import os
-import struct
+import re
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DeepPoseError
+from .image_headers import (DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, bound_opencv_decoding,
+                            image_format, jpeg_segments, max_image_pixels)
+from .image_headers import header_size as size_from_header
 
-# 100 megapixels (300 MB decoded): above any camera photo of a person, far below a bomb.
-DEFAULT_MAX_PIXELS = 100_000_000
-MAX_PIXELS_ENV = "DEEPPOSE_MAX_IMAGE_PIXELS"
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_PIXELS_ENV", "ImageError", "max_image_pixels",
+           "header_size", "truncation_reason", "read_bgr", "read_rgb"]
+
+# "http://host/x.jpg" becomes "http:/host/x.jpg" in a Path.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
 class ImageError(DeepPoseError):
@@ -28,118 +34,90 @@ class ImageError(DeepPoseError):
         self.reason = reason
 
 
-def max_image_pixels() -> int:
-    """The pixel bound: ``$DEEPPOSE_MAX_IMAGE_PIXELS`` or :data:`DEFAULT_MAX_PIXELS`."""
-    text = os.environ.get(MAX_PIXELS_ENV)
-    if not text:
-        return DEFAULT_MAX_PIXELS
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise DeepPoseError(f"${MAX_PIXELS_ENV} must be a positive integer, got {text!r}")
-    return value
-
-
-def _jpeg_size(f) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's first start-of-frame marker."""
-    f.seek(2)
-    while True:
-        marker = f.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            return None
-        kind = marker[1]
-        if kind == 0xFF:  # fill byte
-            f.seek(-1, os.SEEK_CUR)
-            continue
-        if kind in (0xD8, 0x01) or 0xD0 <= kind <= 0xD7:  # markers without a length
-            continue
-        length_bytes = f.read(2)
-        if len(length_bytes) < 2:
-            return None
-        (length,) = struct.unpack(">H", length_bytes)
-        if kind in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
-                    0xCF):
-            frame = f.read(5)
-            if len(frame) < 5:
-                return None
-            height, width = struct.unpack(">HH", frame[1:5])
-            return width, height
-        if kind == 0xDA or length < 2:  # scan data before any frame header: malformed
-            return None
-        f.seek(length - 2, os.SEEK_CUR)
+def missing_file_reason(path: Path) -> str:
+    """Why ``path`` is not a file to read, in a few words."""
+    if path.is_dir():
+        return "is a directory, not an image file"
+    if _URL.match(str(path)):
+        return ("no such file (a URL? images are read from local files: download it "
+                "first)")
+    return "no such file"
 
 
 def header_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) read from a PNG, JPEG, BMP, GIF or WebP header without decoding, or
-    None for a format this does not parse (OpenCV's own pixel limit still applies then)."""
+    """(width, height) read from an image file's header without decoding it, or None when
+    the format is unknown or the header does not parse."""
     with open(path, "rb") as f:
-        head = f.read(32)
-        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
-            return struct.unpack(">II", head[16:24])
-        if head.startswith(b"\xff\xd8"):
-            return _jpeg_size(f)
-        if head.startswith(b"BM") and len(head) >= 26:
-            width, height = struct.unpack("<ii", head[18:26])
-            return abs(width), abs(height)
-        if head[:6] in (b"GIF87a", b"GIF89a"):
-            return struct.unpack("<HH", head[6:10])
-        if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-            if head[12:16] == b"VP8X":
-                return (int.from_bytes(head[24:27], "little") + 1,
-                        int.from_bytes(head[27:30], "little") + 1)
-            if head[12:16] == b"VP8 ":
-                return (int.from_bytes(head[26:28], "little") & 0x3FFF,
-                        int.from_bytes(head[28:30], "little") & 0x3FFF)
-            if head[12:16] == b"VP8L" and head[20] == 0x2F:
-                bits = int.from_bytes(head[21:25], "little")
-                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    return None
+        return size_from_header(f.read())
 
 
-def truncation_reason(path: Path) -> str | None:
-    """Why a JPEG or PNG file is cut short, or None. OpenCV decodes a truncated JPEG with a
-    warning and grey pixels, which would silently train on a grey half-image."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 1024))
-        tail = f.read()
-    if head.startswith(b"\xff\xd8"):
+def truncation_of(data: bytes) -> str | None:
+    """Why the JPEG or PNG held in ``data`` is cut short, or None. OpenCV decodes a truncated
+    JPEG with a warning and grey pixels, which would silently train on a grey half-image."""
+    if data.startswith(b"\xff\xd8"):
         # Entropy-coded data never holds FF D9 (an FF there is followed by 00 or a restart
-        # marker), so a file cut inside the scan has no end-of-image marker in its last KiB.
-        if b"\xff\xd9" not in tail:
+        # marker), so a file cut inside its scans has no end-of-image marker after the
+        # first scan begins. (Searched from there: an EXIF thumbnail before it has its own,
+        # and data some cameras append after the image is allowed.)
+        scan = next((start + length for kind, start, length in jpeg_segments(data)
+                     if kind == 0xDA), None)
+        if scan is None or data.find(b"\xff\xd9", scan) < 0:
             return "truncated JPEG (no end-of-image marker)"
-    elif head.startswith(b"\x89PNG\r\n\x1a\n"):
-        if b"IEND" not in tail[-16:]:
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        if data.rfind(b"\x00\x00\x00\x00IEND") < 0:
             return "truncated PNG (no IEND chunk)"
     return None
 
 
-def read_bgr(path: Path | str) -> np.ndarray:
-    """Decode an image file as BGR uint8 HWC, refusing missing, unreadable and oversized ones
-    with a one-line :class:`DeepPoseError`."""
-    import cv2
+def truncation_reason(path: Path) -> str | None:
+    """:func:`truncation_of` the file at ``path``."""
+    with open(path, "rb") as f:
+        return truncation_of(f.read())
 
+
+def read_bgr(path: Path | str) -> np.ndarray:
+    """Decode an image file as BGR uint8 HWC, refusing missing, unreadable, truncated and
+    oversized ones (and those whose size cannot be read from the header) with a one-line
+    :class:`ImageError`."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError(path, "no such file")
+        raise ImageError(path, missing_file_reason(path))
     limit = max_image_pixels()
     try:
-        size = header_size(path)
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ImageError(path, f"cannot read ({e.strerror or e})") from None
-    if size is None or size[0] * size[1] <= limit:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise ImageError(path, "not an image OpenCV can read")
-        size = image.shape[1], image.shape[0]
+    kind = image_format(data)
+    if kind is None:
+        raise ImageError(path, "not an image OpenCV can read")
+    size = size_from_header(data)
+    if size is None:
+        raise ImageError(path, f"damaged {kind} file: its header does not say how large the "
+                               "image is, so it is not decoded")
     if size[0] * size[1] > limit:
-        raise ImageError(path, f"{size[0]} x {size[1]} pixels is more than the {limit:,} "
-                               f"this reads (set ${MAX_PIXELS_ENV} to allow more)")
+        raise _too_large(path, size, limit)
+    truncated = truncation_of(data)
+    if truncated:
+        raise ImageError(path, truncated)
+    bound_opencv_decoding()
+    import cv2
+
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as e:
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else "cv2.error"
+        raise ImageError(path, f"not an image OpenCV can read ({detail})") from None
+    if image is None:
+        raise ImageError(path, "not an image OpenCV can read")
+    if image.shape[0] * image.shape[1] > limit:  # a header that understated the size
+        raise _too_large(path, (image.shape[1], image.shape[0]), limit)
     return image
+
+
+def _too_large(path: Path, size: tuple[int, int], limit: int) -> ImageError:
+    return ImageError(path, f"{size[0]} x {size[1]} pixels is more than the {limit:,} "
+                            f"this reads (set ${MAX_PIXELS_ENV} to allow more)")
 
 
 def read_rgb(path: Path | str) -> np.ndarray:

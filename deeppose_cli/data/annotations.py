@@ -26,7 +26,7 @@ import numpy as np
 
 from ..core.errors import DeepPoseError
 from ..core.files import atomic_write_text
-from ..core.geometry import box_from_xywh, person_box
+from ..core.geometry import MAX_PIXEL_COORDINATE, MIN_BOX_SIDE, box_from_xywh, person_box
 from ..core.manifests import DatasetManifest
 from ..core.records import PoseRecord
 from .formats import Person, read_flic, read_mpii
@@ -257,39 +257,47 @@ def build_index(manifest: DatasetManifest, dataset_dir: Path, *, val_fraction: f
 def _record_from_json(obj: dict, index_dir: Path, num_joints: int | None,
                       check_images: bool) -> PoseRecord:
     """One index line as a :class:`PoseRecord`; ``ValueError`` says what is wrong with it."""
+    for key in ("image", "joints"):
+        if key not in obj:
+            raise ValueError(f"missing key {key!r}")
+    if not isinstance(obj["image"], str) or not obj["image"]:
+        raise ValueError(f"image must be a file path (a string), found "
+                         f"{type(obj['image']).__name__} {_short(obj['image'])}")
     try:
         joints = np.asarray(obj["joints"], dtype=np.float64)
-        visible = np.asarray(obj.get("visible", [1] * len(joints)), dtype=bool)
         box_values = np.asarray(obj["box"], dtype=np.float64) if "box" in obj else None
-        image = Path(obj["image"])
-    except KeyError as e:
-        raise ValueError(f"missing key {e}") from None
+    except OverflowError:
+        raise ValueError("a number is too large to be a pixel coordinate") from None
     except (TypeError, ValueError):
-        raise ValueError("joints, visible and box must be numbers") from None
-    if joints.ndim != 2 or joints.shape[1] != 2 or visible.shape != (len(joints),):
+        raise ValueError("joints and box must be numbers") from None
+    if joints.ndim != 2 or joints.shape[1] != 2:
         raise ValueError("joints must be [[x, y], ...] and visible one flag per joint")
+    visible = _visibility(obj.get("visible", [1] * len(joints)), len(joints))
+    image = Path(obj["image"])
     if num_joints is not None and len(joints) != num_joints:
         raise ValueError(f"{len(joints)} joints, the skeleton has {num_joints}")
     if not np.isfinite(joints).all():
         raise ValueError("joint coordinates must be finite numbers (NaN or infinity found)")
+    if np.abs(joints).max(initial=0.0) > MAX_PIXEL_COORDINATE:
+        raise ValueError(f"joint coordinates must be within {MAX_PIXEL_COORDINATE:.0e} pixels "
+                         f"of the image origin (found {np.abs(joints).max():.3g})")
     if not image.is_absolute():
         image = index_dir / image
     if box_values is not None:
         if box_values.shape != (4,) or not np.isfinite(box_values).all():
             raise ValueError("box must be four finite numbers x, y, w, h")
+        if np.abs(box_values).max() > MAX_PIXEL_COORDINATE:
+            raise ValueError(f"box values must be within {MAX_PIXEL_COORDINATE:.0e} pixels")
         box = box_from_xywh(*box_values.tolist())
-        if box[2] <= 0 or box[3] <= 0:
-            raise ValueError("box width and height must be positive")
+        if box[2] < MIN_BOX_SIDE or box[3] < MIN_BOX_SIDE:
+            raise ValueError(f"box width and height must be at least {MIN_BOX_SIDE:g} pixel")
     else:
         if not visible.any():
             raise ValueError("no box and no visible joint to derive one from")
         box = person_box(joints, visible)
     if check_images and not image.is_file():
         raise ValueError(f"image {image} not found")
-    try:
-        width, height = int(obj.get("width", 0)), int(obj.get("height", 0))
-    except (TypeError, ValueError):
-        raise ValueError("width and height must be integers") from None
+    width, height = (_pixel_count(obj.get(key, 0), key) for key in ("width", "height"))
     head_size = obj.get("head_size")
     if head_size is not None:
         if isinstance(head_size, bool) or not isinstance(head_size, (int, float)) or \
@@ -299,6 +307,34 @@ def _record_from_json(obj: dict, index_dir: Path, num_joints: int | None,
     return PoseRecord(id=str(obj.get("id", image.stem)), image=image, joints=joints,
                       visible=visible, box=box, width=width, height=height,
                       head_size=head_size)
+
+
+def _visibility(flags: object, count: int) -> np.ndarray:
+    """``visible`` as booleans: one 0 or 1 (or false/true) per joint, nothing else; a -1, 2 or
+    0.1 is a mistake (another dataset's convention), not a guess to make."""
+    if not isinstance(flags, list) or len(flags) != count:
+        raise ValueError("joints must be [[x, y], ...] and visible one flag per joint")
+    if not all(isinstance(v, (bool, int, float)) and v in (0, 1) for v in flags):
+        bad = next(v for v in flags if not (isinstance(v, (bool, int, float)) and v in (0, 1)))
+        raise ValueError(f"visible must hold 0 or 1 (or false/true) per joint, found "
+                         f"{_short(bad)}")
+    return np.array([bool(v) for v in flags], dtype=bool)
+
+
+def _pixel_count(value: object, key: str) -> int:
+    """An image ``width`` or ``height``: a whole number of pixels (0: not recorded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (value == value and 0 <= value <= MAX_PIXEL_COORDINATE) or value != int(value):
+        raise ValueError(f"{key} must be a whole number of pixels, found {_short(value)}")
+    return int(value)
+
+
+def _short(value: object) -> str:
+    try:
+        text = repr(value) if isinstance(value, float) else json.dumps(value)
+    except (RecursionError, TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # Bad lines listed in one error before the rest are summarised as a count.
@@ -341,6 +377,8 @@ def read_index(path: Path, num_joints: int | None = None,
                                  f"{first_count}")
         except json.JSONDecodeError as e:
             problems.append(f"{where}: not JSON ({e.msg})")
+        except RecursionError:
+            problems.append(f"{where}: not an index record (JSON nested too deeply)")
         except ValueError as e:
             problems.append(f"{where}: {e}")
         else:

@@ -14,6 +14,11 @@ A dataset may come in several archives (MPII: its images and its annotations, li
 the same staging directory (into its own subdirectory where the manifest says so), and the
 directory is renamed into place only once every archive is in. ``--archive`` names a local
 copy of each (``NAME=FILE``, or a FILE whose name says which archive it is).
+
+A download cannot hang or fill the disk: a window without progress (``STALL_SECONDS``)
+retries the mirror and then fails naming it, and no download outgrows the archive's size
+(the manifest's, else what the extraction bound allows). Archives that expand more than
+``MAX_EXPANSION_RATIO`` to one are refused before anything is written.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import socket
 import stat
 import tarfile
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,12 +46,25 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..core.errors import DeepPoseError
-from ..core.files import sha256_of
+from ..core.files import make_temp_dir, os_error_reason, replace_directory, sha256_of
 from ..core.manifests import DatasetManifest
 from ..core.manifests import default_data_root as manifest_data_root
 
 #: Seconds a connect or a read may stall before the download counts as failed.
 SOCKET_TIMEOUT_S = 30.0
+#: A download that receives fewer than ``STALL_MIN_BYTES`` in this many seconds (or no
+#: response in as long) has stalled ($DEEPPOSE_FETCH_STALL_SECONDS): a server trickling one
+#: byte every 20 s never lets a read time out, but it is no download.
+STALL_SECONDS = 60.0
+STALL_MIN_BYTES = 16 << 10
+STALL_ENV = "DEEPPOSE_FETCH_STALL_SECONDS"
+#: Tries of a mirror that stalls (each resuming the bytes already there) before the next.
+STALL_TRIES = 2
+#: Most an archive member, or a whole archive, may expand: dataset archives hold JPEGs that
+#: barely compress, while 1 GiB of zeros zips to 1 MiB (1000:1), a decompression bomb.
+MAX_EXPANSION_RATIO = 200
+#: Members up to this size are not judged by their ratio (a small text file compresses well).
+RATIO_FLOOR_BYTES = 1 << 20
 #: Bytes read from the network (and from archives) per step.
 CHUNK_SIZE = 1 << 16
 #: Written last into a dataset directory; its presence means the directory is complete.
@@ -290,7 +310,7 @@ def fetch_dataset(
     if not local and not url and manifest.generator and not any(p.urls for p in parts):
         return _generate(manifest, dataset_dir)
 
-    staged = _new_temp_dir(dataset_dir, "tmp")
+    staged = make_temp_dir(dataset_dir, "new")
     try:
         results = [_fetch_part(part, root, staged, local=local, url=url,
                                pinned_sha256=pins.get(part.name), force=force,
@@ -308,7 +328,10 @@ def fetch_dataset(
                 {"name": r.result.name, "source": r.source, "archive": str(r.result.archive),
                  "sha256": r.result.sha256, "size": r.result.size, "files": r.files}
                 for r in results])
-        _swap_into_place(staged, dataset_dir)
+        replace_directory(staged, dataset_dir)
+    except OSError as e:  # a full disk: nothing is left half-written, and no traceback
+        shutil.rmtree(staged, ignore_errors=True)
+        raise DeepPoseError(f"cannot write {dataset_dir}: {os_error_reason(e)}") from None
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -337,6 +360,8 @@ def _fetch_part(part: _Part, root: Path, staged: Path, *, local: dict[str, Path]
                                       f"Extracted {archive_path}"), str(archive_path), files)
 
     urls = [url] if url else part.urls
+    for candidate in urls:
+        _check_url(candidate)
     filename = part.filename(urls[0] if urls else "")
     downloads = root / "downloads"
     final_path = downloads / filename
@@ -635,8 +660,72 @@ def _human_bytes(n: int) -> str:
 # Download
 
 
+def _check_url(url: str) -> None:
+    """Refuse a URL that cannot be fetched, saying why (rather than "connection refused")."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError for a port outside 0-65535
+    except ValueError as e:
+        raise DeepPoseError(f"invalid URL {url}: {_one_line(e)}") from None
+    if parts.scheme.lower() not in ("http", "https", "ftp", "file") or not (
+            parts.netloc or parts.scheme.lower() == "file"):
+        raise DeepPoseError(f"invalid URL {url}: expected http://HOST/PATH (or https, ftp)")
+
+
+def _stall_seconds() -> float:
+    """The stall window: ``$DEEPPOSE_FETCH_STALL_SECONDS``, else :data:`STALL_SECONDS`."""
+    text = os.environ.get(STALL_ENV, "").strip()
+    if not text:
+        return STALL_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and math.isfinite(value)):
+        raise DeepPoseError(f"${STALL_ENV} must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _download_cap(part: _Part, pinned_sha256: str | None, limit: int) -> tuple[int, str]:
+    """The most bytes a download may take, and what that bound is: the manifest's size of
+    the archive, else what an archive that unpacks to at most ``limit`` can hold."""
+    expected = int(part.spec.get("size", 0) or 0)
+    if expected > 0 and pinned_sha256 is None:
+        return expected, f"the {expected} bytes the manifest gives for this archive"
+    cap = limit + limit // 100 + (1 << 20)
+    return cap, (f"{_human_bytes(cap)}, more than an archive that unpacks to at most "
+                 f"{_human_bytes(limit)} can hold")
+
+
 class _DownloadFailed(Exception):
     """One mirror failed; the message is a short reason for the combined error."""
+
+
+class _Stalled(_DownloadFailed):
+    """No progress within the stall window: worth another try, resuming."""
+
+
+class _Oversized(_DownloadFailed):
+    """The server sent more than the archive can be: its bytes are not the archive."""
+
+
+class _ProgressWatch:
+    """Counts the bytes of a download and raises :class:`_Stalled` when a window of
+    ``seconds`` passes with fewer than :data:`STALL_MIN_BYTES` received."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.window_start = time.monotonic()
+        self.count = 0
+
+    def received(self, count: int) -> None:
+        self.count += count
+        now = time.monotonic()
+        if now - self.window_start >= self.seconds:
+            if self.count < STALL_MIN_BYTES:
+                raise _Stalled(f"stalled: {self.count} bytes in {now - self.window_start:.0f} s, "
+                               f"less than {STALL_MIN_BYTES // 1024} KiB")
+            self.window_start, self.count = now, 0
 
 
 @dataclass
@@ -710,10 +799,11 @@ def _download_and_unpack(part: _Part, urls: list[str], partial_path: Path, final
     unknown length that looks cut short is kept for a resume.
     """
     failures: list[str] = []
+    cap = _download_cap(part, pinned_sha256, limit)
     for candidate in urls:
         for attempt in range(2):  # a second attempt only after discarding spliced bytes
             try:
-                got = _download(candidate, partial_path, progress=progress)
+                got = _download_retrying_stalls(candidate, partial_path, progress, cap)
             except _DownloadFailed as e:
                 failures.append(f"{candidate} ({_one_line(e)})")
                 break
@@ -745,6 +835,18 @@ def _download_and_unpack(part: _Part, urls: list[str], partial_path: Path, final
             _state_path(partial_path).unlink(missing_ok=True)
             return candidate, checked, files
     raise _all_mirrors_failed(part, final_path, failures, partial_path, local)
+
+
+def _download_retrying_stalls(url: str, partial_path: Path, progress: bool,
+                              cap: tuple[int, str]) -> _Downloaded:
+    """:func:`_download`, tried again (resuming) when it stalls, :data:`STALL_TRIES` times."""
+    for attempt in range(1, STALL_TRIES + 1):
+        try:
+            return _download(url, partial_path, progress=progress, cap=cap)
+        except _Stalled as e:
+            if attempt == STALL_TRIES:
+                raise _Stalled(f"{_one_line(e)}; {STALL_TRIES} tries") from None
+    raise AssertionError("unreachable")
 
 
 def _all_mirrors_failed(part: _Part, final_path: Path, failures: list[str],
@@ -790,13 +892,37 @@ def _network_reason(error: BaseException) -> str:
 
 
 def _open(url: str, start: int, if_range: str | None = None):
+    """The server's response (status and headers read), within the stall window: urlopen
+    runs in a thread, since headers trickling in byte by byte never time out a read."""
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
     if start > 0:
         headers["Range"] = f"bytes={start}-"
         if if_range:
             headers["If-Range"] = if_range
     request = urllib.request.Request(url, headers=headers)
-    return urllib.request.urlopen(request, timeout=SOCKET_TIMEOUT_S)
+    window = _stall_seconds()
+    outcome: dict[str, Any] = {}
+    abandoned = threading.Event()
+
+    def connect() -> None:
+        try:
+            response = urllib.request.urlopen(request, timeout=min(SOCKET_TIMEOUT_S, window))
+        except BaseException as e:  # handed to the caller
+            outcome["error"] = e
+            return
+        outcome["response"] = response
+        if abandoned.is_set():
+            response.close()
+
+    thread = threading.Thread(target=connect, name="deeppose-fetch-connect", daemon=True)
+    thread.start()
+    thread.join(window)
+    if thread.is_alive():
+        abandoned.set()
+        raise _Stalled(f"stalled: no response within {window:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["response"]
 
 
 def _range_total(content_range: str | None) -> int | None:
@@ -812,7 +938,8 @@ def _range_start(content_range: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _download(url: str, partial_path: Path, *, progress: bool) -> _Downloaded:
+def _download(url: str, partial_path: Path, *, progress: bool,
+              cap: tuple[int, str] | None = None) -> _Downloaded:
     """Fetch ``url`` into ``partial_path``, resuming what it holds when that is safe.
 
     Bytes left by another URL are never continued. A resume sends If-Range with the first
@@ -830,6 +957,8 @@ def _download(url: str, partial_path: Path, *, progress: bool) -> _Downloaded:
         validator = _if_range(state)
         try:
             response = _open(url, start, validator)
+        except _DownloadFailed:
+            raise
         except urllib.error.HTTPError as e:
             if e.code == 416 and start > 0:
                 total = _range_total(e.headers.get("Content-Range") if e.headers else None)
@@ -841,6 +970,8 @@ def _download(url: str, partial_path: Path, *, progress: bool) -> _Downloaded:
                 continue
             raise _DownloadFailed(_network_reason(e)) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            if _timed_out(e):
+                raise _Stalled(f"stalled: {_network_reason(e)}") from None
             raise _DownloadFailed(_network_reason(e)) from None
 
         with response:
@@ -877,21 +1008,37 @@ def _download(url: str, partial_path: Path, *, progress: bool) -> _Downloaded:
                         "the server returned a web page, not the archive"
                         if "web page" in problem else f"the server returned {problem}")
                 _write_state(partial_path, url, response.headers, total)
-            _copy_response(response, partial_path, offset, total, progress=progress, head=head)
+            try:
+                _copy_response(response, partial_path, offset, total, progress=progress,
+                               head=head, cap=cap)
+            except _Oversized:
+                _discard_partial(partial_path)  # whatever it is, it is not the archive
+                raise
         return _Downloaded(resumed=offset > 0, length_known=total is not None)
     raise _DownloadFailed("the server's answers to a resumed download were inconsistent")
+
+
+def _timed_out(error: BaseException) -> bool:
+    reason = getattr(error, "reason", None)
+    return isinstance(error, (socket.timeout, TimeoutError)) or \
+        isinstance(reason, (socket.timeout, TimeoutError))
 
 
 def _read_head(response) -> bytes:
     """The body's first bytes, enough to recognise a zip signature or a web page."""
     head = b""
+    watch = _ProgressWatch(_stall_seconds())
     try:
         while len(head) < 512:
-            chunk = response.read(512 - len(head))
+            chunk = response.read1(512 - len(head))
             if not chunk:
                 break
             head += chunk
+            if len(head) < 512:
+                watch.received(len(chunk))
     except (http.client.HTTPException, OSError, ValueError) as e:
+        if _timed_out(e):
+            raise _Stalled(f"stalled: {_network_reason(e)} after {len(head)} bytes") from None
         raise _DownloadFailed(f"{_network_reason(e)} after {len(head)} bytes") from None
     return head
 
@@ -915,10 +1062,16 @@ def _progress_bar(enabled: bool):
 
 
 def _copy_response(response, partial_path: Path, offset: int, total: int | None, *,
-                   progress: bool, head: bytes = b"") -> None:
-    """Write ``head``, then the body, at ``offset`` of ``partial_path``; raise if it ends early."""
+                   progress: bool, head: bytes = b"",
+                   cap: tuple[int, str] | None = None) -> None:
+    """Write ``head``, then the body, at ``offset`` of ``partial_path``; raise if it ends early,
+    stalls (:class:`_Stalled`) or passes ``cap`` = (most bytes, what that bound is)."""
     written = offset
     mode = "r+b" if offset > 0 else "wb"
+    most, bound = cap if cap is not None else (None, "")
+    if most is not None and total is not None and total > most:
+        raise _Oversized(f"the server announced {total} bytes, more than {bound}")
+    watch = _ProgressWatch(_stall_seconds())
     with _progress_bar(progress) as bar:
         task = bar.add_task(partial_path.name.removesuffix(".partial"), total=total,
                             completed=offset)
@@ -929,16 +1082,26 @@ def _copy_response(response, partial_path: Path, offset: int, total: int | None,
                 chunk = head
                 while True:
                     if not chunk:
-                        chunk = response.read(CHUNK_SIZE)
+                        # read1: whatever arrived, so a trickle is seen between reads
+                        chunk = response.read1(CHUNK_SIZE)
                         if not chunk:
                             break
-                    out.write(chunk)
+                        watch.received(len(chunk))
+                    if most is not None and written + len(chunk) > most:
+                        raise _Oversized(f"the server sent more than {bound}")
+                    try:
+                        out.write(chunk)
+                    except OSError as e:  # a full disk is not the server's failure
+                        raise DeepPoseError(f"cannot write {partial_path}: "
+                                            f"{os_error_reason(e)}") from None
                     written += len(chunk)
                     bar.update(task, completed=written)
                     chunk = b""
         except (http.client.HTTPException, OSError, ValueError) as e:
             if isinstance(e, OSError) and e.filename == str(partial_path):
                 raise DeepPoseError(f"cannot write {partial_path}: {e.strerror or e}") from None
+            if _timed_out(e):
+                raise _Stalled(f"stalled: {_network_reason(e)} after {written} bytes") from None
             raise _DownloadFailed(f"{_network_reason(e)} after {written} bytes") from None
     if total is not None and written < total:
         raise _DownloadFailed(f"connection closed after {written} of {total} bytes")
@@ -988,6 +1151,28 @@ def _too_big(archive_path: Path, amount: str, limit: int) -> DeepPoseError:
     )
 
 
+def _check_expansion(archive_path: Path, declared: int,
+                     members: list[tuple[str, int, int]]) -> None:
+    """Refuse an archive, before anything is written, whose members ((name, size, stored
+    size) each) or whole content (``declared`` bytes) expand more than
+    :data:`MAX_EXPANSION_RATIO` to one, even within the size bound: dataset images barely
+    compress, and what expands a thousandfold is a decompression bomb."""
+    def refuse(what: str, size: int, stored: int) -> _BadArchive:
+        return _BadArchive(
+            f"archive {archive_path}: {what} expands {size / max(stored, 1):.0f}:1 "
+            f"({_human_bytes(size)} from {_human_bytes(stored)}), more than the "
+            f"{MAX_EXPANSION_RATIO}:1 any dataset file reaches (a decompression bomb?); "
+            f"refusing to extract it",
+            f"a member that expands more than {MAX_EXPANSION_RATIO}:1")
+
+    for name, size, stored in members:
+        if size > RATIO_FLOOR_BYTES and size > MAX_EXPANSION_RATIO * stored:
+            raise refuse(f"member {name!r}", size, stored)
+    archive_size = archive_path.stat().st_size
+    if declared > RATIO_FLOOR_BYTES and declared > MAX_EXPANSION_RATIO * archive_size:
+        raise refuse("its content", declared, archive_size)
+
+
 def _strips_top_level(entries: list[tuple[list[str], bool]], annotations: str) -> bool:
     """Whether an archive's members ((path parts, is a directory) each) all sit in one
     top-level directory that is not the dataset itself: it is stripped on extraction, so
@@ -1021,6 +1206,9 @@ def _extract_zip(archive_path: Path, target: Path, annotations: str,
             declared = _declared_size(members)
             if declared > limit:
                 raise _too_big(archive_path, f"would unpack to {_human_bytes(declared)}", limit)
+            _check_expansion(archive_path, declared,
+                             [(i.filename, i.file_size, i.compress_size)
+                              for i, _parts in members if not i.is_dir()])
 
             strip = _strips_top_level([(parts, info.is_dir()) for info, parts in members],
                                       annotations)
@@ -1077,51 +1265,6 @@ def _extract_zip(archive_path: Path, target: Path, annotations: str,
     return count
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the system allows."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _new_temp_dir(dataset_dir: Path, purpose: str) -> Path:
-    """A fresh directory beside ``dataset_dir``, with the mode ``mkdir`` would have given it.
-
-    ``mkdtemp`` creates it 0700 whatever the umask, which would lock a group out of a shared
-    dataset once it is renamed into place.
-    """
-    path = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.{purpose}-",
-                                 dir=dataset_dir.parent))
-    os.chmod(path, 0o777 & ~_umask())
-    return path
-
-
-def _swap_into_place(staged: Path, dataset_dir: Path) -> None:
-    """Replace ``dataset_dir`` by ``staged``, removing the old copy only once the new one is in."""
-    if not dataset_dir.exists() and not dataset_dir.is_symlink():
-        os.replace(staged, dataset_dir)
-        return
-    old = _new_temp_dir(dataset_dir, "old")
-    os.rmdir(old)  # only its unique name is wanted
-    os.replace(dataset_dir, old)
-    try:
-        os.replace(staged, dataset_dir)
-    except BaseException:
-        os.replace(old, dataset_dir)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
-
-
 def _extract_tar(archive_path: Path, target: Path, annotations: str,
                  limit: int = DEFAULT_MAX_EXTRACTED_BYTES) -> int:
     """Unpack a tar archive into the empty directory ``target``; return the file count.
@@ -1143,6 +1286,7 @@ def _extract_tar(archive_path: Path, target: Path, annotations: str,
             declared = sum(m.size for m in members if m.isfile())
             if declared > limit:
                 raise _too_big(archive_path, f"would unpack to {_human_bytes(declared)}", limit)
+            _check_expansion(archive_path, declared, [])
             named = [(m, [p for p in m.name.split("/") if p not in ("", ".")]) for m in members]
             strip = _strips_top_level([(parts, m.isdir()) for m, parts in named], annotations)
             count = 0
@@ -1211,12 +1355,15 @@ def _generate(manifest: DatasetManifest, dataset_dir: Path) -> FetchResult:
         where = manifest.path or manifest.name
         raise DeepPoseError(f"{where}: [generator] is missing {e}") from None
 
-    staged = _new_temp_dir(dataset_dir, "tmp")
+    staged = make_temp_dir(dataset_dir, "new")
     try:
         generate_dataset(staged, num_images=num_images, seed=seed, image_size=image_size)
         _write_marker(staged, dataset=manifest.name, source="generated", sha256=None, size=None,
                       generator=dict(manifest.generator))
-        _swap_into_place(staged, dataset_dir)
+        replace_directory(staged, dataset_dir)
+    except OSError as e:  # a full disk: nothing is left half-written, and no traceback
+        shutil.rmtree(staged, ignore_errors=True)
+        raise DeepPoseError(f"cannot write {dataset_dir}: {os_error_reason(e)}") from None
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

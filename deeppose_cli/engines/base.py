@@ -18,7 +18,8 @@ import numpy as np
 from ..core.config import TrainConfig
 from ..core.errors import DeepPoseError
 from ..core.predictor import Predictor
-from ..core.weights import SCALE_NAMES
+from ..core.losses import predicts_uncertainty
+from ..core.weights import SCALE_NAMES, check_parameters, parameter_shapes
 from ..data.pipeline import RunSampler
 
 CHECKPOINT_FORMAT = "deeppose-checkpoint"
@@ -65,6 +66,25 @@ class Engine(Protocol):
         """The final model file (canonical parameters and the architecture)."""
 
 
+def _init_misfit(config: TrainConfig, error: DeepPoseError) -> DeepPoseError:
+    return DeepPoseError(f"--init {config.init} does not fit this network (input size "
+                         f"{config.input_size}, width {config.width}, batch norm "
+                         f"{config.batch_norm}): {error}")
+
+
+def check_init_parameters(params: dict[str, np.ndarray], config: TrainConfig,
+                          num_joints: int) -> None:
+    """Refuse ``--init`` weights that do not fit the run's network, before the run directory
+    is touched (the engine's model, built later, would refuse them too, but only after)."""
+    shapes = parameter_shapes(num_joints, config.input_size, config.width, config.batch_norm,
+                              predicts_uncertainty(config.loss))
+    try:  # a network that predicts its uncertainty may start from one that did not
+        check_parameters(params, {name: shape for name, shape in shapes.items()
+                                  if name in params or name not in SCALE_NAMES})
+    except DeepPoseError as e:
+        raise _init_misfit(config, e) from None
+
+
 def apply_init_parameters(load: Callable[..., None], model: Any, config: TrainConfig,
                           init_params: dict[str, np.ndarray] | None) -> None:
     """Load ``--init`` weights into an engine's fresh model with ``load`` (its
@@ -74,9 +94,7 @@ def apply_init_parameters(load: Callable[..., None], model: Any, config: TrainCo
     try:  # a network that predicts its uncertainty may start from one that did not
         load(model, init_params, optional=SCALE_NAMES)
     except DeepPoseError as e:
-        raise DeepPoseError(f"--init {config.init} does not fit this network (input size "
-                            f"{config.input_size}, width {config.width}, batch norm "
-                            f"{config.batch_norm}): {e}") from None
+        raise _init_misfit(config, e) from None
 
 
 def checkpoint_iteration(saved: Any, path: Path, framework: str) -> int:

@@ -457,7 +457,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             raise DeepPoseError(f"{path} is a single .npy array, not a model .npz")
         with loaded:
             return {key: loaded[key] for key in loaded.files}
-    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, KeyError):
+    except ValueError as e:
+        # NumPy blames pickle for any file that is neither .npy nor .npz; an object array
+        # inside is the pickle (a bare pickle file was refused above, as PyTorch's format).
+        if "Object arrays" in str(e):
+            raise DeepPoseError(f"{path} holds Python objects (pickled data), which are never "
+                                "loaded from a file: it is not a deeppose model") from None
+        raise DeepPoseError(f"{path} is truncated or corrupt (not a readable .npz model)") from None
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, KeyError):
         raise DeepPoseError(f"{path} is truncated or corrupt (not a readable .npz model)") from None
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from ..core.config import TrainConfig, parse_device
 from ..core.errors import DeepPoseError
-from ..core.files import atomic_write
+from ..core.files import ErrorRecordingWriter, atomic_write, os_error_reason
 from ..core.losses import predicts_uncertainty
 from ..core.predictor import Prediction, split_outputs
 from ..core.weights import ARCHITECTURE_KEYS, architecture, check_parameters, parameter_shapes
@@ -303,7 +303,7 @@ class TorchEngine:
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
         if self.precision.scaler is not None:
             checkpoint["grad_scaler"] = self.precision.scaler.state_dict()
-        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+        atomic_write(Path(path), lambda tmp: save_file(checkpoint, tmp))
 
     def load_checkpoint(self, path: Path) -> int:
         checkpoint = _torch_load(path, "checkpoint")
@@ -354,7 +354,20 @@ def write_model(params: dict[str, np.ndarray], meta: dict, path: Path,
         "params": {name: torch.from_numpy(np.array(params[name], dtype=dtype))
                    for name in shapes},
     }
-    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(Path(path), lambda tmp: save_file(obj, tmp))
+
+
+def save_file(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file: a path that is not valid UTF-8 works, and a
+    failed write (a full disk) raises its ``OSError`` instead of torch's "unexpected pos"."""
+    with open(path, "wb") as f:
+        writer = ErrorRecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def _torch_load(path: Path, what: str) -> Any:
@@ -368,7 +381,10 @@ def _torch_load(path: Path, what: str) -> Any:
         raise DeepPoseError(f"{path} is a Chainer model (.npz), not a PyTorch one: convert it"
                             " with `deeppose convert` or use --framework chainer")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # torch's own file reader refuses non-UTF-8 paths
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise DeepPoseError(f"cannot read {what} file {path}: {os_error_reason(e)}") from None
     except pickle.UnpicklingError:
         raise DeepPoseError(f"{path} is not a deeppose {what} file (it holds objects that"
                             " cannot be loaded safely)") from None

@@ -4,8 +4,10 @@ runs and loads them as cascades."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -15,7 +17,8 @@ from typing import Any
 
 from ..engines import FRAMEWORKS, MODEL_SUFFIX
 from ..core.errors import DeepPoseError
-from ..core.files import atomic_write, atomic_write_text, write_json
+from ..core.files import (atomic_write, atomic_write_text, os_error_reason, printable,
+                          write_json)
 from ..core.weights import ARCHITECTURES
 
 
@@ -42,6 +45,24 @@ def run_meta_problem(meta: Any) -> str | None:
     if not isinstance(chain, list) or not all(
             isinstance(e, dict) and isinstance(e.get("dir"), str) for e in chain):
         return "chain must be a list of {\"dir\": ...} entries"
+    for number, entry in enumerate(chain, 1):
+        problem = chain_dir_problem(entry["dir"])
+        if problem:
+            return f"chain entry {number} ({entry['dir']!r}) {problem}"
+    return None
+
+
+def chain_dir_problem(directory: str) -> str | None:
+    """Why a chain entry's ``dir`` may not be used, or None: it must name a directory inside
+    the run (``chain/stage1``), never an absolute path or one that climbs out with ``..``,
+    or reading the run would load, and converting it write, files anywhere."""
+    if not directory or directory.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", directory):
+        return "must be a path inside the run directory, not an absolute one"
+    parts = re.split(r"[/\\]", directory)
+    if ".." in parts:
+        return "points outside the run directory"
+    if "\x00" in directory or all(p in ("", ".") for p in parts):
+        return "must name a directory inside the run directory"
     return None
 
 
@@ -101,8 +122,11 @@ class RunDirectory:
         return meta
 
     def append_log(self, record: dict[str, Any]) -> None:
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise DeepPoseError(f"cannot write {self.log_path}: {os_error_reason(e)}") from None
 
     def read_log(self) -> list[dict[str, Any]]:
         if not self.log_path.is_file():
@@ -121,7 +145,7 @@ class RunDirectory:
             return None
         import matplotlib.pyplot as plt
 
-        fig = loss_figure(records, self._recipe().get("loss", ""), self.path.name)
+        fig = loss_figure(records, self._recipe().get("loss", ""), printable(self.path.name))
         target = self.path / "loss.png"
         atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
@@ -171,8 +195,9 @@ def loss_figure(records: list[dict[str, Any]], loss: str, title: str):
 
 
 def staging_path(out: Path) -> Path:
-    """Where a run that replaces the run at ``out`` trains until it has succeeded."""
-    out = Path(out)
+    """Where a run that replaces the run at ``out`` trains until it has succeeded (beside
+    the directory ``out`` resolves to, so a symbolic link ``--out`` keeps pointing at it)."""
+    out = Path(out).resolve()
     return out.with_name(out.name + ".next")
 
 
@@ -191,20 +216,92 @@ def is_run_directory(path: Path) -> bool:
                ("run.json", "recipe.json", *(f"checkpoint{s}" for s in MODEL_SUFFIX.values())))
 
 
+def _flock(fd: int, operation: int) -> bool:
+    """``flock``, or False where the file system does not support it on a directory."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+            return False
+        raise
+    return True
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
 def publish_run(run: RunDirectory, out: Path) -> RunDirectory:
     """Put a finished run at ``out``: a run trained beside an earlier one (``OUT.next``)
-    replaces it now, and only now."""
-    out = Path(out)
-    if run.path.resolve() == out.resolve():
+    replaces it now, and only now.
+
+    The swap holds the earlier directory's lock exclusively, so it waits for a reader that
+    is loading that run (:class:`RunReadLock`), and a reader never sees half of each."""
+    import fcntl
+
+    given = Path(out)
+    out = given.resolve()
+    if run.path.resolve() == out:
         return run
     retired = out.with_name(f".{out.name}.replaced")
     if retired.exists():
         shutil.rmtree(retired)
     if out.exists():
-        os.rename(out, retired)
-    os.rename(run.path, out)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _flock(fd, fcntl.LOCK_EX)
+            os.rename(out, retired)
+            os.rename(run.path, out)
+        finally:
+            os.close(fd)  # drops the lock
+    else:
+        os.rename(run.path, out)
     shutil.rmtree(retired, ignore_errors=True)
-    return RunDirectory(out, run.framework)
+    return RunDirectory(given, run.framework)
+
+
+class RunReadLock:
+    """A shared lock on a run directory while it is read, against :func:`publish_run`
+    swapping a retrained run in halfway (it takes the same lock exclusively).
+
+    ``identity`` is the (device, inode) of the directory that was locked: a reader that lets
+    go while it computes and comes back to write (``evaluate``) compares it to learn whether
+    the run it read is still the one at that path.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+        self.identity: tuple[int, int] | None = None
+
+    def __enter__(self) -> "RunReadLock":
+        import fcntl
+
+        for _attempt in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            except (FileNotFoundError, NotADirectoryError):
+                return self  # nothing to lock: reading it says what is wrong
+            except OSError as e:
+                raise DeepPoseError(f"cannot open run directory {self.path}: "
+                                    f"{os_error_reason(e)}") from None
+            _flock(fd, fcntl.LOCK_SH)
+            try:
+                current = _identity(os.stat(self.path))
+            except OSError:
+                current = None
+            if current == _identity(os.fstat(fd)):
+                self.fd, self.identity = fd, current
+                return self
+            os.close(fd)  # swapped while we waited: lock the run now at that path
+        raise DeepPoseError(f"{self.path} keeps being replaced; try again")
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def lock_path(out: Path) -> Path:
@@ -223,14 +320,20 @@ class RunLock:
 
     def __init__(self, out: Path):
         self.out = Path(out)
-        self.path = lock_path(self.out)
+        # The directory a symbolic link --out leads to: two runs reaching one directory by
+        # two names must meet at one lock.
+        self.path = lock_path(self.out.resolve())
         self.fd: int | None = None
 
     def __enter__(self) -> "RunLock":
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise DeepPoseError(f"cannot write to {self.path.parent} (for the lock of "
+                                f"{self.out}): {os_error_reason(e)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -242,7 +345,7 @@ class RunLock:
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         command = " ".join(["deeppose", *sys.argv[1:]])[:300]
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
-                     f"{command}".encode())
+                     f"{command}".encode("utf-8", "surrogateescape"))
         self.fd = fd
         return self
 

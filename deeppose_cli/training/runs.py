@@ -10,6 +10,7 @@ directory alone runs stages 1..N.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ from typing import Any
 from ..core.cascade import StageModel
 from ..core.errors import DeepPoseError
 from ..core.exports import is_export_directory, read_export
-from ..core.files import sha256_of
+from ..core.files import os_error_reason, sha256_of
 from ..engines import framework_of_model_file, get_engine, get_export_runtime
-from .rundir import RunDirectory, run_meta_problem
+from .rundir import RunDirectory, RunReadLock, chain_dir_problem, run_meta_problem
 
 RUNS_ROOT = Path("runs")
 
@@ -105,7 +106,13 @@ def verified_model(run: RunDirectory, meta: dict[str, Any], expected_sha: str | 
     path = run.path / meta["model_file"]
     if not path.is_file():
         raise DeepPoseError(f"{path} not found: the run did not finish or was moved partly")
-    if expected_sha and sha256_of(path) != expected_sha:
+    if not isinstance(expected_sha, str) or not re.fullmatch(r"[0-9a-f]{64}", expected_sha):
+        where = (f"{recorded_by} records no model_sha256 for it" if recorded_by
+                 else f"{run.meta_path} has no model_sha256")
+        raise DeepPoseError(f"{path} cannot be verified: {where} (every finished run records "
+                            "the checksum of its model); train the stage again, or add the "
+                            "checksum by hand if you trust the file")
+    if sha256_of(path) != expected_sha:
         where = (f"the checksum {recorded_by} recorded when it was trained on top of it"
                  if recorded_by else f"the checksum in {run.meta_path}")
         raise DeepPoseError(f"{path} does not match {where}: the file was changed or damaged "
@@ -121,6 +128,8 @@ def finished_stage(run_dir: Path, expected_sha: str | None = None,
     meta = run.meta()
     if not meta.get("complete"):
         raise DeepPoseError(f"{run_dir}: training did not finish (resume it with --resume)")
+    if expected_sha is None and recorded_by is None:  # a run on its own: its own checksum
+        expected_sha = meta.get("model_sha256")
     return run, meta, verified_model(run, meta, expected_sha, recorded_by)
 
 
@@ -142,11 +151,27 @@ def trained_on_mirrors(run: RunDirectory) -> bool:
     return not isinstance(recipe, dict) or recipe.get("flip", True) is not False
 
 
-def chain_dirs(run_dir: Path) -> list[tuple[Path, str | None]]:
-    """(directory, expected model sha256) of stages 1..N of a run, in order."""
+def chain_dirs(run_dir: Path, meta: dict[str, Any] | None = None
+               ) -> list[tuple[Path, str | None]]:
+    """(directory, expected model sha256) of stages 1..N of a run, in order.
+
+    Every chain entry must lie inside the run: ``run.json`` names them (``chain/stage1``),
+    and one that leads elsewhere (``..``, an absolute path, a symbolic link out) is refused,
+    naming the entry, rather than loaded or written to."""
     run_dir = Path(run_dir)
-    meta = RunDirectory(run_dir).meta()
-    entries = [(run_dir / e["dir"], e.get("model_sha256")) for e in meta.get("chain", [])]
+    run = RunDirectory(run_dir)
+    meta = run.meta() if meta is None else meta
+    inside = run_dir.resolve()
+    entries = []
+    for number, entry in enumerate(meta.get("chain", []), 1):
+        problem = chain_dir_problem(entry["dir"])
+        directory = run_dir / entry["dir"]
+        if problem is None and not directory.resolve().is_relative_to(inside):
+            problem = "leads outside the run directory (through a symbolic link)"
+        if problem:
+            raise DeepPoseError(f"{run.meta_path}: chain entry {number} ({entry['dir']!r}) "
+                                f"{problem}; refusing to use it")
+        entries.append((directory, entry.get("model_sha256")))
     return entries + [(run_dir, meta.get("model_sha256"))]
 
 
@@ -166,17 +191,20 @@ def _check_stage_count(stages: int | None, available: int, where: Path) -> None:
 
 def load_cascade(run_dir: Path, device: str = "cpu",
                  stages: int | None = None) -> tuple[list[StageModel], dict[str, Any]]:
-    """Stages 1..N (or 1..``stages``) of a run, and the run's metadata; or of an export
-    (``deeppose export``), whose metadata is then ``ExportDescription.run_meta``."""
+    """Stages 1..N (or 1..``stages``) of a run, and the run's metadata, read under the run's
+    shared lock: a retrained run published meanwhile waits, so every stage comes from the
+    same run. Or of an export (``deeppose export``), whose metadata is then
+    ``ExportDescription.run_meta``."""
     if is_export_directory(run_dir):
         return load_export_cascade(Path(run_dir), device, stages)
-    meta = RunDirectory(run_dir).meta()
-    dirs = chain_dirs(run_dir)
-    _check_stage_count(stages, len(dirs), run_dir)
-    last = len(dirs) - 1
-    later = f"the stage-{meta['stage']} run {run_dir}"
-    return [load_stage(d, device, sha, None if i == last else later)
-            for i, (d, sha) in enumerate(dirs[:stages])], meta
+    with RunReadLock(run_dir):
+        meta = RunDirectory(run_dir).meta()
+        dirs = chain_dirs(run_dir, meta)
+        _check_stage_count(stages, len(dirs), run_dir)
+        last = len(dirs) - 1
+        later = f"the stage-{meta['stage']} run {run_dir}"
+        return [load_stage(d, device, sha, None if i == last else later)
+                for i, (d, sha) in enumerate(dirs[:stages])], meta
 
 
 def load_export_cascade(export_dir: Path, device: str = "cpu", stages: int | None = None
@@ -232,18 +260,30 @@ def copy_chain(previous_dir: Path, run: RunDirectory) -> list[dict[str, Any]]:
     the chain entries recorded in the new run's run.json."""
     entries = []
     target_root = run.path / "chain"
-    if target_root.exists():
-        shutil.rmtree(target_root)
-    for source, _sha in chain_dirs(previous_dir):
+    previous_meta = RunDirectory(previous_dir).meta()
+    later = f"the stage-{previous_meta['stage']} run {previous_dir}"
+    sources = chain_dirs(previous_dir, previous_meta)
+    try:
+        if target_root.exists():
+            shutil.rmtree(target_root)
+    except OSError as e:
+        raise DeepPoseError(f"cannot replace {target_root}: {os_error_reason(e)}") from None
+    for k, (source, sha) in enumerate(sources):
         meta = RunDirectory(source).meta()
         if not meta.get("complete"):
             raise DeepPoseError(f"--previous {source}: that training did not finish")
+        verified_model(RunDirectory(source), meta, sha,
+                       None if k == len(sources) - 1 else later)
         target = target_root / f"stage{meta['stage']}"
-        target.mkdir(parents=True)
-        for name in ("run.json", "recipe.json", "displacement.json", "log.jsonl",
-                     meta["model_file"]):
-            if (source / name).is_file():
-                shutil.copy2(source / name, target / name)
+        try:
+            target.mkdir(parents=True)
+            for name in ("run.json", "recipe.json", "displacement.json", "log.jsonl",
+                         meta["model_file"]):
+                if (source / name).is_file():
+                    shutil.copy2(source / name, target / name)
+        except OSError as e:
+            raise DeepPoseError(f"cannot copy {source} into {target}: "
+                                f"{os_error_reason(e)}") from None
         child = RunDirectory(target)
         child_meta = child.meta()
         child_meta.pop("chain", None)  # the chain is recorded once, in the new run

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..engines import check_framework, check_precision, get_engine
 from ..core.config import TrainConfig
 from ..core.errors import DeepPoseError
-from ..core.files import sha256_of
+from ..core.files import make_directory, os_error_reason, sha256_of
 from ..core.losses import predicts_uncertainty
 from ..engines import MODEL_SUFFIX
 from .loop import train
@@ -32,6 +32,7 @@ def stage1_datasets(config: TrainConfig, manifest):
     from ..data.pipeline import Augmentation, ImageCache, PoseDataset
 
     train_records = read_index(Path(config.train_index), manifest.num_joints)
+    require_visible_joints(train_records, config)
     aug = Augmentation.from_recipe(config.to_json())
     images = ImageCache.of_gib(config.image_cache_gib)
     tail = jitter_off_epoch(config.to_json(), len(train_records))
@@ -44,6 +45,14 @@ def stage1_datasets(config: TrainConfig, manifest):
                               manifest.flip_permutation, Augmentation.none(), seed=config.seed,
                               images=images)
     return train_set, val_set
+
+
+def require_visible_joints(records: Sequence[Any], config: TrainConfig) -> None:
+    """Refuse a training index without one visible joint: the masked loss would be zero at
+    every step, and the run would "converge" to whatever it started from."""
+    if config.use_visibility and not any(bool(r.visible.any()) for r in records):
+        raise DeepPoseError(f"{config.train_index}: no record has a visible joint, so there is "
+                            "nothing to train on (check the visible flags: 1 = visible)")
 
 
 def jitter_off_epoch(recipe: dict[str, Any], num_samples: int) -> int | None:
@@ -176,9 +185,12 @@ def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
                 raise DeepPoseError(f"{out} exists and is not a deeppose run directory")
             work = staging_path(out)
             if work.exists():  # an unfinished earlier replacement that this run supersedes
-                shutil.rmtree(work)
+                try:
+                    shutil.rmtree(work)
+                except OSError as e:
+                    raise DeepPoseError(f"cannot remove {work}: {os_error_reason(e)}") from None
         run = RunDirectory(work, config.framework)
-    run.path.mkdir(parents=True, exist_ok=True)
+    make_directory(run.path)
     run.write_json("recipe.json", config.to_json())
     return run
 
@@ -203,7 +215,7 @@ def train_stage1(config: TrainConfig, resume: bool = False,
 
     manifest = load_dataset_manifest(config.dataset, dataset_manifest_roots(config.train_index))
     train_set, val_set = stage1_datasets(config, manifest)
-    init_params = init_parameters(config, resume)
+    init_params = init_parameters(config, resume, manifest.num_joints)
     run = prepare_run(config, resume)
     records = train_set.records
     normalized = normalize_pose(np.stack([r.joints for r in records]),
@@ -216,18 +228,23 @@ def train_stage1(config: TrainConfig, resume: bool = False,
                         init_params)
 
 
-def init_parameters(config: TrainConfig, resume: bool) -> dict[str, np.ndarray] | None:
-    """The weights of ``--init`` (read before the run directory is touched), or None; a
-    resumed run's checkpoint already holds its weights."""
+def init_parameters(config: TrainConfig, resume: bool,
+                    num_joints: int) -> dict[str, np.ndarray] | None:
+    """The weights of ``--init`` (read, and checked to fit the network, before the run
+    directory is touched), or None; a resumed run's checkpoint already holds its weights."""
     if not config.init or resume:
         return None
+    from ..engines.base import check_init_parameters
     from .runs import initial_parameters
 
     if config.init == "previous":  # a refinement stage starting from the stage it refines
         if not config.previous:
             raise DeepPoseError("--init previous needs a previous stage (stage 2 or later)")
-        return initial_parameters(config.previous)
-    return initial_parameters(config.init)
+        params = initial_parameters(config.previous)
+    else:
+        params = initial_parameters(config.init)
+    check_init_parameters(params, config, num_joints)
+    return params
 
 
 def run_training(config: TrainConfig, train_set, val_set, run: RunDirectory, meta: dict[str, Any],
@@ -291,11 +308,12 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
                             f"stage {config.stage} refines a stage-{config.stage - 1} run")
     manifest = load_dataset_manifest(config.dataset, dataset_manifest_roots(config.train_index))
     train_records = read_index(Path(config.train_index), manifest.num_joints)
+    require_visible_joints(train_records, config)
     val_records = (read_index(Path(config.val_index), manifest.num_joints)
                    if config.val_index else [])
     if config.displacement_source == "val" and not val_records:
         raise DeepPoseError("--displacement-source val needs a validation index (--val FILE)")
-    init_params = init_parameters(config, resume)
+    init_params = init_parameters(config, resume, manifest.num_joints)
     run = prepare_run(config, resume)
 
     stats_path = run.path / "displacement.json"
