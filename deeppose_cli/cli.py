@@ -571,7 +571,8 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
                                 plot_pdj, predictions_json, refinement_reports, run_seen)
     from .core.manifests import run_manifest
     from .training.rundir import RunReadLock
-    from .training.runs import load_cascade, model_meta, resolve_model, stage_directories
+    from .training.runs import (load_cascade, model_meta, packaged_eval_dir, resolve_model,
+                                stage_directories)
 
     run_dir, note = resolve_model(model_dir, state.run_dir)
     if note:
@@ -580,7 +581,8 @@ def evaluate(state: ChainState, model_dir: str | None, index_file: str | None,
     index_path = Path(index_file) if index_file else _default_eval_index(run_dir, state)
     records = read_index(index_path, run_meta.get("num_joints"))
     output = EvaluationOutput(run_dir, json_out and Path(json_out), plot and Path(plot),
-                              save_predictions and Path(save_predictions))
+                              save_predictions and Path(save_predictions),
+                              eval_dir=packaged_eval_dir(run_dir))
     with output:  # every destination checked writable before the evaluation runs
         with RunReadLock(run_dir) as lock:  # one run, even if a retrain publishes meanwhile
             seen = run_seen(lock, run_dir)

@@ -291,7 +291,8 @@ def run_seen(lock, run_dir: Path) -> RunSeen:
 
 class EvaluationOutput:
     """The files of one evaluation: ``metrics.json``, ``pdj.png`` and ``predictions.json``,
-    in ``RUN/eval/`` unless given elsewhere.
+    in ``RUN/eval/`` (``eval_dir`` for a run that must not be written to, such as a packaged
+    cascade) unless given elsewhere.
 
     Entered before anything is computed, it checks that every destination can be written
     (and builds the new ``eval/`` in a hidden directory beside it), so a read-only run or a
@@ -302,9 +303,9 @@ class EvaluationOutput:
     NAMES = {"metrics": "metrics.json", "plot": "pdj.png", "predictions": "predictions.json"}
 
     def __init__(self, run_dir: Path, metrics: Path | None = None, plot: Path | None = None,
-                 predictions: Path | None = None):
+                 predictions: Path | None = None, eval_dir: Path | None = None):
         self.run_dir = Path(run_dir)
-        self.eval_dir = self.run_dir / "eval"
+        self.eval_dir = Path(eval_dir) if eval_dir is not None else self.run_dir / "eval"
         given = {"metrics": metrics, "plot": plot, "predictions": predictions}
         self.custom = {key: Path(path) for key, path in given.items()
                        if path is not None and Path(path).resolve() != self._default(key).resolve()}

@@ -71,6 +71,15 @@ def packaged_models() -> list[str]:
     return sorted(p.name for p in PACKAGED_MODELS.iterdir() if (p / "run.json").is_file())
 
 
+def packaged_eval_dir(run_dir: Path, root: Path = RUNS_ROOT) -> Path | None:
+    """Where ``evaluate`` writes for a packaged cascade (``root/NAME-eval/``): the package
+    directory is installed code, never written to. None for every other run."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir.parent != PACKAGED_MODELS.resolve():
+        return None
+    return Path(root) / f"{run_dir.name}-eval"
+
+
 def resolve_model(model: str | None, chained: Path | None = None,
                   root: Path = RUNS_ROOT) -> tuple[Path, str | None]:
     """The run directory ``--model`` means, and a one-line note when it was not said.
