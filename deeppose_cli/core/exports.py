@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DeepPoseError
-from .files import sha256_of
-from .manifests import flip_permutation
 
 EXPORT_FORMAT = "deeppose-export"
 EXPORT_VERSION = 1
@@ -103,6 +101,8 @@ class ExportDescription:
     @property
     def flip_permutation(self) -> list[int]:
         """``perm[i]`` is the joint that lands at index ``i`` after a horizontal flip."""
+        from .manifests import flip_permutation  # tomllib etc.: not at `--help` time
+
         return flip_permutation(self.num_joints, self.flip_pairs)
 
     def run_meta(self) -> dict[str, Any]:
@@ -224,6 +224,8 @@ def read_export(path: Path | str, verify: bool = True) -> ExportDescription:
     problem = _problem(cascade)
     if problem:
         raise DeepPoseError(f"{cascade_path} is not a valid export description: {problem}")
+    from .files import sha256_of
+
     stages = []
     for entry in cascade["stages"]:
         file = path / entry["file"]

@@ -10,7 +10,6 @@ here plus one entry in :data:`ENGINES`.
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any, Protocol
 
 from ..core.errors import DeepPoseError
 from ..core.exports import EXPORT_FORMATS
-from ..core.files import is_npz
 
 
 @dataclass(frozen=True)
@@ -148,6 +146,10 @@ def framework_of_model_file(path: Path) -> str | None:
     A Chainer ``.npz`` is a zip of ``.npy`` members; ``torch.save`` writes a zip whose
     records sit under ``<name>/data.pkl``, or (legacy) a bare pickle.
     """
+    import zipfile
+
+    from ..core.files import is_npz  # hashlib, tempfile: not at `--help` time
+
     path = Path(path)
     if is_npz(path):
         return "chainer"
