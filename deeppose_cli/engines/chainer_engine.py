@@ -14,9 +14,12 @@ The loop itself lives once in ``training.loop``. Files:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
+import os
+import sys
 import zipfile
 import zlib
 from importlib import import_module
@@ -249,8 +252,13 @@ class ChainerEngine:
         if self.comm is not None:
             self.comm.mpi_comm.Barrier()
 
-    def close(self) -> None:
-        """Nothing to tear down: MPI finalizes when the process exits."""
+    def close(self, failed: bool = False) -> None:
+        """Nothing to tear down: MPI finalizes when the process exits. A failed process must
+        not finalize (MPI_Finalize would wait for the others, which wait in a collective for
+        it): it exits with status 1 once its error is printed, without finalizing, and
+        mpiexec then stops the others."""
+        if failed and self.comm is not None:
+            atexit.register(_exit_without_finalizing)
 
     @contextlib.contextmanager
     def batches(self, dataset, sampler: RunSampler):
@@ -392,6 +400,16 @@ class ChainerEngine:
                 "uncertainty": predicts_uncertainty(self.config.loss)}
         params = to_numpy_params(self.model)
         atomic_write(Path(path), lambda tmp: write_model(params, meta, tmp))
+
+
+def _exit_without_finalizing() -> None:
+    """(atexit, which runs before mpi4py's MPI_Finalize)"""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(1)
 
 
 def _first_line(error: BaseException) -> str:

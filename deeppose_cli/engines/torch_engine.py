@@ -296,8 +296,10 @@ class TorchEngine:
             with self._collective("waiting for the other processes"):
                 dist.barrier()
 
-    def close(self) -> None:
-        if self.world.distributed:
+    def close(self, failed: bool = False) -> None:
+        """Leave the process group. A failed process just exits (non-zero): torchrun then
+        stops the others."""
+        if self.world.distributed and not failed:
             import torch.distributed as dist
 
             if dist.is_initialized():

@@ -46,12 +46,15 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
     engine = get_engine(config.framework).Engine(config, train_set.num_joints, init_params,
                                                  **({"world": world} if world.distributed
                                                     else {}))
+    failed = True
     try:
-        return _train(engine, plan, config, train_set, val_set, run, torso_pair, resume,
-                      show_progress, world, finish)
+        summary = _train(engine, plan, config, train_set, val_set, run, torso_pair, resume,
+                         show_progress, world, finish)
+        failed = False
+        return summary
     finally:
-        if world.distributed:
-            engine.close()
+        if world.distributed:  # a failed process makes its launcher end the others
+            engine.close(failed)
 
 
 def _train(engine, plan: IterationPlan, config: TrainConfig, train_set, val_set,
