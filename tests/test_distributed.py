@@ -294,6 +294,34 @@ def test_a_two_process_checkpoint_resumes_in_one_process(index, tmp_path):
                  rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two(index, tmp_path, monkeypatch):
+    """The reverse: a one-process run stopped after its checkpoint of iteration 6 finishes
+    on 2 processes where the one-process run ends (without dropout, up to float sums)."""
+    plain = {**RUN, "dropout": 0.0}
+    train_stage1(tiny_config("pytorch", index, tmp_path / "full", **plain),
+                 show_progress=False)
+    engine_class = get_engine("pytorch").Engine
+    real_save = engine_class.save_checkpoint
+
+    def save_then_stop(self, path, iteration):
+        real_save(self, path, iteration)
+        if iteration == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_class, "save_checkpoint", save_then_stop)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1(tiny_config("pytorch", index, out, **plain), show_progress=False)
+    monkeypatch.undo()
+    resumed = driver("pytorch", index, out, tmp_path / "dump", overrides=plain, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert RunDirectory(out).meta()["processes"] == 2
+    assert [r["iteration"] for r in RunDirectory(out).read_log() if "loss" in r] == [10, 12]
+    assert_close(model_params("pytorch", out), model_params("pytorch", tmp_path / "full"),
+                 rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- mpiexec
 
 
