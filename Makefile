@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[test,export]'
+	$(PY) -m pip install -e '.[test,export,distributed]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -221,7 +221,7 @@ class DeepPoseGroup(click.Group):
         try:
             return super().invoke(ctx)
         except DeepPoseError as e:
-            error = click.ClickException(str(e))
+            error = click.ClickException(process_prefix() + str(e))
             error.exit_code = e.exit_code
             raise error from None
         except OSError as e:
@@ -232,6 +232,17 @@ class DeepPoseGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+
+
+def process_prefix() -> str:
+    """``rank R of N: `` in a process of a distributed run (docs/distributed.md), else ''."""
+    from .core.distributed import discover
+
+    try:
+        world = discover()
+    except DeepPoseError:
+        return ""
+    return f"{world.describe()}: " if world.distributed else ""
 
 
 def console():
@@ -439,6 +450,7 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
 
     Every setting's value comes from the stage recipe (stages/stage<N>.toml) unless its
     option is given; docs/options.md lists them all."""
+    from .core.distributed import discover
     from .training.stages import resolve_train_config, resume_hint, train_stage as run_training
 
     framework = framework or state.framework or "pytorch"
@@ -448,13 +460,22 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
         val_index=val_index, previous=previous, chained_run=state.run_dir, resume=resume,
         overrides={k: v for k, v in overrides.items() if v is not None})
     out, dataset = config.out, config.dataset
+    world = discover()
     out_console = console()
-    out_console.print(f"training stage {stage} ({framework}) on {config.train_index} -> {out}")
+    if world.is_writer:
+        processes = f", {world.size} processes" if world.distributed else ""
+        out_console.print(f"training stage {stage} ({framework}{processes}) on "
+                          f"{config.train_index} -> {out}")
     try:
         run, summary = run_training(config, resume=resume, show_progress=not quiet)
     except KeyboardInterrupt:
-        click.echo(f"Interrupted; {resume_hint(config)}", err=True)
+        if world.is_writer:
+            click.echo(f"Interrupted; {resume_hint(config)}", err=True)
         raise click.exceptions.Exit(130) from None
+    state.run_dir, state.framework, state.dataset = run.path, framework, dataset
+    state.root = data_root(root, state)  # a later stage of the chain trains on the same data
+    if not world.is_writer:  # process 0 reports the run
+        return
     val = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("val", {}).items())
     speed = (f", {summary['images_per_second']:.1f} images/s"
              if summary.get("images_per_second") else "")
@@ -462,8 +483,6 @@ def train_stage(state: ChainState, stage: int, framework: str | None, dataset: s
                       f"{summary['final_loss']:.4g}{speed}" + (f"; validation {val}" if val else ""))
     out_console.print(f"run directory: {run.path} (model {run.model_path.name}, log "
                       f"{run.log_path.name}, loss curve loss.png)")
-    state.run_dir, state.framework, state.dataset = run.path, framework, dataset
-    state.root = data_root(root, state)  # a later stage of the chain trains on the same data
 
 
 @main.command("show-augmentation")

@@ -14,7 +14,7 @@ from conftest import LSPET_MINI, assert_no_escaped_exception, needs_lspet_mini
 COMMANDS = ["info", "fetch", "index", "train-stage", "show-augmentation", "evaluate",
             "predict", "convert", "export", "benchmark"]
 HEAVY = ("numpy", "torch", "chainer", "cv2", "scipy", "matplotlib", "onnx", "onnxscript",
-         "onnxruntime")
+         "onnxruntime", "mpi4py", "chainermn")
 
 
 @pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])

@@ -19,6 +19,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from ..core.config import OUTSIDE_JOINTS
+from ..core.distributed import shard
 from ..core.errors import DeepPoseError
 from ..core.geometry import (apply_affine, augmented_crop_matrix, crop_and_resize,
                              crop_pixels_to_normalized, flip_normalized, normalize_pose,
@@ -280,14 +281,19 @@ class RunSampler:
     across an epoch boundary still draws that epoch's augmentation. Both backends iterate it
     (a torch ``batch_sampler``; the Chainer iterator), so both see the same batches, and a run
     resumed at iteration ``k`` sees exactly the batches an uninterrupted one saw after ``k``.
+
+    In a run of ``world_size`` processes, process ``rank`` draws its contiguous share of every
+    batch (``core.distributed.shard``): together they see what one process would.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, iterations_per_epoch: int,
-                 total_iterations: int, first_iteration: int = 0):
+                 total_iterations: int, first_iteration: int = 0, rank: int = 0,
+                 world_size: int = 1):
         self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), int(seed)
         self.iterations_per_epoch = int(iterations_per_epoch)
         self.total_iterations = int(total_iterations)
         self.first_iteration = int(first_iteration)
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def __len__(self) -> int:
         return max(0, self.total_iterations - self.first_iteration)
@@ -298,7 +304,10 @@ class RunSampler:
         if order is None:
             order = epoch_order(self.num_samples, self.seed, epoch)
         start = position * self.batch_size
-        return [(epoch, int(i)) for i in order[start:start + self.batch_size]]
+        keys = [(epoch, int(i)) for i in order[start:start + self.batch_size]]
+        if self.world_size > 1:
+            keys = shard(keys, self.rank, self.world_size)
+        return keys
 
     def __iter__(self):
         order_epoch, order = -1, None

@@ -65,6 +65,20 @@ class Engine(Protocol):
     def write_model(self, path: Path) -> None:
         """The final model file (canonical parameters and the architecture)."""
 
+    # Built with ``world=`` (a ``core.distributed.World`` of several processes), an engine
+    # joins the launcher's process group, averages the gradients of every step over the
+    # processes (weighting each process's loss by ``core.distributed.loss_weight``), and
+    # ``read_losses`` returns the mean over the processes; then these are called too:
+
+    def reseed(self, seed: int) -> None:
+        """The random state of the coming step (dropout)."""
+
+    def barrier(self) -> None:
+        """Wait until every process has come here."""
+
+    def close(self, failed: bool = False) -> None:
+        """Leave the process group; ``failed``: so that the launcher ends the others."""
+
 
 def _init_misfit(config: TrainConfig, error: DeepPoseError) -> DeepPoseError:
     return DeepPoseError(f"--init {config.init} does not fit this network (input size "

@@ -14,17 +14,22 @@ The loop itself lives once in ``training.loop``. Files:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
+import os
+import sys
 import zipfile
 import zlib
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..core.config import TrainConfig, parse_device
+from ..core.distributed import DISTRIBUTED_EXTRA, SINGLE, World, loss_weight, process_device
 from ..core.errors import DeepPoseError
 from ..core.files import atomic_write
 from ..core.losses import predicts_uncertainty
@@ -199,15 +204,61 @@ class ChainerEngine:
     framework = FRAMEWORK
 
     def __init__(self, config: TrainConfig, num_joints: int,
-                 init_params: dict[str, np.ndarray] | None = None):
-        self.config = config
-        self.device = get_device(config.device)
+                 init_params: dict[str, np.ndarray] | None = None, world: World = SINGLE):
+        self.config, self.world = config, world
+        self.device = get_device(process_device(world, config.device))
         np.random.seed(config.seed)  # chainer's initializers and dropout draw from it
         self.model = build_model(config, num_joints, init_params)
         self.model.to_device(self.device)
         self.optimizer = make_optimizer(config, self.model)
+        self.step_optimizer = self.optimizer
         self.loss_fn = functools.partial(
             pose_loss_explicit if config.explicit_backward else pose_loss, norm=config.loss)
+        self.comm = None
+        if world.distributed:
+            self._join(world)
+
+    # ------------------------------------------------------------------ several processes
+
+    def _join(self, world: World) -> None:
+        """A ChainerMN communicator over the MPI job (``naive`` on the CPU, ``pure_nccl`` on
+        CUDA) and a multi-node optimizer, which averages the gradients of every step over
+        the processes before the update; every process starts from process 0's weights."""
+        try:
+            import_module("mpi4py")  # chainermn imports it lazily, with a vaguer error
+            import chainermn
+        except ImportError as e:
+            raise DeepPoseError(f"training Chainer on several processes needs ChainerMN's MPI "
+                                f"binding ({e.name or 'mpi4py'} is not installed): install the "
+                                f"distributed extra with {DISTRIBUTED_EXTRA}") from None
+        name = "naive" if self.device.xp is np else "pure_nccl"
+        self.comm = chainermn.create_communicator(name)
+        if self.comm.size != world.size or self.comm.rank != world.rank:
+            raise DeepPoseError(f"MPI says rank {self.comm.rank} of {self.comm.size}, the "
+                                f"environment {world.describe()}")
+        self.comm.bcast_data(self.model)
+        self.step_optimizer = chainermn.create_multi_node_optimizer(self.optimizer, self.comm)
+        # The multi-node optimizer broadcasts instead of updating the first time it sees a
+        # model's parameters; they were broadcast just now, so let it record them here.
+        self.step_optimizer.is_changed(self.model)
+
+    def reseed(self, seed: int) -> None:
+        """The random state of the coming step (dropout), in a run of several processes."""
+        np.random.seed(seed)
+        if self.device.xp is not np:
+            self.device.xp.random.seed(seed)
+
+    def barrier(self) -> None:
+        if self.comm is not None:
+            self.comm.mpi_comm.Barrier()
+
+    def close(self, failed: bool = False) -> None:
+        """Nothing to tear down: MPI finalizes when the process exits. A failed process must
+        not finalize (MPI_Finalize would wait for the others, which wait in a collective for
+        it): it exits with status 1 once its error is printed, without finalizing, and
+        mpiexec then stops the others."""
+        if failed and self.comm is not None:
+            atexit.register(_exit_without_finalizing)
 
     @contextlib.contextmanager
     def batches(self, dataset, sampler: RunSampler):
@@ -249,14 +300,29 @@ class ChainerEngine:
 
     def step(self, batch) -> Any:
         x, joints, visible = batch
-        return train_step(self.model, self.loss_fn, self.optimizer, x, joints, visible,
+        if self.comm is None:
+            return train_step(self.model, self.loss_fn, self.optimizer, x, joints, visible,
+                              self.config.use_visibility)
+        # this process's share of the batch's visible joints weighs its loss
+        count = float(visible.sum()) if self.config.use_visibility else float(visible.size)
+        weight = loss_weight(count, self.comm.allreduce_obj(count), self.world.size)
+        loss_fn = self.loss_fn
+
+        def weighted(*args, **kwargs):
+            loss = loss_fn(*args, **kwargs)
+            return loss * loss.dtype.type(weight)
+
+        return train_step(self.model, weighted, self.step_optimizer, x, joints, visible,
                           self.config.use_visibility)
 
     def read_losses(self, pending: list) -> list[float]:
         if not pending:
             return []
         xp = backend.get_array_module(pending[0])
-        return backend.CpuDevice().send(xp.stack(pending)).tolist()
+        losses = np.asarray(backend.CpuDevice().send(xp.stack(pending)))
+        if self.comm is not None:  # the mean over the processes: the whole batch's loss
+            losses = self.comm.allreduce_obj(losses) / self.world.size
+        return losses.tolist()
 
     def predictor(self) -> ChainerPredictor:
         return ChainerPredictor(self.model, self.device, cuts_crops=False)
@@ -334,6 +400,16 @@ class ChainerEngine:
                 "uncertainty": predicts_uncertainty(self.config.loss)}
         params = to_numpy_params(self.model)
         atomic_write(Path(path), lambda tmp: write_model(params, meta, tmp))
+
+
+def _exit_without_finalizing() -> None:
+    """(atexit, which runs before mpi4py's MPI_Finalize)"""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(1)
 
 
 def _first_line(error: BaseException) -> str:

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..core.config import TrainConfig, parse_device
+from ..core.distributed import SINGLE, World, loss_weight, process_device
 from ..core.errors import DeepPoseError
 from ..core.files import ErrorRecordingWriter, atomic_write, os_error_reason
 from ..core.losses import predicts_uncertainty
@@ -231,10 +232,11 @@ class TorchEngine:
     framework = FRAMEWORK
 
     def __init__(self, config: TrainConfig, num_joints: int,
-                 init_params: dict[str, np.ndarray] | None = None):
-        self.config = config
-        self.device = resolve_device(config.device)
+                 init_params: dict[str, np.ndarray] | None = None, world: World = SINGLE):
+        self.config, self.world = config, world
+        self.device = resolve_device(process_device(world, config.device))
         if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
         torch.manual_seed(config.seed)
         self.precision = StepPrecision(config.precision, self.device)
@@ -243,6 +245,65 @@ class TorchEngine:
         self.optimizer = build_optimizer(config, self.model)
         self.loss_fn = functools.partial(
             pose_loss_explicit if config.explicit_backward else pose_loss, norm=config.loss)
+        self.train_model: torch.nn.Module = self.model
+        if world.distributed:
+            self._join(world)
+
+    # ------------------------------------------------------------------ several processes
+
+    def _join(self, world: World) -> None:
+        """Join torchrun's process group (gloo on the CPU, NCCL on CUDA) and wrap the model
+        in DistributedDataParallel, which starts every process from process 0's weights
+        and all-reduces (averages) the gradients of every step."""
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        with self._collective("joining the process group"):
+            if not dist.is_initialized():
+                dist.init_process_group(backend, device_id=self.device if backend == "nccl"
+                                        else None)
+            if dist.get_world_size() != world.size or dist.get_rank() != world.rank:
+                raise DeepPoseError(f"torch.distributed says rank {dist.get_rank()} of "
+                                    f"{dist.get_world_size()}, the environment "
+                                    f"{world.describe()}")
+            # broadcast_buffers: batch-norm statistics are process 0's on every process
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if backend == "nccl" else None)
+
+    @contextlib.contextmanager
+    def _collective(self, what: str):
+        """A failed collective (a process of the run died or hung up) as a one-line error."""
+        try:
+            yield
+        except DeepPoseError:
+            raise
+        except (RuntimeError, ValueError) as e:  # torch.distributed.DistError is a RuntimeError
+            if not self.world.distributed:
+                raise
+            text = str(e).strip().splitlines()
+            raise DeepPoseError(f"{what} failed, another process of the run has probably "
+                                f"stopped: {text[0] if text else type(e).__name__}") from None
+
+    def reseed(self, seed: int) -> None:
+        """The random state of the coming step (dropout), in a run of several processes."""
+        torch.manual_seed(seed)
+
+    def barrier(self) -> None:
+        if self.world.distributed:
+            import torch.distributed as dist
+
+            with self._collective("waiting for the other processes"):
+                dist.barrier()
+
+    def close(self, failed: bool = False) -> None:
+        """Leave the process group. A failed process just exits (non-zero): torchrun then
+        stops the others."""
+        if self.world.distributed and not failed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     @contextlib.contextmanager
     def batches(self, dataset, sampler: RunSampler):
@@ -280,11 +341,37 @@ class TorchEngine:
 
     def step(self, batch: Batch) -> torch.Tensor:
         x, joints, visible = batch
-        return train_step(self.model, self.loss_fn, self.optimizer, x, joints, visible,
-                          self.config.use_visibility, self.precision)
+        if not self.world.distributed:
+            return train_step(self.model, self.loss_fn, self.optimizer, x, joints, visible,
+                              self.config.use_visibility, self.precision)
+        import torch.distributed as dist
+
+        with self._collective("a training step"):
+            # this process's share of the batch's visible joints weighs its loss
+            count = (visible.sum() if self.config.use_visibility
+                     else torch.tensor(float(visible.numel()), device=self.device))
+            total = count.detach().clone().float()
+            dist.all_reduce(total)
+            weight = loss_weight(count.float(), total, self.world.size)
+            loss_fn = self.loss_fn
+
+            def weighted(*args) -> torch.Tensor:
+                return loss_fn(*args) * weight
+
+            return train_step(self.train_model, weighted, self.optimizer, x, joints, visible,
+                              self.config.use_visibility, self.precision)
 
     def read_losses(self, pending: list[torch.Tensor]) -> list[float]:
-        return torch.stack(pending).tolist() if pending else []
+        if not pending:
+            return []
+        losses = torch.stack(pending)
+        if self.world.distributed:  # the mean over the processes: the whole batch's loss
+            import torch.distributed as dist
+
+            with self._collective("reading the losses"):
+                dist.all_reduce(losses)
+            losses = losses / self.world.size
+        return losses.tolist()
 
     def predictor(self) -> TorchPredictor:
         return TorchPredictor(self.model, self.device, cuts_crops=False)

@@ -53,11 +53,11 @@ class IterationPlan:
                 or iteration == self.total_iterations)
 
     def sampler(self, num_samples: int, batch_size: int, seed: int,
-                first_iteration: int = 0) -> RunSampler:
+                first_iteration: int = 0, rank: int = 0, world_size: int = 1) -> RunSampler:
         """The batch keys of this plan's iterations after ``first_iteration``: what every
-        engine's loader follows."""
+        engine's loader follows (process ``rank`` of ``world_size``: its share of each)."""
         return RunSampler(num_samples, batch_size, seed, self.iterations_per_epoch,
-                          self.total_iterations, first_iteration)
+                          self.total_iterations, first_iteration, rank, world_size)
 
 
 def format_duration(seconds: float) -> str:
@@ -77,15 +77,17 @@ class TrainingReporter:
     file: a plain line at the first logged window, then at most every
     :data:`PIPED_LINE_SECONDS`, and at every validation, so a log shows how a run goes
     without a line per iteration. Speeds and times left are shown once measured (from the
-    first logged window), never as NaN.
+    first logged window), never as NaN. With ``writes`` False (a process of a
+    distributed run other than process 0) it keeps the NaN guard and writes nothing.
     """
 
     def __init__(self, run: RunDirectory, plan: IterationPlan, batch_size: int,
                  log_every: int = 10, show_progress: bool = True,
                  schedule: Callable[[int], float] | None = None,
                  checkpoint_every: int | None = None, title: str = "training",
-                 console: Any = None):
+                 console: Any = None, writes: bool = True):
         self.run = run
+        self.writes = writes
         self.schedule = schedule
         self.plan = plan
         self.batch_size = batch_size
@@ -187,13 +189,14 @@ class TrainingReporter:
             now = time.perf_counter()
             images = (iteration - self._last_iteration) * self.batch_size
             self.images_per_second = images / max(now - self._last_time, 1e-9)
-            self.run.append_log({
-                "iteration": iteration, "epoch": self.plan.epoch_of(iteration) + 1,
-                "loss": float(np.mean(self._window)),
-                **({"lr": self.schedule(iteration)} if self.schedule else {}),
-                "elapsed": round(now - self._start, 3),
-                "images_per_second": round(self.images_per_second, 2),
-            })
+            if self.writes:
+                self.run.append_log({
+                    "iteration": iteration, "epoch": self.plan.epoch_of(iteration) + 1,
+                    "loss": float(np.mean(self._window)),
+                    **({"lr": self.schedule(iteration)} if self.schedule else {}),
+                    "elapsed": round(now - self._start, 3),
+                    "images_per_second": round(self.images_per_second, 2),
+                })
             self._window.clear()
             self._last_time, self._last_iteration = now, iteration
             self._piped_line(iteration)

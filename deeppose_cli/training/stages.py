@@ -8,6 +8,7 @@ the log, progress and validation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..engines import check_framework, check_precision, get_engine
 from ..core.config import TrainConfig
+from ..core.distributed import SINGLE, World, check_launcher, discover
 from ..core.errors import DeepPoseError
 from ..core.files import make_directory, os_error_reason, sha256_of
 from ..core.losses import predicts_uncertainty
@@ -89,7 +91,7 @@ def resolve_train_config(stage: int, framework: str, *, out: str | None = None,
         val_index = val_index or saved_recipe.get("val_index")
         previous = previous or saved_recipe.get("previous")
         identity = {"stage", "framework", "dataset", "train_index", "out", "val_index",
-                    "previous"}
+                    "previous", *PROCESS_KEYS}
         recipe = {k: v for k, v in saved_recipe.items() if k not in identity}
     else:
         recipe = load_stage_recipe(stage)
@@ -142,6 +144,20 @@ def augmentation_preview_dataset(index_file: Path, recipe: dict[str, Any], manif
                        jitter_off_epoch=jitter_off_epoch(recipe, len(records)))
 
 
+# What a run of several processes adds to recipe.json and run.json (docs/distributed.md);
+# absent: one process.
+PROCESS_KEYS = ("processes", "batch_size_per_process")
+
+
+def process_record(config: TrainConfig, world: World) -> dict[str, Any]:
+    """The processes a run trained on and the share of ``--batch-size`` (the global batch)
+    each one took (the largest, when it does not divide evenly)."""
+    if not world.distributed:
+        return {}
+    return {"processes": world.size,
+            "batch_size_per_process": -(-config.batch_size // world.size)}
+
+
 def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
     return {
         "format": "deeppose-run",
@@ -162,20 +178,26 @@ def base_meta(config: TrainConfig, manifest) -> dict[str, Any]:
     }
 
 
-def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
+def prepare_run(config: TrainConfig, resume: bool, world: World = SINGLE) -> RunDirectory:
     """Create (or, with ``resume``, reopen) the directory this run trains in and save the
     resolved recipe there.
 
     A fresh run into a directory that already holds a run trains beside it, in ``OUT.next``,
     and :func:`publish_run` swaps it in only once it has succeeded: a run that fails or is
-    interrupted never costs the earlier model. The device is checked first.
+    interrupted never costs the earlier model. The device is checked first. A process of a
+    distributed run other than process 0 touches nothing (it only reads the checkpoint it
+    resumes from).
     """
-    get_engine(config.framework).check_device(config.device)
+    from ..core.distributed import process_device
+
+    get_engine(config.framework).check_device(process_device(world, config.device))
     out = Path(config.out)
     if resume:
         run = RunDirectory(resume_directory(out), config.framework)
         if not run.checkpoint_path.is_file():
             raise DeepPoseError(f"--resume: no checkpoint in {run.path}")
+    elif not world.is_writer:
+        return RunDirectory(out, config.framework)
     else:
         work = out
         if out.exists() and not out.is_dir():
@@ -190,8 +212,9 @@ def prepare_run(config: TrainConfig, resume: bool) -> RunDirectory:
                 except OSError as e:
                     raise DeepPoseError(f"cannot remove {work}: {os_error_reason(e)}") from None
         run = RunDirectory(work, config.framework)
-    make_directory(run.path)
-    run.write_json("recipe.json", config.to_json())
+    if world.is_writer:
+        make_directory(run.path)
+        run.write_json("recipe.json", {**config.to_json(), **process_record(config, world)})
     return run
 
 
@@ -206,8 +229,8 @@ def resume_hint(config: TrainConfig) -> str:
             "so there is nothing to resume; any earlier run in --out is unchanged")
 
 
-def train_stage1(config: TrainConfig, resume: bool = False,
-                 show_progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
+def train_stage1(config: TrainConfig, resume: bool = False, show_progress: bool = True,
+                 world: World = SINGLE) -> tuple[RunDirectory, dict[str, Any]]:
     """Train a stage-1 regressor; returns the run directory and the loop's summary."""
     from ..core.geometry import normalize_pose
     from ..core.manifests import dataset_manifest_roots, load_dataset_manifest
@@ -216,7 +239,7 @@ def train_stage1(config: TrainConfig, resume: bool = False,
     manifest = load_dataset_manifest(config.dataset, dataset_manifest_roots(config.train_index))
     train_set, val_set = stage1_datasets(config, manifest)
     init_params = init_parameters(config, resume, manifest.num_joints)
-    run = prepare_run(config, resume)
+    run = prepare_run(config, resume, world)
     records = train_set.records
     normalized = normalize_pose(np.stack([r.joints for r in records]),
                                 np.stack([r.box for r in records]))
@@ -225,7 +248,7 @@ def train_stage1(config: TrainConfig, resume: bool = False,
         normalized, np.stack([r.visible for r in records])).round(6).tolist()
     meta["torso_pair"] = list(manifest.torso_diameter)
     return run_training(config, train_set, val_set, run, meta, manifest, resume, show_progress,
-                        init_params)
+                        init_params, world)
 
 
 def init_parameters(config: TrainConfig, resume: bool,
@@ -249,24 +272,36 @@ def init_parameters(config: TrainConfig, resume: bool,
 
 def run_training(config: TrainConfig, train_set, val_set, run: RunDirectory, meta: dict[str, Any],
                 manifest, resume: bool, show_progress: bool,
-                init_params: dict[str, np.ndarray] | None = None
+                init_params: dict[str, np.ndarray] | None = None, world: World = SINGLE
                 ) -> tuple[RunDirectory, dict[str, Any]]:
     """Hand the datasets to the training loop, then mark the run complete.
 
     run.json is written before training (so a crashed run is recognisable) and again with
-    ``complete`` and the model checksum only once the model file exists.
+    ``complete`` and the model checksum only once the model file exists; in a run of
+    several processes, by process 0 alone, which also publishes the run.
     """
-    run.write_json("run.json", meta)
+    meta = {**meta, **process_record(config, world)}
+    if world.is_writer:
+        run.write_json("run.json", meta)
+    finished: dict[str, Any] = {}
+
+    def finish() -> None:  # process 0, once the model is written; the others wait for it
+        # The same figure for both frameworks: the loss of the last logged window.
+        losses = [r["loss"] for r in run.read_log() if "loss" in r]
+        finished["final_loss"] = float(losses[-1]) if losses else float("nan")
+        meta["complete"] = True
+        meta["model_sha256"] = sha256_of(run.model_path)
+        run.write_json("run.json", meta)
+        run.plot_loss()
+        finished["run"] = publish_run(run, Path(config.out))
+
     summary = train(config, train_set, val_set, run, torso_pair=manifest.torso_diameter,
-                    resume=resume, show_progress=show_progress, init_params=init_params)
-    # The same figure for both frameworks: the loss of the last logged window.
-    losses = [r["loss"] for r in run.read_log() if "loss" in r]
-    summary["final_loss"] = float(losses[-1]) if losses else float("nan")
-    meta["complete"] = True
-    meta["model_sha256"] = sha256_of(run.model_path)
-    run.write_json("run.json", meta)
-    run.plot_loss()
-    return publish_run(run, Path(config.out)), summary
+                    resume=resume, show_progress=show_progress, init_params=init_params,
+                    world=world, finish=finish)
+    if not world.is_writer:
+        return RunDirectory(Path(config.out), config.framework), summary
+    summary["final_loss"] = finished["final_loss"]
+    return finished["run"], summary
 
 
 def refinement_datasets(config: TrainConfig, manifest, stats, train_records, val_records):
@@ -290,8 +325,8 @@ def refinement_datasets(config: TrainConfig, manifest, stats, train_records, val
     return train_set, val_set
 
 
-def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progress: bool = True
-                           ) -> tuple[RunDirectory, dict[str, Any]]:
+def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progress: bool = True,
+                           world: World = SINGLE) -> tuple[RunDirectory, dict[str, Any]]:
     """Train stage ``config.stage`` >= 2 on top of the run ``config.previous`` (stages
     1..N-1, of either framework)."""
     from ..data.annotations import read_index
@@ -314,7 +349,7 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
     if config.displacement_source == "val" and not val_records:
         raise DeepPoseError("--displacement-source val needs a validation index (--val FILE)")
     init_params = init_parameters(config, resume, manifest.num_joints)
-    run = prepare_run(config, resume)
+    run = prepare_run(config, resume, world)
 
     stats_path = run.path / "displacement.json"
     if resume and stats_path.is_file():
@@ -323,20 +358,26 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
         source_records, source_index = ((val_records, config.val_index)
                                         if config.displacement_source == "val"
                                         else (train_records, config.train_index))
-        stats = measure_displacements(previous, source_records, manifest, config.device)
-        run.write_json("displacement.json", {
-            **stats.to_json(), "source": config.displacement_source,
-            "index": str(source_index), "images": len(source_records),
-            "rms": stats.rms().round(4).tolist()})
+        # every process measures them (the same numbers); process 0 records them
+        from ..core.distributed import process_device
+
+        stats = measure_displacements(previous, source_records, manifest,
+                                      process_device(world, config.device))
+        if world.is_writer:
+            run.write_json("displacement.json", {
+                **stats.to_json(), "source": config.displacement_source,
+                "index": str(source_index), "images": len(source_records),
+                "rms": stats.rms().round(4).tolist()})
 
     meta = base_meta(config, manifest)
-    meta.update({"sigma": config.sigma, "torso_pair": list(manifest.torso_diameter),
-                 "chain": copy_chain(previous, run)})
-    first = RunDirectory(run.path / meta["chain"][0]["dir"]).meta()
-    meta["mean_pose"] = first["mean_pose"]
+    if world.is_writer:  # the others write no run.json
+        meta.update({"sigma": config.sigma, "torso_pair": list(manifest.torso_diameter),
+                     "chain": copy_chain(previous, run)})
+        first = RunDirectory(run.path / meta["chain"][0]["dir"]).meta()
+        meta["mean_pose"] = first["mean_pose"]
     train_set, val_set = refinement_datasets(config, manifest, stats, train_records, val_records)
     return run_training(config, train_set, val_set, run, meta, manifest, resume, show_progress,
-                        init_params)
+                        init_params, world)
 
 
 def measure_displacements(previous: Path, records, manifest, device: str):
@@ -355,8 +396,13 @@ def measure_displacements(previous: Path, records, manifest, device: str):
 def train_stage(config: TrainConfig, resume: bool = False, show_progress: bool = True
                 ) -> tuple[RunDirectory, dict[str, Any]]:
     """Train cascade stage ``config.stage`` (1: from person crops, >= 2: refinement), holding
-    the lock on ``config.out`` for the whole run."""
-    with RunLock(Path(config.out)):
+    the lock on ``config.out`` for the whole run.
+
+    Started by a launcher on several processes (docs/distributed.md), every process trains
+    and process 0 alone holds the lock and writes the run."""
+    world = discover()
+    check_launcher(world, config.framework)
+    with RunLock(Path(config.out)) if world.is_writer else contextlib.nullcontext():
         if config.stage == 1:
-            return train_stage1(config, resume, show_progress)
-        return train_refinement_stage(config, resume, show_progress)
+            return train_stage1(config, resume, show_progress, world)
+        return train_refinement_stage(config, resume, show_progress, world)
