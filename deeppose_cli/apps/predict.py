@@ -470,6 +470,12 @@ def run_predict(model: PoseModel, sources: Sequence[str], *, recursive: bool = F
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
+    if not results:  # nothing was read: an earlier file of that name is left as it was
+        for target in (save_json, save_csv):
+            if target is not None:
+                failures.append(SourceFailure(os.fspath(target), "not written: no image or "
+                                                                 "frame could be read"))
+        save_json = save_csv = None
     if save_json is not None:
         write_coco_json(Path(save_json), results)
     if save_csv is not None:
@@ -507,7 +513,7 @@ def legacy_json(result: PoseResult) -> list[dict]:
     """`predict --json`'s entries of one result: one per person."""
     out = []
     for k, p in enumerate(result.people):
-        entry = {"image": printable(result.source), "bbox": [round(v, 2) for v in p.box],
+        entry = {"image": str(result.source), "bbox": [round(v, 2) for v in p.box],
                  "keypoints": [{"name": n, "x": round(float(x), 2), "y": round(float(y), 2)}
                                for n, (x, y) in zip(result.joint_names, p.joints)]}
         if result.frame is not None:
