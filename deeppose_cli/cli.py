@@ -803,11 +803,12 @@ def predict(state: ChainState, sources: tuple[str, ...], model_dir: str | None,
     for target in (save_json, save_csv):
         if target:
             click.echo(f"written: {target}", err=as_json)
-    people = sum(len(r.people) for r in results)
-    rate = len(results) / summary.seconds if summary.seconds > 0 else float("inf")
-    click.echo(f"{len(results)} images/frames, {people} people, {rate:.1f} images/s"
-               + (f"; {summary.frames_without_people} with no person found"
-                  if summary.frames_without_people else ""), err=True)
+    if not as_json:  # --json: stdout is the JSON, stderr only the errors
+        people = sum(len(r.people) for r in results)
+        rate = len(results) / summary.seconds if summary.seconds > 0 else float("inf")
+        click.echo(f"{len(results)} images/frames, {people} people, {rate:.1f} images/s"
+                   + (f"; {summary.frames_without_people} with no person found"
+                      if summary.frames_without_people else ""), err=True)
     for failure in summary.failures:
         click.echo(f"Error: {failure}", err=True)
     if summary.failures:
