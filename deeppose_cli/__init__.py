@@ -8,3 +8,19 @@ Nothing imported here pulls in NumPy, torch, chainer or cv2.
 """
 
 __version__ = "0.1.0"
+
+# The Python API of `deeppose predict` (docs/predict.md#python-api), imported on first use
+# so that `import deeppose_cli` stays light.
+_API = {"PoseModel", "PoseResult", "Person", "predict"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from .apps import predict as _predict
+
+        return getattr(_predict, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_API))

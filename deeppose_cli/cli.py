@@ -726,15 +726,39 @@ def _parse_bbox(text: str | None):
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
 @click.option("--model", "model_dir",
               help="Run directory, export, or packaged cascade (default: the chain's, else "
                    "the latest run under runs/, else the pretrained lspet-small).")
-@click.option("--bbox", help="Person box X,Y,W,H in pixels (default: the whole image).")
-@click.option("--draw", is_flag=True, help="Write each image with the skeleton drawn on it.")
+@click.option("--recursive", is_flag=True, help="Search folders' subfolders too (and ** in "
+                                                  "patterns).")
+@click.option("--every", type=click.IntRange(1), default=1, show_default=True,
+              help="Predict every N-th frame of a video.")
+@click.option("--detector", type=click.Choice(["none", "hog", "torchvision"]), default="none",
+              show_default=True,
+              help="How people are found: none (the whole image is the person), hog "
+                   "(OpenCV's people detector) or torchvision (Faster R-CNN on COCO).")
+@click.option("--detector-weights", type=click.Path(dir_okay=False),
+              help="State dict file of the torchvision detector (default: torchvision's COCO "
+                   "weights, downloaded into its cache on first use).")
+@click.option("--boxes", "boxes_file", type=click.Path(dir_okay=False),
+              help="Person boxes per image: COCO detection results JSON or CSV "
+                   "(docs/predict.md#boxes-files).")
+@click.option("--bbox", help="One crop X,Y,W,H in pixels, used as given on every image.")
+@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="Keep detections and boxes scoring at least this.")
+@click.option("--max-people", type=click.IntRange(1),
+              help="At most this many people per image (the best scoring).")
+@click.option("--draw", is_flag=True,
+              help="Write each image with boxes and skeletons drawn, and each video as a "
+                   "drawn video.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="predictions",
-              show_default=True, help="Where --draw writes images.")
-@click.option("--json", "as_json", is_flag=True, help="Print COCO-keypoint-like JSON.")
+              show_default=True, help="Where --draw writes images and videos.")
+@click.option("--save-json", type=click.Path(dir_okay=False),
+              help="Write COCO keypoint results (JSON) to this file.")
+@click.option("--save-csv", type=click.Path(dir_okay=False),
+              help="Write one CSV row per person to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the poses as JSON.")
 @click.option("--stages", type=click.IntRange(1), help="Run stages 1..K only.")
 @click.option("--flip-test/--no-flip-test", default=None,
               help="Average each crop's prediction with its mirror image's (default: on for "
@@ -746,13 +770,18 @@ def _parse_bbox(text: str | None):
                    "equal: the plain mean.")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_obj
-def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
-            bbox: str | None, draw: bool, out_dir: str, as_json: bool, stages: int | None,
+def predict(state: ChainState, sources: tuple[str, ...], model_dir: str | None,
+            recursive: bool, every: int, detector: str, detector_weights: str | None,
+            boxes_file: str | None, bbox: str | None, min_score: float,
+            max_people: int | None, draw: bool, out_dir: str, save_json: str | None,
+            save_csv: str | None, as_json: bool, stages: int | None,
             flip_test: bool | None, flip_weights: str, device: str) -> None:
-    """Predict joints on IMAGE files with a trained cascade."""
+    """Predict poses on image files, folders, glob patterns, @LIST files and videos
+    (docs/predict.md)."""
     import json
 
-    from .apps.predict import predict_images
+    from .apps.predict import PoseModel, legacy_json, run_predict
+    from .core.files import printable
 
     box = _parse_bbox(bbox)
     from .training.runs import resolve_model
@@ -760,29 +789,50 @@ def predict(state: ChainState, images: tuple[str, ...], model_dir: str | None,
     run_dir, note = resolve_model(model_dir, state.run_dir)
     if note:
         click.echo(note, err=True)
-    results, failures = predict_images(run_dir, [Path(p) for p in images], box,
-                                       Path(out_dir) if draw else None, stages, device,
-                                       flip_test, flip_weights=flip_weights)
+    model = PoseModel(run_dir, stages=stages, device=device, flip_test=flip_test,
+                      flip_weights=flip_weights, detector=detector,
+                      detector_weights=detector_weights, min_score=min_score,
+                      max_people=max_people, bbox=box, boxes=boxes_file)
+    summary = run_predict(model, sources, recursive=recursive, every=every,
+                          draw_dir=Path(out_dir) if draw else None,
+                          save_json=save_json and Path(save_json),
+                          save_csv=save_csv and Path(save_csv),
+                          progress=not as_json and sys.stderr.isatty())
+    results = summary.results
     out = console()
     if as_json:
-        click.echo(json.dumps([r.to_json() for r in results], indent=2))
-    else:
+        click.echo(json.dumps([e for r in results for e in legacy_json(r)], indent=2))
+    elif len(results) <= 20:
         from rich.table import Table
 
         for r in results:
-            table = Table(title=f"{r.image} (box {', '.join(f'{v:.0f}' for v in r.bbox)})")
-            table.add_column("joint")
-            table.add_column("x", justify="right")
-            table.add_column("y", justify="right")
-            for name, (x, y) in zip(r.joint_names, r.joints):
-                table.add_row(name, f"{x:.1f}", f"{y:.1f}")
-            out.print(table)
-    for r in results:
-        if r.drawn is not None:
-            click.echo(f"drawn: {r.drawn}", err=as_json)
-    for path, reason in failures:
-        click.echo(f"Error: {path}: {reason}", err=True)
-    if failures:
+            where = printable(r.source) + ("" if r.frame is None else f" frame {r.frame}")
+            for k, p in enumerate(r.people):
+                who = "" if len(r.people) == 1 else f" person {k + 1}"
+                table = Table(title=f"{where}{who} (box {', '.join(f'{v:.0f}' for v in p.box)})")
+                table.add_column("joint")
+                table.add_column("x", justify="right")
+                table.add_column("y", justify="right")
+                if p.confidence is not None:
+                    table.add_column("confidence", justify="right")
+                for j, (name, (x, y)) in enumerate(zip(r.joint_names, p.joints)):
+                    extra = [] if p.confidence is None else [f"{p.confidence[j]:.2f}"]
+                    table.add_row(name, f"{x:.1f}", f"{y:.1f}", *extra)
+                out.print(table)
+    for path in summary.drawn:
+        click.echo(f"drawn: {printable(path)}", err=as_json)
+    for target in (save_json, save_csv):
+        if target:
+            click.echo(f"written: {target}", err=as_json)
+    if not as_json:  # --json: stdout is the JSON, stderr only the errors
+        people = sum(len(r.people) for r in results)
+        rate = len(results) / summary.seconds if summary.seconds > 0 else float("inf")
+        click.echo(f"{len(results)} images/frames, {people} people, {rate:.1f} images/s"
+                   + (f"; {summary.frames_without_people} with no person found"
+                      if summary.frames_without_people else ""), err=True)
+    for failure in summary.failures:
+        click.echo(f"Error: {failure}", err=True)
+    if summary.failures:
         click.get_current_context().exit(2)
 
 

@@ -728,7 +728,8 @@ def test_a_directory_among_predicts_images_is_reported_and_the_rest_predicted(ru
                     "--json")
     assert result.exit_code == 2, result.output
     assert [p["image"] for p in json.loads(result.stdout)] == [str(photo)]
-    assert f"Error: {folder}: is a directory, not an image file" in result.stderr
+    # a folder is a source: its images are predicted, and an empty one is reported
+    assert f"Error: {folder}: no images or videos in this folder" in result.stderr
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -31,6 +31,25 @@ def draw_pose(image_bgr: np.ndarray, joints: np.ndarray, skeleton: Sequence[Limb
     return out
 
 
+BOX_COLOUR = (0, 220, 255)  # BGR yellow
+
+
+def draw_people(image_bgr: np.ndarray, people: Sequence[tuple[Sequence[float], np.ndarray]],
+                skeleton: Sequence[Limb]) -> np.ndarray:
+    """A copy of ``image_bgr`` with each person's box (x, y, w, h) outlined and skeleton drawn."""
+    import cv2
+
+    out = image_bgr.copy()
+    thickness = max(1, int(round(max(out.shape[:2]) / 300.0)))
+    for box, joints in people:
+        x, y, w, h = (float(v) for v in box)
+        cv2.rectangle(out, (int(round(x)), int(round(y))),
+                      (int(round(x + w - 1)), int(round(y + h - 1))), BOX_COLOUR, thickness,
+                      cv2.LINE_AA)
+        out = draw_pose(out, joints, skeleton)
+    return out
+
+
 def sample_picture(image_chw: np.ndarray, normalized: np.ndarray, visible: np.ndarray,
                    skeleton: Sequence[Limb]) -> np.ndarray:
     """A network input as a BGR uint8 picture with its target joints drawn where the loss
