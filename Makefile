@@ -13,6 +13,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# Only one OpenCV wheel may be installed: the contrib one (it has HOGDescriptor) replaces the main one.
+	$(PY) -m pip uninstall -y -q opencv-python-headless opencv-python 2>/dev/null || true
 	$(PY) -m pip install -e '.[test,export,distributed]'
 	touch $@
 
