@@ -809,7 +809,7 @@ def predict(state: ChainState, sources: tuple[str, ...], model_dir: str | None,
             where = printable(r.source) + ("" if r.frame is None else f" frame {r.frame}")
             for k, p in enumerate(r.people):
                 who = "" if len(r.people) == 1 else f" person {k + 1}"
-                table = Table(title=f"{where}{who} (box {', '.join(f'{v:.0f}' for v in p.box)})")
+                table = Table(title=f"{where}{who} (box {p.box_text})")
                 table.add_column("joint")
                 table.add_column("x", justify="right")
                 table.add_column("y", justify="right")

@@ -442,3 +442,14 @@ def test_python_api(runs, tmp_path):
     assert [r.source.name for r in results] == ["a.png"]
     assert len(results[0].people) == 1 and results[0].people[0].confidence is None
     assert any("b.png" in str(w.message) for w in caught)
+
+
+def test_a_box_prints_in_whole_pixels_and_draw_outlines_it():
+    from deeppose_cli.apps.drawing import draw_people
+    from deeppose_cli.apps.predict import Person
+
+    person = Person([-0.4, 10.2, 40.0, 30.0], 1.0, [0, 0, 40, 40], np.full((14, 2), 20.0))
+    assert person.box_text == "x 0, y 10, 40 x 30"
+    drawn = draw_people(np.zeros((60, 60, 3), np.uint8), [(person.box, person.joints)], ())
+    assert drawn[10, 5].any() and drawn[39, 5].any() and drawn[25, 0].any()  # the outline
+    assert not drawn[25, 5].any()  # inside the outline stays as it was

@@ -52,6 +52,12 @@ class Person:
     joints: np.ndarray
     confidence: np.ndarray | None = None
 
+    @property
+    def box_text(self) -> str:
+        """The box for a message: ``x 12, y 40, 243 x 162`` (whole pixels, never ``-0``)."""
+        x, y, w, h = (int(round(v)) + 0 for v in self.box)
+        return f"x {x}, y {y}, {w} x {h}"
+
 
 @dataclass
 class PoseResult:
