@@ -840,18 +840,23 @@ def predict(state: ChainState, sources: tuple[str, ...], model_dir: str | None,
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--to", "framework", type=click.Choice(FRAMEWORKS), required=True)
 @click.option("--out", type=click.Path(file_okay=False),
-              help="Output run directory (default RUN_DIR-<framework>).")
+              help="Output run directory (default RUN_DIR-<framework>; for a packaged "
+                   "cascade runs/NAME-<framework>).")
 @click.option("--half", is_flag=True,
-              help="Store the weights as float16: half the size, predictions within a "
-                   "fraction of a pixel (measure it with evaluate).")
+              help="Store the weights as float16: half the size; joints move by up to about "
+                   "a pixel (docs/model-card.md; measure it with evaluate).")
 @click.pass_obj
 def convert(state: ChainState, run_dir: str, framework: str, out: str | None,
             half: bool) -> None:
-    """Convert a run's weights (every stage of its cascade) to a framework's model files."""
+    """Convert a run's weights (every stage of its cascade) to a framework's model files.
+    RUN_DIR may name a packaged cascade (lspet-small)."""
     from .apps.convert import convert_run
+    from .training.runs import packaged_output_dir, run_or_packaged
 
-    target = Path(out) if out else Path(f"{run_dir.rstrip('/')}-{framework}")
-    convert_run(Path(run_dir), framework, target, half=half)
+    source = run_or_packaged(run_dir)
+    target = (Path(out) if out else packaged_output_dir(source, framework)
+              or Path(f"{run_dir.rstrip('/')}-{framework}"))
+    convert_run(source, framework, target, half=half)
     console().print(f"converted {run_dir} to {framework}: {target}")
     state.run_dir = target
 
@@ -862,8 +867,8 @@ def convert(state: ChainState, run_dir: str, framework: str, out: str | None,
               help=f"{' or '.join(EXPORT_FORMATS)} (onnx needs the export extra: "
                    "pip install -e '.[export]').")
 @click.option("--out", type=click.Path(file_okay=False),
-              help="Export directory (default RUN_DIR-<format>); an earlier export there is "
-                   "replaced.")
+              help="Export directory (default RUN_DIR-<format>; for a packaged cascade "
+                   "runs/NAME-<format>); an earlier export there is replaced.")
 @click.option("--opset", type=click.IntRange(18), help="ONNX opset (default 20).")
 @click.option("--flip-test/--no-flip-test", default=None,
               help="Build the test-time flip into every stage's graph, or into none "
@@ -872,12 +877,14 @@ def convert(state: ChainState, run_dir: str, framework: str, out: str | None,
 def export(state: ChainState, run_dir: str | None, model_format: str, out: str | None,
            opset: int | None, flip_test: bool | None) -> None:
     """Export every stage of RUN_DIR's cascade as ONNX or TorchScript graphs with a
-    cascade.json, to run without deeppose (docs/export.md)."""
+    cascade.json, to run without deeppose (docs/export.md). RUN_DIR may name a packaged
+    cascade (lspet-small)."""
     from .apps.export import export_run
-    from .training.runs import latest_run
+    from .training.runs import latest_run, packaged_output_dir, run_or_packaged
 
-    source = Path(run_dir) if run_dir else (state.run_dir or latest_run())
-    result = export_run(source, model_format, Path(out) if out else None, opset, flip_test)
+    source = run_or_packaged(run_dir) if run_dir else (state.run_dir or latest_run())
+    target = Path(out) if out else packaged_output_dir(source, model_format)
+    result = export_run(source, model_format, target, opset, flip_test)
     out_console = console()
     for stage, (name, size) in zip(result.description.stages, result.sizes().items()):
         flip = "flip test in graph" if stage.flip_in_graph else "no flip test in graph"

@@ -71,13 +71,27 @@ def packaged_models() -> list[str]:
     return sorted(p.name for p in PACKAGED_MODELS.iterdir() if (p / "run.json").is_file())
 
 
-def packaged_eval_dir(run_dir: Path, root: Path = RUNS_ROOT) -> Path | None:
-    """Where ``evaluate`` writes for a packaged cascade (``root/NAME-eval/``): the package
-    directory is installed code, never written to. None for every other run."""
+def packaged_output_dir(run_dir: Path, suffix: str, root: Path = RUNS_ROOT) -> Path | None:
+    """Where a command writes what it makes of a packaged cascade (``root/NAME-suffix/``):
+    the package directory is installed code, never written to. None for every other run."""
     run_dir = Path(run_dir).resolve()
     if run_dir.parent != PACKAGED_MODELS.resolve():
         return None
-    return Path(root) / f"{run_dir.name}-eval"
+    return Path(root) / f"{run_dir.name}-{suffix}"
+
+
+def packaged_eval_dir(run_dir: Path, root: Path = RUNS_ROOT) -> Path | None:
+    """Where ``evaluate`` writes for a packaged cascade (``root/NAME-eval/``)."""
+    return packaged_output_dir(run_dir, "eval", root)
+
+
+def run_or_packaged(name: str) -> Path:
+    """A run directory given on the command line, or the name of a packaged cascade when no
+    such directory exists (``convert lspet-small``)."""
+    path = Path(name)
+    if not path.exists() and name in packaged_models():
+        return PACKAGED_MODELS / name
+    return path
 
 
 def resolve_model(model: str | None, chained: Path | None = None,
