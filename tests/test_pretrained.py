@@ -8,7 +8,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from deeppose_cli.cli import main
