@@ -135,6 +135,14 @@ def parameter_shapes(num_joints: int = 14, input_size: int = 227, width: float =
     return shapes
 
 
+def parameters_to_load(params: Mapping[str, object], batch_norm: bool, uncertainty: bool,
+                       optional: tuple[str, ...] = ()) -> list[str]:
+    """The model's parameter names a load copies: every one, except the ``optional`` names
+    that ``params`` lacks (they keep the model's values)."""
+    return [name for name in parameter_names(batch_norm, uncertainty)
+            if name in params or name not in optional]
+
+
 def check_parameters(params: Mapping[str, object], expected_shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raise ``DeepPoseError`` unless ``params`` has every expected key with the expected shape.
 

@@ -41,6 +41,8 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -310,8 +312,7 @@ def fetch_dataset(
     if not local and not url and manifest.generator and not any(p.urls for p in parts):
         return _generate(manifest, dataset_dir)
 
-    staged = make_temp_dir(dataset_dir, "new")
-    try:
+    with staged_dataset(dataset_dir) as staged:
         results = [_fetch_part(part, root, staged, local=local, url=url,
                                pinned_sha256=pins.get(part.name), force=force,
                                progress=progress,
@@ -328,13 +329,6 @@ def fetch_dataset(
                 {"name": r.result.name, "source": r.source, "archive": str(r.result.archive),
                  "sha256": r.result.sha256, "size": r.result.size, "files": r.files}
                 for r in results])
-        replace_directory(staged, dataset_dir)
-    except OSError as e:  # a full disk: nothing is left half-written, and no traceback
-        shutil.rmtree(staged, ignore_errors=True)
-        raise DeepPoseError(f"cannot write {dataset_dir}: {os_error_reason(e)}") from None
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return _fetch_result(dataset_dir, [r.result for r in results])
 
 
@@ -435,6 +429,23 @@ def _part_result(part: _Part, status: str, archive_path: Path, checked: _Checked
         details += f" No checksum is recorded for this archive; pin it with --sha256 {pin}."
     return PartResult(name=part.name, status=status, archive=archive_path,
                       sha256=checked.sha256, size=checked.size, what=what, details=details)
+
+
+@contextmanager
+def staged_dataset(dataset_dir: Path) -> Iterator[Path]:
+    """A hidden directory beside ``dataset_dir`` to build the dataset in; it replaces
+    ``dataset_dir`` when the block ends, and is removed if the block fails, so a dataset
+    directory is always whole. A full disk is one line, not a traceback."""
+    staged = make_temp_dir(dataset_dir, "new")
+    try:
+        yield staged
+        replace_directory(staged, dataset_dir)
+    except OSError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise DeepPoseError(f"cannot write {dataset_dir}: {os_error_reason(e)}") from None
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
 
 
 def _fetch_result(dataset_dir: Path, parts: list[PartResult]) -> FetchResult:
@@ -1355,18 +1366,10 @@ def _generate(manifest: DatasetManifest, dataset_dir: Path) -> FetchResult:
         where = manifest.path or manifest.name
         raise DeepPoseError(f"{where}: [generator] is missing {e}") from None
 
-    staged = make_temp_dir(dataset_dir, "new")
-    try:
+    with staged_dataset(dataset_dir) as staged:
         generate_dataset(staged, num_images=num_images, seed=seed, image_size=image_size)
         _write_marker(staged, dataset=manifest.name, source="generated", sha256=None, size=None,
                       generator=dict(manifest.generator))
-        replace_directory(staged, dataset_dir)
-    except OSError as e:  # a full disk: nothing is left half-written, and no traceback
-        shutil.rmtree(staged, ignore_errors=True)
-        raise DeepPoseError(f"cannot write {dataset_dir}: {os_error_reason(e)}") from None
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return FetchResult(
         dataset_dir=dataset_dir,
         status="generated",

@@ -20,7 +20,8 @@ from torch.autograd.function import once_differentiable
 from ..core.losses import (LOG_2, LOG_SCALE_MAX, LOG_SCALE_MIN, check_norm,
                       check_uncertainty_outputs)
 from ..core.weights import (BN_DECAY, BN_EPS, BN_LAYERS, LOG_SCALE_INIT, POOL_KSIZE, POOL_STRIDE,
-                       SCALE_LAYER, check_parameters, conv_stack, fc_stack, parameter_names)
+                       SCALE_LAYER, check_parameters, conv_stack, fc_stack, parameter_names,
+                       parameters_to_load)
 
 
 class AlexNetRegressor(nn.Module):
@@ -207,8 +208,7 @@ def load_numpy_params(model: AlexNetRegressor, params: dict[str, np.ndarray],
 
     Raises ``DeepPoseError`` (before changing anything) on a missing key or a wrong shape.
     """
-    names = [name for name in parameter_names(model.batch_norm, model.uncertainty)
-             if name in params or name not in optional]
+    names = parameters_to_load(params, model.batch_norm, model.uncertainty, optional)
     check_parameters(params, {name: tuple(_tensor_of(model, name).shape) for name in names})
     with torch.no_grad():
         for name in names:
