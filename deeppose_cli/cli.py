@@ -108,7 +108,8 @@ def chain_split(command: click.Command, args: list[str], names: set[str]) -> int
             continue
         open_slot = next((slot for slot in slots
                           if slot[0].nargs == -1 or slot[1] < slot[0].nargs), None)
-        waiting = open_slot is not None and open_slot[0].required and open_slot[1] == 0
+        waiting = open_slot is not None and open_slot[1] == 0 and \
+            getattr(open_slot[0], "chain_required", open_slot[0].required)
         if token in names and not waiting:
             return i
         if open_slot is None:
@@ -116,6 +117,13 @@ def chain_split(command: click.Command, args: list[str], names: set[str]) -> int
         open_slot[1] += 1
         i += 1
     return len(args)
+
+
+class FirstValueArgument(click.Argument):
+    """An argument click may leave empty (``predict --camera 0`` has no SOURCE) whose first
+    token is still never read as the next chained command (:func:`chain_split`)."""
+
+    chain_required = True
 
 
 class ChainedCommand(click.Command):
@@ -726,7 +734,7 @@ def _parse_bbox(text: str | None):
 
 
 @main.command()
-@click.argument("sources", nargs=-1, type=click.Path())
+@click.argument("sources", nargs=-1, type=click.Path(), cls=FirstValueArgument)
 @click.option("--model", "model_dir",
               help="Run directory, export, or packaged cascade (default: the chain's, else "
                    "the latest run under runs/, else the pretrained lspet-small).")
