@@ -108,7 +108,8 @@ def chain_split(command: click.Command, args: list[str], names: set[str]) -> int
             continue
         open_slot = next((slot for slot in slots
                           if slot[0].nargs == -1 or slot[1] < slot[0].nargs), None)
-        waiting = open_slot is not None and open_slot[0].required and open_slot[1] == 0
+        waiting = open_slot is not None and open_slot[1] == 0 and \
+            getattr(open_slot[0], "chain_required", open_slot[0].required)
         if token in names and not waiting:
             return i
         if open_slot is None:
@@ -116,6 +117,13 @@ def chain_split(command: click.Command, args: list[str], names: set[str]) -> int
         open_slot[1] += 1
         i += 1
     return len(args)
+
+
+class FirstValueArgument(click.Argument):
+    """An argument click may leave empty (``predict --camera 0`` has no SOURCE) whose first
+    token is still never read as the next chained command (:func:`chain_split`)."""
+
+    chain_required = True
 
 
 class ChainedCommand(click.Command):
@@ -726,10 +734,14 @@ def _parse_bbox(text: str | None):
 
 
 @main.command()
-@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.argument("sources", nargs=-1, type=click.Path(), cls=FirstValueArgument)
 @click.option("--model", "model_dir",
               help="Run directory, export, or packaged cascade (default: the chain's, else "
                    "the latest run under runs/, else the pretrained lspet-small).")
+@click.option("--camera", type=click.IntRange(0),
+              help="Also read camera N (0: the first) until Ctrl-C, after the SOURCEs.")
+@click.option("--max-frames", type=click.IntRange(1),
+              help="Predict at most this many frames of each video and of the camera.")
 @click.option("--recursive", is_flag=True, help="Search folders' subfolders too (and ** in "
                                                   "patterns).")
 @click.option("--every", type=click.IntRange(1), default=1, show_default=True,
@@ -757,7 +769,7 @@ def _parse_bbox(text: str | None):
 @click.option("--save-json", type=click.Path(dir_okay=False),
               help="Write COCO keypoint results (JSON) to this file.")
 @click.option("--save-csv", type=click.Path(dir_okay=False),
-              help="Write one CSV row per person to this file.")
+              help="Write one CSV row per image or frame, person and joint to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the poses as JSON.")
 @click.option("--stages", type=click.IntRange(1), help="Run stages 1..K only.")
 @click.option("--flip-test/--no-flip-test", default=None,
@@ -771,14 +783,17 @@ def _parse_bbox(text: str | None):
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_obj
 def predict(state: ChainState, sources: tuple[str, ...], model_dir: str | None,
-            recursive: bool, every: int, detector: str, detector_weights: str | None,
+            camera: int | None, max_frames: int | None, recursive: bool, every: int, detector: str, detector_weights: str | None,
             boxes_file: str | None, bbox: str | None, min_score: float,
             max_people: int | None, draw: bool, out_dir: str, save_json: str | None,
             save_csv: str | None, as_json: bool, stages: int | None,
             flip_test: bool | None, flip_weights: str, device: str) -> None:
-    """Predict poses on image files, folders, glob patterns, @LIST files and videos
-    (docs/predict.md)."""
+    """Predict poses on image files, folders, glob patterns, @LIST files, videos and a
+    camera (docs/predict.md)."""
     import json
+
+    if not sources and camera is None:
+        raise click.UsageError("give at least one SOURCE, or --camera N")
 
     from .apps.predict import PoseModel, legacy_json, run_predict
     from .core.files import printable
@@ -797,7 +812,8 @@ def predict(state: ChainState, sources: tuple[str, ...], model_dir: str | None,
                           draw_dir=Path(out_dir) if draw else None,
                           save_json=save_json and Path(save_json),
                           save_csv=save_csv and Path(save_csv),
-                          progress=not as_json and sys.stderr.isatty())
+                          progress=not as_json and sys.stderr.isatty(),
+                          camera=camera, max_frames=max_frames)
     results = summary.results
     out = console()
     if as_json:

@@ -5,6 +5,7 @@ drawn outputs read back and checked (docs/predict.md)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -127,6 +128,43 @@ def test_images_and_video_frames_are_read_and_bad_ones_reported(tmp_path):
     assert frames[2].image[15, 14:22].mean() > 200 and frames[1].image[15, 14:22].mean() < 200
     assert [Path(f.where).name for f in failures] == ["broken.jpg", "fake.mp4"]
     assert "bad\\xff" in str(SourceFailure(os.fspath(tmp_path / f"{BAD}.mp4"), "x"))
+
+
+def write_truncated_video(path: Path, frames: int = 10, keep: float = 0.5) -> int:
+    """An MJPG AVI of ``frames`` frames cut to its first ``keep`` of bytes (its header still
+    counts every frame); returns how many frames OpenCV still decodes from it."""
+    import cv2
+
+    tmp = path.parent / "whole.avi"
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    assert writer.isOpened()
+    rng = np.random.default_rng(0)  # noise: every frame takes about as many bytes
+    for _ in range(frames):
+        writer.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    data = tmp.read_bytes()
+    tmp.unlink()
+    path.write_bytes(data[:int(len(data) * keep)])
+    return frame_count(path)
+
+
+def test_a_video_that_stops_decoding_midway_is_one_failure_after_its_frames(tmp_path):
+    decodable = write_truncated_video(tmp_path / "cut.avi")
+    assert 0 < decodable < 9
+    write_image(tmp_path / "after.png")
+    whole = write_video(tmp_path / "whole.mp4", frames=6)
+    items, _ = expand_sources([tmp_path / "cut.avi", tmp_path / "after.png", whole])
+    got = list(read_frames(items))
+    failures = [g for g in got if isinstance(g, SourceFailure)]
+    frames = [(g.source.name, g.frame) for g in got if isinstance(g, Frame)]
+    assert frames == [("cut.avi", k) for k in range(decodable)] + [("after.png", None)] + [
+        ("whole.mp4", k) for k in range(6)]  # the rest goes on; a whole video is not flagged
+    assert failures == [SourceFailure(f"{tmp_path / 'cut.avi'} frame {decodable}",
+                                      f"could not be decoded: the video stops there "
+                                      f"({decodable} of the 10 frames its header counts "
+                                      f"were read)")]
+    # the failure comes right after the last frame read, before the next source
+    assert isinstance(got[decodable], SourceFailure)
 
 
 # ----------------------------------------------------------------------------- boxes files
@@ -305,16 +343,29 @@ def test_collection_to_coco_json_and_csv(runs, tmp_path):
     h, w = cv2.imread(str(source[0])).shape[:2]
     assert entries[1]["bbox"] == [0, 0, w, h]
 
-    rows = list(csv.DictReader(table.open()))
-    assert list(rows[0])[:9] == ["source", "frame", "image_id", "person", "score", "box_x",
-                                 "box_y", "box_w", "box_h"]
-    assert list(rows[0])[9:] == [f"{n}_{c}" for n in MANIFEST.joint_names
-                                 for c in ("x", "y", "confidence")]
-    assert len(rows) == len(entries)
-    for row, entry in zip(rows, entries):
-        assert float(row[f"{MANIFEST.joint_names[3]}_x"]) == pytest.approx(
-            entry["keypoints"][9], abs=0.01)
-        assert 0 <= float(row[f"{MANIFEST.joint_names[3]}_confidence"]) <= 1
+    rows = list(csv.DictReader(table.open(newline="")))
+    assert list(rows[0]) == ["source", "frame", "image_id", "person", "score", "box_x", "box_y",
+                             "box_w", "box_h", "joint", "x", "y", "confidence"]
+    # one row per image or frame, person and joint, in the JSON's order
+    assert len(rows) == len(entries) * MANIFEST.num_joints
+    for n, entry in enumerate(entries):
+        block = rows[n * MANIFEST.num_joints:(n + 1) * MANIFEST.num_joints]
+        assert [r["joint"] for r in block] == list(MANIFEST.joint_names)
+        for j, row in enumerate(block):
+            assert row["source"] == entry["file_name"]
+            assert int(row["image_id"]) == entry["image_id"]
+            assert int(row["person"]) == entry["person"]
+            assert (row["frame"] == "") == (entry["frame"] is None)
+            if entry["frame"] is not None:
+                assert int(row["frame"]) == entry["frame"]
+            assert [float(row[k]) for k in ("box_x", "box_y", "box_w", "box_h")] == \
+                pytest.approx(entry["bbox"], abs=0.01)
+            assert float(row["score"]) == pytest.approx(entry["score"], abs=1e-4)
+            x, y, v = entry["keypoints"][3 * j:3 * j + 3]
+            assert float(row["x"]) == pytest.approx(x, abs=0.01)
+            assert float(row["y"]) == pytest.approx(y, abs=0.01)
+            assert float(row["confidence"]) == pytest.approx(v, abs=1e-4)
+            assert 0 <= float(row["confidence"]) <= 1
 
     drawn = tmp_path / "drawn"
     assert frame_count(drawn / "clip_pose.mp4") == 5
@@ -442,6 +493,138 @@ def test_python_api(runs, tmp_path):
     assert [r.source.name for r in results] == ["a.png"]
     assert len(results[0].people) == 1 and results[0].people[0].confidence is None
     assert any("b.png" in str(w.message) for w in caught)
+
+
+class FakeCamera:
+    """``cv2.VideoCapture`` for the tests: given an int (a camera index) it plays a
+    test-made video, sending this process Ctrl-C (SIGINT) after ``interrupt_after`` frames
+    when that is set; given anything else it is OpenCV's own."""
+
+    def __init__(self, real, video: Path, interrupt_after: int | None = None):
+        self.real, self.video, self.interrupt_after = real, video, interrupt_after
+        self.opened: list = []
+
+    def __call__(self, source, *args):
+        if not isinstance(source, int):
+            return self.real(source, *args)
+        self.opened.append(source)
+        capture = self.real(str(self.video))
+        if source != 0:  # no such camera
+            capture.release()
+            return capture
+        outer, reads = self, []
+        original_read = capture.read
+
+        class Camera:
+            def read(self):
+                reads.append(1)
+                if outer.interrupt_after is not None and len(reads) == outer.interrupt_after:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C
+                return original_read()
+
+            def __getattr__(self, name):
+                return getattr(capture, name)
+
+        return Camera()
+
+
+def test_camera_frames_until_ctrl_c_or_max_frames(tmp_path, monkeypatch):
+    import cv2
+
+    from deeppose_cli.apps.sources import camera_source
+
+    video = write_video(tmp_path / "camera.mp4", frames=10)
+    fake = FakeCamera(cv2.VideoCapture, video)
+    monkeypatch.setattr(cv2, "VideoCapture", fake)
+    frames = list(read_frames([camera_source(0)], every=2))
+    assert [(f.source, f.frame) for f in frames] == [(Path("camera0"), k)
+                                                     for k in (0, 2, 4, 6, 8)]
+    assert frames[0].image.shape == (48, 64, 3) and frames[0].fps == pytest.approx(10.0)
+    assert [f.frame for f in read_frames([camera_source(0)], max_frames=3)] == [0, 1, 2]
+    assert list(read_frames([camera_source(1)])) == [
+        SourceFailure("camera 1", "cannot be opened (no such camera, or it is in use)")]
+
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    fake.interrupt_after = 4  # Ctrl-C while the 4th frame is read: it is the last one
+    got = list(read_frames([camera_source(0)]))
+    assert [f.frame for f in got] == [0, 1, 2, 3]
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C is back to what it was
+
+
+@pytest.mark.slow
+def test_camera_and_a_truncated_video_through_the_command(tmp_path, monkeypatch):
+    """The shipped model on a camera stopped with Ctrl-C (outputs written, exit 0) and a
+    truncated video among other sources (one line, the rest predicted, exit 2)."""
+    import cv2
+
+    video = write_video(tmp_path / "camera.mp4", frames=10, size=(96, 80))
+    monkeypatch.setattr(cv2, "VideoCapture", FakeCamera(cv2.VideoCapture, video, 6))
+    out, table = tmp_path / "poses.json", tmp_path / "poses.csv"
+    result = invoke(["--camera", "0", "--model", "lspet-small", "--save-json", out,
+                     "--save-csv", table, "--draw", "--out", tmp_path / "drawn"])
+    assert result.exit_code == 0, result.output
+    assert_no_escaped_exception(result)
+    entries = json.loads(out.read_text())
+    assert [(e["file_name"], e["frame"]) for e in entries] == [("camera0", k) for k in range(6)]
+    assert len(list(csv.DictReader(table.open(newline="")))) == 6 * 14
+    assert frame_count(tmp_path / "drawn" / "camera0_pose.mp4") == 6
+
+    result = invoke(["--camera", "0", "--max-frames", "2", "--model", "lspet-small",
+                     "--save-json", out])
+    assert result.exit_code == 0, result.output
+    assert [e["frame"] for e in json.loads(out.read_text())] == [0, 1]
+
+    decodable = write_truncated_video(tmp_path / "cut.avi")
+    image = write_image(tmp_path / "after.png", size=(80, 60))
+    result = invoke([tmp_path / "cut.avi", image, "--model", "lspet-small", "--save-json", out])
+    assert result.exit_code == 2
+    one_line(result, f"cut.avi frame {decodable}: could not be decoded")
+    assert sum(line.startswith("Error") for line in result.output.splitlines()) == 1
+    entries = json.loads(out.read_text())
+    assert [(Path(e["file_name"]).name, e["frame"]) for e in entries] == [
+        ("cut.avi", k) for k in range(decodable)] + [("after.png", None)]
+
+    result = invoke(["--model", "lspet-small"])
+    assert result.exit_code == 2 and "give at least one SOURCE, or --camera N" in result.output
+
+
+def test_csv_has_a_row_per_frame_person_and_joint():
+    from deeppose_cli.apps.predict import Person, PoseResult, csv_text
+
+    names = ("ankle", "knee", "hip")
+    joints = np.array([[1.0, 2.0], [3.5, 4.25], [5.0, 6.0]])
+    image = PoseResult(Path("photos/a.jpg"), None, 1, 100, 80, names,
+                       [Person([0, 0, 100, 80], 1.0, [0, -10, 100, 100], joints)])
+    frame = PoseResult(Path("clip.mp4"), 7, 2, 100, 80, names,
+                       [Person([10, 5, 20, 40], 0.9, [0, 0, 50, 50], joints + 10,
+                               np.array([0.5, float("nan"), 1.0])),
+                        Person([50, 5, 20, 40], 0.6, [40, 0, 50, 50], joints + 50,
+                               np.array([0.25, 0.75, 0.0]))])
+    empty = PoseResult(Path("clip.mp4"), 8, 3, 100, 80, names, [])
+    rows = list(csv.reader(io.StringIO(csv_text([image, frame, empty], names))))
+    assert rows[0] == ["source", "frame", "image_id", "person", "score", "box_x", "box_y",
+                       "box_w", "box_h", "joint", "x", "y", "confidence"]
+    rows = [dict(zip(rows[0], r)) for r in rows[1:]]
+    assert len(rows) == 3 * 3  # 3 people x 3 joints; the frame with nobody has no row
+    assert [(r["source"], r["frame"], int(r["image_id"]), int(r["person"]), r["joint"])
+            for r in rows] == [
+        ("photos/a.jpg", "", 1, 0, "ankle"), ("photos/a.jpg", "", 1, 0, "knee"),
+        ("photos/a.jpg", "", 1, 0, "hip"),
+        ("clip.mp4", "7", 2, 0, "ankle"), ("clip.mp4", "7", 2, 0, "knee"),
+        ("clip.mp4", "7", 2, 0, "hip"),
+        ("clip.mp4", "7", 2, 1, "ankle"), ("clip.mp4", "7", 2, 1, "knee"),
+        ("clip.mp4", "7", 2, 1, "hip")]
+    got = np.array([[float(r["x"]), float(r["y"])] for r in rows])
+    np.testing.assert_allclose(got, np.concatenate([joints, joints + 10, joints + 50]))
+    assert [r["confidence"] for r in rows[:3]] == ["", "", ""]  # a model without confidence
+    assert [float(r["confidence"]) if r["confidence"] else None for r in rows[3:]] == [
+        0.5, None, 1.0, 0.25, 0.75, 0.0]
+    assert [float(rows[k][c]) for k in (0, 3, 6) for c in ("score", "box_x", "box_w")] == [
+        1.0, 0.0, 100.0, 0.9, 10.0, 20.0, 0.6, 50.0, 20.0]
 
 
 def test_a_box_prints_in_whole_pixels_and_draw_outlines_it():

@@ -30,7 +30,7 @@ from ..core.errors import DeepPoseError
 from ..core.files import atomic_write, atomic_write_text, check_writable, printable, write_json
 from ..core.images import ImageError, read_bgr
 from .detectors import BoxesFile, Detection, given_box, keep, make_detector, whole_image
-from .sources import Frame, SourceFailure, expand_sources, read_frames
+from .sources import Frame, SourceFailure, camera_source, expand_sources, read_frames
 
 # A joint's confidence: the probability, under the Laplace distributions the network
 # predicts for its x and y (taken as independent), that the joint lies within this fraction
@@ -227,24 +227,35 @@ class PoseModel:
         if pending:
             yield from self._pose(pending, keep_images)
 
-    def predict(self, sources: Sequence[str | os.PathLike] | str | os.PathLike, *,
+    def predict(self, sources: Sequence[str | os.PathLike] | str | os.PathLike = (), *,
                 recursive: bool = False, every: int = 1, keep_images: bool = False,
-                on_failure: Callable[[SourceFailure], None] | None = None
+                on_failure: Callable[[SourceFailure], None] | None = None,
+                camera: int | None = None, max_frames: int | None = None
                 ) -> Iterator[PoseResult]:
         """A :class:`PoseResult` per image and video frame that ``sources`` name (files,
-        folders, glob patterns, ``@list.txt`` files, videos: docs/predict.md#sources); with
-        ``every`` N only every N-th frame of a video. What cannot be read goes to
-        ``on_failure`` (default: a warning) and the rest goes on."""
+        folders, glob patterns, ``@list.txt`` files, videos: docs/predict.md#sources), then
+        per frame of camera ``camera`` (until Ctrl-C); with ``every`` N only every N-th
+        frame of a video or camera, with ``max_frames`` at most that many of each. What
+        cannot be read goes to ``on_failure`` (default: a warning) and the rest goes on."""
         if isinstance(sources, (str, os.PathLike)):
             sources = [sources]
         if every < 1:
             raise DeepPoseError("--every must be at least 1")
+        if max_frames is not None and max_frames < 1:
+            raise DeepPoseError("--max-frames must be at least 1")
+        if camera is not None and camera < 0:
+            raise DeepPoseError("--camera must be a camera index: 0, 1, ...")
+        if not sources and camera is None:
+            raise DeepPoseError("nothing to predict: give a SOURCE or --camera N")
         items, failures = expand_sources(sources, recursive)
+        if camera is not None:
+            items.append(camera_source(camera))
         report = on_failure or (lambda f: warnings.warn(str(f), stacklevel=3))
         for failure in failures:
             report(failure)
         names = self.boxes.source_names([i.path for i in items]) if self.boxes else None
-        yield from self.predict_frames(read_frames(items, every), keep_images, report, names)
+        yield from self.predict_frames(read_frames(items, every, max_frames), keep_images,
+                                       report, names)
 
     def predict_image(self, image: np.ndarray | str | os.PathLike,
                       boxes: Sequence[Sequence[float]] | None = None) -> PoseResult:
@@ -270,8 +281,8 @@ class PoseModel:
 
 def predict(sources, model: str | os.PathLike | None = None, **options) -> list[PoseResult]:
     """``PoseModel(model, **options).predict(sources)`` as a list: the one-call form."""
-    split = {k: options.pop(k) for k in ("recursive", "every", "keep_images", "on_failure")
-             if k in options}
+    split = {k: options.pop(k) for k in ("recursive", "every", "keep_images", "on_failure",
+                                         "camera", "max_frames") if k in options}
     return list(PoseModel(model, **options).predict(sources, **split))
 
 
@@ -297,28 +308,29 @@ def write_coco_json(path: Path, results: Iterable[PoseResult]) -> Path:
     return write_json(path, [entry for r in results for entry in r.to_coco()])
 
 
-def csv_header(joint_names: Sequence[str]) -> list[str]:
-    head = ["source", "frame", "image_id", "person", "score", "box_x", "box_y", "box_w",
-            "box_h"]
-    for name in joint_names:
-        head += [f"{name}_x", f"{name}_y", f"{name}_confidence"]
-    return head
+CSV_HEADER = ("source", "frame", "image_id", "person", "score", "box_x", "box_y", "box_w",
+              "box_h", "joint", "x", "y", "confidence")
+
+
+def csv_header(joint_names: Sequence[str] = ()) -> list[str]:
+    """The CSV's columns (the same for every model: a joint is named in a column)."""
+    return list(CSV_HEADER)
 
 
 def csv_text(results: Iterable[PoseResult], joint_names: Sequence[str]) -> str:
-    """One row per person (:func:`csv_header`); a confidence is empty without one."""
+    """One row per image or frame, person and joint (:data:`CSV_HEADER`), joints in the
+    model's order; ``frame`` is empty for an image, ``confidence`` empty without one."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(csv_header(joint_names))
     for r in results:
         for k, p in enumerate(r.people):
-            row = [printable(r.source), "" if r.frame is None else r.frame, r.image_id, k,
-                   f"{p.score:.4f}", *(f"{v:.2f}" for v in p.box)]
-            for j, (x, y) in enumerate(p.joints):
+            head = [printable(r.source), "" if r.frame is None else r.frame, r.image_id, k,
+                    f"{p.score:.4f}", *(f"{v:.2f}" for v in p.box)]
+            for j, (name, (x, y)) in enumerate(zip(joint_names, p.joints)):
                 c = "" if p.confidence is None or not math.isfinite(p.confidence[j]) \
                     else f"{p.confidence[j]:.4f}"
-                row += [f"{x:.2f}", f"{y:.2f}", c]
-            writer.writerow(row)
+                writer.writerow([*head, name, f"{x:.2f}", f"{y:.2f}", c])
     return out.getvalue()
 
 
@@ -438,7 +450,8 @@ class PredictSummary:
 
 def run_predict(model: PoseModel, sources: Sequence[str], *, recursive: bool = False,
                 every: int = 1, draw_dir: Path | None = None, save_json: Path | None = None,
-                save_csv: Path | None = None, progress: bool = False) -> PredictSummary:
+                save_csv: Path | None = None, progress: bool = False,
+                camera: int | None = None, max_frames: int | None = None) -> PredictSummary:
     """What `deeppose predict` does after parsing: predict every source, draw, and write the
     JSON and CSV files at the end (atomically: an interrupted call leaves none)."""
     import time
@@ -454,7 +467,8 @@ def run_predict(model: PoseModel, sources: Sequence[str], *, recursive: bool = F
     try:
         for result in model.predict(sources, recursive=recursive, every=every,
                                     keep_images=drawn is not None,
-                                    on_failure=failures.append):
+                                    on_failure=failures.append, camera=camera,
+                                    max_frames=max_frames):
             if drawn is not None:
                 try:
                     drawn.add(result, result.image, result.fps)
@@ -531,4 +545,4 @@ def legacy_json(result: PoseResult) -> list[dict]:
 
 
 __all__ = ["PoseModel", "PoseResult", "Person", "predict", "write_coco_json", "write_csv",
-           "csv_header", "run_predict", "ImageError"]
+           "csv_header", "CSV_HEADER", "run_predict", "ImageError"]

@@ -28,6 +28,13 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".t
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg",
                             ".wmv", ".flv", ".3gp", ".ts"})
 _GLOB_CHARS = set("*?[")
+# A video that stops decoding before the frame count of its header is reported (truncated,
+# or a broken frame that ends it); containers that store no count get one estimated from
+# their duration and frame rate, which may be a frame too many, hence the slack.
+STOPPED_EARLY_SLACK = 1
+# FFmpeg's own log lines (``[mjpeg @ 0x...] overread 8``) on stderr are silenced: what cannot
+# be read is reported in one line. A value the user set is left alone.
+FFMPEG_LOGLEVEL_ENV, FFMPEG_QUIET = "OPENCV_FFMPEG_LOGLEVEL", "-8"
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,8 @@ class SourceItem:
     """One input: an image file or a video file."""
 
     path: Path
-    kind: str  # "image" or "video"
+    kind: str  # "image", "video" or "camera"
+    camera: int | None = None  # a camera's index (kind "camera")
 
 
 @dataclass(frozen=True)
@@ -147,13 +155,23 @@ def expand_sources(specs: Sequence[str | os.PathLike], recursive: bool = False
 # ----------------------------------------------------------------------------- reading
 
 
-def read_frames(items: Sequence[SourceItem], every: int = 1
+def camera_source(index: int) -> SourceItem:
+    """Camera ``index`` (as ``cv2.VideoCapture(index)`` opens it) as an input; its frames'
+    ``source`` is ``camera<index>``."""
+    return SourceItem(Path(f"camera{index}"), "camera", index)
+
+
+def read_frames(items: Sequence[SourceItem], every: int = 1, max_frames: int | None = None
                 ) -> Iterator[Frame | SourceFailure]:
-    """Each image of ``items`` and every ``every``-th frame of each video, in order, as a
-    :class:`Frame`; an image or video that cannot be read as one :class:`SourceFailure`."""
+    """Each image of ``items`` and every ``every``-th frame of each video and camera (at
+    most ``max_frames`` of each), in order, as a :class:`Frame`; an image or video that
+    cannot be read as one :class:`SourceFailure`."""
     for item in items:
         if item.kind == "video":
-            yield from read_video(item.path, every)
+            yield from read_video(item.path, every, max_frames)
+            continue
+        if item.kind == "camera":
+            yield from read_camera(item.camera, every, max_frames)
             continue
         try:
             yield Frame(item.path, None, read_bgr(item.path))
@@ -198,10 +216,12 @@ class _VideoPath:
             shutil.rmtree(self.link_dir, ignore_errors=True)
 
 
-def read_video(path: Path, every: int = 1) -> Iterator[Frame | SourceFailure]:
+def read_video(path: Path, every: int = 1, max_frames: int | None = None
+               ) -> Iterator[Frame | SourceFailure]:
     """Frames 0, every, 2*every, ... of the video at ``path`` (decoded ones only: the others
     are grabbed and skipped), or one :class:`SourceFailure` when it cannot be opened or has
-    frames larger than the image bound."""
+    frames larger than the image bound; the frames read and then one failure when it stops
+    decoding before the end its header gives (a truncated file, a broken frame)."""
     from ..core.image_headers import bound_opencv_decoding, max_image_pixels
 
     where = os.fspath(path)
@@ -209,6 +229,7 @@ def read_video(path: Path, every: int = 1) -> Iterator[Frame | SourceFailure]:
         yield SourceFailure(where, missing_file_reason(path))
         return
     bound_opencv_decoding()
+    os.environ.setdefault(FFMPEG_LOGLEVEL_ENV, FFMPEG_QUIET)  # read at the first capture
     import cv2
 
     with _VideoPath(path) as name:
@@ -229,23 +250,110 @@ def read_video(path: Path, every: int = 1) -> Iterator[Frame | SourceFailure]:
                                            f"{limit:,} pixels this reads")
                 return
             fps = float(capture.get(cv2.CAP_PROP_FPS)) or None
-            index, produced = 0, 0
-            while True:
-                if index % every == 0:
-                    ok, image = capture.read()
-                    if not ok or image is None:
-                        break
-                    if image.shape[0] * image.shape[1] > limit:
-                        yield SourceFailure(f"{where} frame {index}",
-                                            "larger than the pixel bound")
-                        break
-                    produced += 1
-                    yield Frame(path, index, image, fps)
-                elif not capture.grab():
-                    break
-                index += 1
-            if produced == 0:
+            total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+            read = _Frames(capture, path, where, every, max_frames, limit, fps)
+            yield from read
+            if read.produced == 0 and not read.refused:
                 yield SourceFailure(where, "no frame could be read (not a video OpenCV can "
                                            "read, or an empty one)")
+            elif not read.refused and not read.bounded and \
+                    read.index < total - STOPPED_EARLY_SLACK:
+                yield SourceFailure(f"{where} frame {read.index}",
+                                    f"could not be decoded: the video stops there "
+                                    f"({read.index} of the {total} frames its header counts "
+                                    f"were read)")
         finally:
             capture.release()
+
+
+class _Frames:
+    """Frames 0, every, 2*every, ... of an open ``cv2.VideoCapture`` until it gives no more,
+    ``max_frames`` were produced, or ``stopped()`` says so; afterwards ``index`` is the
+    number of frames read or grabbed, ``produced`` those yielded, ``refused`` whether one
+    was over the pixel bound (one failure yielded) and ``bounded`` whether ``max_frames``
+    ended it."""
+
+    def __init__(self, capture, path: Path, where: str, every: int, max_frames: int | None,
+                 limit: int, fps: float | None, stopped=lambda: False):
+        self.capture, self.path, self.where, self.every = capture, path, where, every
+        self.max_frames, self.limit, self.fps, self.stopped = max_frames, limit, fps, stopped
+        self.index = self.produced = 0
+        self.refused = self.bounded = False
+
+    def __iter__(self) -> Iterator[Frame | SourceFailure]:
+        capture = self.capture
+        while not self.stopped():
+            if self.max_frames is not None and self.produced >= self.max_frames:
+                self.bounded = True
+                return
+            if self.index % self.every == 0:
+                ok, image = capture.read()
+                if not ok or image is None:
+                    return
+                if image.shape[0] * image.shape[1] > self.limit:
+                    self.refused = True
+                    yield SourceFailure(f"{self.where} frame {self.index}",
+                                        "larger than the pixel bound")
+                    return
+                self.produced += 1
+                yield Frame(self.path, self.index, image, self.fps)
+            elif not capture.grab():
+                return
+            self.index += 1
+
+
+class _StopOnInterrupt:
+    """While a camera is read, Ctrl-C (SIGINT) ends its stream instead of the program: the
+    frames read so far are still predicted and written. A second Ctrl-C interrupts as
+    usual. Outside the main thread (no signal handler can be set) Ctrl-C is left as is."""
+
+    def __init__(self):
+        self.interrupted, self.previous = False, None
+
+    def __enter__(self) -> "_StopOnInterrupt":
+        import signal
+
+        def handler(signum, frame):
+            self.interrupted = True
+            signal.signal(signal.SIGINT, self.previous)
+
+        try:
+            self.previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def read_camera(index: int, every: int = 1, max_frames: int | None = None
+                ) -> Iterator[Frame | SourceFailure]:
+    """Frames 0, every, 2*every, ... of camera ``index`` until it gives no more, Ctrl-C,
+    or ``max_frames`` were produced; their ``source`` is ``camera<index>``. A camera that
+    cannot be opened or gives no frame is one :class:`SourceFailure`."""
+    from ..core.image_headers import bound_opencv_decoding, max_image_pixels
+
+    item = camera_source(index)
+    where = f"camera {index}"
+    bound_opencv_decoding()
+    os.environ.setdefault(FFMPEG_LOGLEVEL_ENV, FFMPEG_QUIET)
+    import cv2
+
+    capture = cv2.VideoCapture(index)
+    try:
+        if not capture.isOpened():
+            yield SourceFailure(where, "cannot be opened (no such camera, or it is in use)")
+            return
+        fps = float(capture.get(cv2.CAP_PROP_FPS)) or None
+        with _StopOnInterrupt() as interrupt:
+            read = _Frames(capture, item.path, where, every, max_frames, max_image_pixels(),
+                           fps, lambda: interrupt.interrupted)
+            yield from read
+        if read.produced == 0 and not read.refused and not interrupt.interrupted:
+            yield SourceFailure(where, "gave no frame")
+    finally:
+        capture.release()
