@@ -1,4 +1,5 @@
-"""``deeppose benchmark``: the Chainer-vs-PyTorch comparison, measured in one process.
+"""``deeppose benchmark``: the Chainer-vs-PyTorch comparison, measured in one process (but
+for the scaling section).
 
 What is timed, and against what:
 
@@ -13,7 +14,10 @@ What is timed, and against what:
   their ratio is the pipeline efficiency;
 * cascade: predicting one image with 1..S stages (``cascade.run_cascade``) next to the sum
   of the raw forward passes it needs (1 crop, then J crops per refinement stage);
-* cli: ``deeppose --help`` against ``python -c "import click, rich"``.
+* cli: ``deeppose --help`` against ``python -c "import click, rich"``;
+* scaling (only when asked: it launches real trainings): ``train-stage 1`` on 1 and on N
+  processes under the framework's launcher (torchrun, mpiexec), images/s read from each
+  run's log, and the efficiency N-process / (N x 1-process).
 
 Everything framework-specific comes from the engines (``engines/``), the same objects the
 training loop drives; this module does the timing, the statistics, the JSON and the charts.
