@@ -910,7 +910,7 @@ def export(state: ChainState, run_dir: str | None, model_format: str, out: str |
     state.run_dir = result.out
 
 
-BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")
+BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli", "scaling")
 
 
 @main.command()
@@ -939,6 +939,13 @@ BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")
                    "pipeline test uses the first.")
 @click.option("--stages", type=click.IntRange(1, 9), default=3, show_default=True,
               help="Cascade depth of the predict-latency test.")
+@click.option("--processes", type=click.IntRange(2), multiple=True,
+              help="Run the scaling section (only when given: it launches real trainings): "
+                   "train-stage 1 on 1 and on N processes under torchrun / mpiexec, one "
+                   "thread (cpu) or one device (cuda) each; repeat to compare several N.")
+@click.option("--scaling-iterations", type=click.IntRange(20), default=40, show_default=True,
+              help="Iterations of each scaling run (images/s from its log, the first 10 "
+                   "left out).")
 @click.option("--skip", type=click.Choice(BENCHMARK_SECTIONS), multiple=True,
               help="Leave a section out (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/benchmark",
@@ -950,8 +957,10 @@ BENCHMARK_SECTIONS = ("compute", "overhead", "pipeline", "cascade", "cli")
 def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
               max_batch_log2: int | None, dataset: str | None, root: str | None,
               index_file: str | None, iterations: int, stages: int,
+              processes: tuple[int, ...], scaling_iterations: int,
               skip: tuple[str, ...], out: str, json_out: str | None, **settings) -> None:
-    """Time both frameworks: step vs batch size, pipeline efficiency, cascade latency.
+    """Time both frameworks: step vs batch size, pipeline efficiency, cascade latency;
+    with --processes, training images/s on 1 vs N processes.
 
     The step timed is the one train-stage runs for the stage-1 recipe with the same
     recipe options (network, loss, optimizer, augmentation, batch size)."""
@@ -960,7 +969,8 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
     from .core.config import parse_device
 
     dataset = dataset or state.dataset or "lsp"
-    sections = tuple(s for s in BENCHMARK_SECTIONS if s not in skip)
+    sections = tuple(s for s in BENCHMARK_SECTIONS if s not in skip
+                     and (s != "scaling" or processes))
     if index_file is None:
         candidate = _index_dir(state, root, dataset) / "train.jsonl"
         if candidate.is_file():
@@ -982,7 +992,8 @@ def benchmark(state: ChainState, frameworks: tuple[str, ...], device: str,
     config = BenchmarkSettings(frameworks=frameworks or FRAMEWORKS, device=device, recipe=recipe,
                                max_batch_log2=max_batch_log2, dataset=dataset, index=index_file,
                                pipeline_iterations=iterations, cascade_stages=stages,
-                               sections=sections, **settings)
+                               sections=sections, scaling_iterations=scaling_iterations,
+                               **({"processes": processes} if processes else {}), **settings)
     out_console = console()
     result = run_benchmark(config, log=lambda message: out_console.print(f"  {message}"))
     _print_benchmark(result)

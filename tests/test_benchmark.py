@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from deeppose_cli.apps.benchmark import (BenchmarkSettings, Timing, interleaved, report_tables,
-                                    run_benchmark, targets, time_repeats)
+from deeppose_cli.apps.benchmark import (BenchmarkSettings, Timing, failure_line, interleaved,
+                                         report_tables, run_benchmark, scaling_rows, scaling_run,
+                                         targets, throughput_from_log, time_repeats)
 from deeppose_cli.cli import main
+from deeppose_cli.core.distributed import find_mpiexec
 from deeppose_cli.core.errors import DeepPoseError
 
 from conftest import assert_no_escaped_exception
@@ -188,3 +193,137 @@ def test_cli_without_an_index_says_what_to_do(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "--skip pipeline" in result.output
     assert_no_escaped_exception(result)
+
+
+# ----------------------------------------------------------------------------- scaling
+
+SCALING = dict(frameworks=("pytorch",), dataset="synthetic", sections=("scaling",),
+               processes=(2,), scaling_iterations=20,
+               recipe=dict(input_size=67, width=0.0625, batch_size=8), scaling_timeout=600)
+
+
+def test_scaling_rows_give_speed_up_and_efficiency():
+    rows = scaling_rows("pytorch", {2: {"images_per_second": 150.0},
+                                    1: {"images_per_second": 100.0},
+                                    4: {"images_per_second": 200.0}})
+    assert [r["processes"] for r in rows] == [1, 2, 4]
+    assert [r["speed_up"] for r in rows] == pytest.approx([1.0, 1.5, 2.0])
+    assert [r["efficiency"] for r in rows] == pytest.approx([1.0, 0.75, 0.5])
+    # a missing figure leaves the ratios empty and keeps the reason
+    rows = scaling_rows("chainer", {1: {"reason": "no mpi4py"}, 2: {"images_per_second": 9.0}})
+    assert [(r["images_per_second"], r["speed_up"], r["efficiency"]) for r in rows] == [
+        (None, None, None), (9.0, None, None)]
+    assert rows[0]["reason"] == "no mpi4py"
+
+
+def test_scaling_report_has_a_row_per_run_and_a_line_per_missing_figure():
+    result = {"scaling": scaling_rows("pytorch", {1: {"images_per_second": 100.0},
+                                                  2: {"images_per_second": 150.0}})
+              + scaling_rows("chainer", {1: {"reason": "no mpi4py: install it"},
+                                         2: {"reason": "no mpi4py: install it"}})}
+    table, *notes = report_tables(result)
+    assert table.columns == ["framework", "processes", "images/s", "speed-up", "efficiency"]
+    assert table.rows == [["pytorch", "1", "100.0", "1.00x", "100%"],
+                          ["pytorch", "2", "150.0", "1.50x", "75%"],
+                          ["chainer", "1", "-", "-", "-"], ["chainer", "2", "-", "-", "-"]]
+    assert notes == ["chainer on 1 process: no figure (no mpi4py: install it)",
+                     "chainer on 2 processes: no figure (no mpi4py: install it)"]
+
+
+def test_throughput_comes_from_the_log_without_its_first_window():
+    log = [{"iteration": 10, "loss": 1.0, "elapsed": 3.0, "images_per_second": 26.7},
+           {"iteration": 10, "epoch": 1, "elapsed": 3.5, "val_loss": 0.5},
+           {"iteration": 20, "loss": 1.0, "elapsed": 4.0, "images_per_second": 80.0},
+           {"iteration": 40, "loss": 1.0, "elapsed": 6.0, "images_per_second": 160.0}]
+    measured = throughput_from_log(log, batch_size=8)
+    assert measured["images_per_second"] == pytest.approx(30 * 8 / 3.0)
+    assert measured["measured_iterations"] == [10, 40]
+    assert measured["window_images_per_second"] == [26.7, 80.0, 160.0]
+    assert throughput_from_log(log[:2], batch_size=8) is None
+
+
+def test_scaling_settings_are_checked():
+    with pytest.raises(DeepPoseError, match="at least 2"):
+        run_benchmark(BenchmarkSettings(**{**SCALING, "processes": (1,)}))
+    with pytest.raises(DeepPoseError, match="scaling-iterations must be at least 20"):
+        run_benchmark(BenchmarkSettings(**{**SCALING, "scaling_iterations": 15}))
+
+
+def test_the_recipe_options_become_train_stage_flags():
+    from deeppose_cli.core.settings import setting_flags
+
+    assert setting_flags({"width": 0.0625, "flip": False, "batch_norm": True,
+                          "use_visibility": False, "image_cache_gib": 1.5, "max_iterations": None}) \
+        == ["--width", "0.0625", "--no-flip", "--batch-norm", "--no-visibility",
+            "--image-cache", "1.5"]
+
+
+def test_a_missing_launcher_is_a_reason_not_an_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mpi4py" else real(name, *a))
+    run = scaling_run(BenchmarkSettings(**{**SCALING, "frameworks": ("chainer",)}), "chainer",
+                      2, tmp_path / "train.jsonl", tmp_path / "run")
+    assert run["reason"].startswith("no mpi4py") and "distributed" in run["reason"]
+    assert failure_line("Traceback ...\n  File x\nError: rank 1 of 2: boom\n") == \
+        "Error: rank 1 of 2: boom"
+    assert failure_line("starting\nKilled\n\n") == "Killed"
+
+
+def test_cli_runs_scaling_only_when_asked(tmp_path):
+    skip = [a for s in ("compute", "overhead", "pipeline", "cascade", "cli")
+            for a in ("--skip", s)]
+    result = CliRunner().invoke(main, ["benchmark", "--framework", "pytorch", *skip,
+                                       "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["settings"]["sections"] == [] and saved["scaling"] == []
+    result = CliRunner().invoke(main, ["benchmark", "--processes", "1", *skip])
+    assert result.exit_code == 2 and "--processes" in result.output
+
+
+def scaling_settings(synthetic_dataset, **changes) -> BenchmarkSettings:
+    _, index_dir = synthetic_dataset
+    return BenchmarkSettings(**{**SCALING, "index": str(index_dir / "train.jsonl"), **changes})
+
+
+@pytest.mark.slow
+def test_scaling_section_trains_on_one_and_two_processes(synthetic_dataset):
+    result = run_benchmark(scaling_settings(synthetic_dataset))
+    one, two = result["scaling"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    for row in (one, two):
+        assert "reason" not in row, row["reason"]
+        assert row["launcher"] == "torchrun" and row["measured_iterations"] == [10, 20]
+        assert row["images_per_second"] > 0 and row["batch_size"] == 8
+        assert row["network"]["width"] == 0.0625
+    assert two["batch_size_per_process"] == 4
+    assert two["efficiency"] == pytest.approx(two["images_per_second"]
+                                              / (2 * one["images_per_second"]))
+    assert [t.title for t in report_tables(result) if not isinstance(t, str)] == [
+        "Training on several processes: images/s of each run (from its log), efficiency "
+        "N-process / (N x 1-process)"]
+    json.dumps(result)
+
+
+@pytest.mark.slow
+def test_a_failing_launch_gives_one_line(synthetic_dataset, tmp_path):
+    """A global batch of 1 cannot be split over 2 processes: train-stage refuses it."""
+    settings = scaling_settings(synthetic_dataset, recipe=dict(input_size=67, width=0.0625,
+                                                               batch_size=1))
+    run = scaling_run(settings, "pytorch", 2, Path(settings.index), tmp_path / "run")
+    assert run["reason"].startswith("exit status 1: Error: ")
+    assert "at least one" in run["reason"] and "\n" not in run["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or find_mpiexec(sys.executable)
+                    is None, reason="needs mpiexec and mpi4py (the distributed extra)")
+def test_scaling_section_under_mpiexec(synthetic_dataset):
+    result = run_benchmark(scaling_settings(synthetic_dataset, frameworks=("chainer",)))
+    one, two = result["scaling"]
+    assert "reason" not in one and "reason" not in two, (one.get("reason"), two.get("reason"))
+    assert two["efficiency"] == pytest.approx(two["images_per_second"]
+                                              / (2 * one["images_per_second"]))

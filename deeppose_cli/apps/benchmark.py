@@ -1,4 +1,5 @@
-"""``deeppose benchmark``: the Chainer-vs-PyTorch comparison, measured in one process.
+"""``deeppose benchmark``: the Chainer-vs-PyTorch comparison, measured in one process (but
+for the scaling section).
 
 What is timed, and against what:
 
@@ -13,7 +14,10 @@ What is timed, and against what:
   their ratio is the pipeline efficiency;
 * cascade: predicting one image with 1..S stages (``cascade.run_cascade``) next to the sum
   of the raw forward passes it needs (1 crop, then J crops per refinement stage);
-* cli: ``deeppose --help`` against ``python -c "import click, rich"``.
+* cli: ``deeppose --help`` against ``python -c "import click, rich"``;
+* scaling (only when asked: it launches real trainings): ``train-stage 1`` on 1 and on N
+  processes under the framework's launcher (torchrun, mpiexec), images/s read from each
+  run's log, and the efficiency N-process / (N x 1-process).
 
 Everything framework-specific comes from the engines (``engines/``), the same objects the
 training loop drives; this module does the timing, the statistics, the JSON and the charts.
@@ -22,6 +26,7 @@ Every row names the network it timed (``network``): the resolved recipe's.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -39,6 +44,10 @@ from ..core.errors import DeepPoseError
 from ..core.files import atomic_write
 
 FORMAT = "deeppose-benchmark"
+# Seconds one training launched by the scaling section may take before it is stopped.
+SCALING_TIMEOUT = 1800.0
+# Iterations between the training log's records (TrainingReporter's log_every).
+TRAINING_LOG_EVERY = 10
 BACKWARDS = ("autograd", "explicit")
 TARGETS = {  # name: (bound, "min" or "max")
     "pipeline_efficiency": (0.90, "min"),
@@ -136,6 +145,10 @@ class BenchmarkSettings:
     precisions: tuple[str, ...] = ("fp32",)  # training-step arithmetic (compute: each)
     cascade_stages: int = 3
     cli_repeats: int = 5
+    # scaling (only when listed): 1 process against each count, train-stage under a launcher
+    processes: tuple[int, ...] = (2,)
+    scaling_iterations: int = 40
+    scaling_timeout: float = SCALING_TIMEOUT
     sections: tuple[str, ...] = ("compute", "overhead", "pipeline", "cascade", "cli")
 
     def validate(self) -> None:
@@ -152,6 +165,13 @@ class BenchmarkSettings:
         for name in ("repeats", "pipeline_iterations", "cascade_stages", "cli_repeats"):
             if getattr(self, name) < 1:
                 raise DeepPoseError(f"{name.replace('_', '-')} must be at least 1")
+        if "scaling" in self.sections:
+            if not self.processes or min(self.processes) < 2:
+                raise DeepPoseError("processes: give one or more counts, each at least 2")
+            if self.scaling_iterations < 2 * TRAINING_LOG_EVERY:
+                raise DeepPoseError(f"scaling-iterations must be at least "
+                                    f"{2 * TRAINING_LOG_EVERY} (the training log writes every "
+                                    f"{TRAINING_LOG_EVERY}; the first window is left out)")
         if not 0 <= self.max_batch_log2 <= 12:
             raise DeepPoseError("max-batch-log2 must be between 0 and 12")
         for framework in self.frameworks:
@@ -456,6 +476,174 @@ def cli_section(settings: BenchmarkSettings, log: Callable[[str], None]) -> dict
     return row
 
 
+# ----------------------------------------------------------------------------- scaling
+
+
+def scaling_rows(framework: str, runs: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per process count of ``framework``: what its run recorded (``runs[N]``:
+    ``images_per_second``, or a ``reason`` it has none), its speed-up over one process and
+    its efficiency N-process / (N x 1-process); both None where a figure is missing."""
+    base = runs.get(1, {}).get("images_per_second")
+    rows = []
+    for processes in sorted(runs):
+        row = {"framework": framework, "processes": processes, "images_per_second": None,
+               **runs[processes], "speed_up": None, "efficiency": None}
+        speed = row["images_per_second"]
+        if speed and base:
+            row["speed_up"] = speed / base
+            row["efficiency"] = speed / (processes * base)
+        rows.append(row)
+    return rows
+
+
+def throughput_from_log(records: Sequence[dict[str, Any]], batch_size: int
+                        ) -> dict[str, Any] | None:
+    """Training images/s from a run's log: the images of the steps between the first and
+    the last training record over the time between them (the first window, which holds
+    the start-up, is left out), and the run's own per-window figures. None with fewer
+    than two training records."""
+    rows = [r for r in records if "images_per_second" in r and "elapsed" in r]
+    if len(rows) < 2 or rows[-1]["elapsed"] <= rows[0]["elapsed"]:
+        return None
+    first, last = rows[0], rows[-1]
+    images = (last["iteration"] - first["iteration"]) * batch_size
+    return {"images_per_second": images / (last["elapsed"] - first["elapsed"]),
+            "measured_iterations": [first["iteration"], last["iteration"]],
+            "window_images_per_second": [r["images_per_second"] for r in rows]}
+
+
+def scaling_index(settings: BenchmarkSettings, directory: Path,
+                  log: Callable[[str], None]) -> Path:
+    """The training index the scaling runs train on: the given one when it is the synthetic
+    dataset's, else the synthetic dataset rendered and indexed under ``directory``."""
+    if settings.dataset == "synthetic" and settings.index:
+        return Path(settings.index)
+    from ..core.manifests import load_dataset_manifest
+    from ..data.annotations import build_index
+    from ..data.fetch import fetch_dataset
+
+    log("scaling: rendering the synthetic dataset")
+    manifest = load_dataset_manifest("synthetic")
+    fetched = fetch_dataset(manifest, directory, progress=False)
+    return build_index(manifest, fetched.dataset_dir).index_dir / "train.jsonl"
+
+
+def scaling_command(settings: BenchmarkSettings, framework: str, processes: int,
+                    index: Path, out: Path) -> list[str]:
+    """``train-stage 1`` of ``framework`` on ``processes`` processes under its launcher, with
+    the benchmark's recipe options, as a user would type it (DeepPoseError: the launcher
+    cannot run here)."""
+    from ..core.distributed import launch_command
+    from ..core.settings import setting_flags
+
+    config = train_config(settings, framework)
+    device = settings.device
+    if processes > 1 and device.startswith("cuda"):
+        device = "cuda"  # each process takes the device of its local rank
+    args = ["-m", "deeppose_cli", "train-stage", "1", "--framework", framework,
+            "--dataset", "synthetic", "--train", str(index), "--out", str(out),
+            "--max-iterations", str(settings.scaling_iterations),
+            "--checkpoint-every", str(settings.scaling_iterations), "--seed", str(settings.seed),
+            "--device", device, "--precision", config.precision, "--quiet"]
+    if device == "cpu":
+        args += ["--workers", "0"]
+    return launch_command(framework, processes, sys.executable) + args + setting_flags(
+        settings.recipe)
+
+
+def scaling_environment(device: str) -> dict[str, str]:
+    """The launched runs' environment: this one without a launcher's variables, this
+    deeppose_cli first on the path, and one compute thread per process on the CPU."""
+    from ..core.distributed import LAUNCHER_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get(
+        "PYTHONPATH", "").split(os.pathsep) if p])
+    if device == "cpu":
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return env
+
+
+def failure_line(output: str) -> str:
+    """The one line that says why a launched run failed: its ``Error:`` line, else the last
+    line it printed."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    line = (errors or lines or ["no output"])[-1]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def launch_run(command: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str]:
+    """Run ``command`` in its own process group; (exit status, output), or (None, output)
+    when it ran past ``timeout`` seconds (then the whole group is stopped)."""
+    import signal
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        return None, output
+
+
+def scaling_run(settings: BenchmarkSettings, framework: str, processes: int, index: Path,
+                out: Path) -> dict[str, Any]:
+    """Launch one training run and read its images/s from what it recorded."""
+    try:
+        command = scaling_command(settings, framework, processes, index, out)
+    except DeepPoseError as e:
+        return {"reason": str(e)}
+    launcher = Path(command[0]).name if framework == "chainer" else "torchrun"
+    entry: dict[str, Any] = {"launcher": launcher, "command": command}
+    status, output = launch_run(command, scaling_environment(settings.device),
+                                settings.scaling_timeout)
+    if status is None:
+        return {**entry, "reason": f"stopped after {settings.scaling_timeout:.0f} s: "
+                                   f"{failure_line(output)}"}
+    if status != 0:
+        return {**entry, "reason": f"exit status {status}: {failure_line(output)}"}
+    from ..training.rundir import RunDirectory
+
+    run = RunDirectory(out)
+    try:
+        meta, recipe, log = run.meta(), json.loads(run.recipe_path.read_text()), \
+            run.read_log()
+    except (OSError, ValueError, DeepPoseError) as e:
+        return {**entry, "reason": f"the run's record is unreadable: {e}"}
+    recorded = meta.get("processes", 1)
+    if recorded != processes:
+        return {**entry, "reason": f"the run says it trained on {recorded} processes"}
+    measured = throughput_from_log(log, recipe["batch_size"])
+    if measured is None:
+        return {**entry, "reason": "the run's log has fewer than two training records"}
+    return {**entry, **measured, "batch_size": recipe["batch_size"],
+            "batch_size_per_process": meta.get("batch_size_per_process",
+                                                recipe["batch_size"])}
+
+
+def scaling_section(settings: BenchmarkSettings, framework: str, index: Path,
+                    directory: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Training images/s of ``framework`` on 1 and on each of ``settings.processes``
+    processes, each a real ``train-stage 1`` under the framework's launcher."""
+    runs = {}
+    for processes in sorted({1, *settings.processes}):
+        run = scaling_run(settings, framework, processes, index,
+                          directory / f"{framework}-{processes}")
+        runs[processes] = run
+        what = (f"{run['images_per_second']:.1f} images/s" if run.get("images_per_second")
+                else run["reason"])
+        log(f"{framework} on {processes} process{'es' if processes > 1 else ''}: {what}")
+    rows = scaling_rows(framework, runs)
+    network = timed_network(train_config(settings, framework))
+    for row in rows:
+        row["network"] = network
+    return rows
+
+
 # ----------------------------------------------------------------------------- whole run
 
 
@@ -526,7 +714,7 @@ def run_benchmark(settings: BenchmarkSettings,
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                               "settings": asdict(settings), "environment": environment(),
                               "compute": [], "forward": [], "overhead": [], "pipeline": [],
-                              "cascade": [], "cli": None}
+                              "cascade": [], "cli": None, "scaling": []}
     for framework in settings.frameworks:
         get_engine(framework).check_device(settings.device)
     if "pipeline" in settings.sections and not settings.index:
@@ -549,6 +737,12 @@ def run_benchmark(settings: BenchmarkSettings,
             result["cascade"] += cascade_section(settings, framework, image, box, log)
     if "cli" in settings.sections:
         result["cli"] = cli_section(settings, log)
+    if "scaling" in settings.sections:
+        with tempfile.TemporaryDirectory(prefix="deeppose-scaling-") as directory:
+            index = scaling_index(settings, Path(directory) / "data", log)
+            for framework in settings.frameworks:
+                result["scaling"] += scaling_section(settings, framework, index,
+                                                     Path(directory), log)
     result["targets"] = targets(result)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return result
@@ -715,6 +909,19 @@ def report_tables(result: dict[str, Any]) -> list[ReportTable | str]:
         cli = result["cli"]
         out.append(f"deeppose --help: {_ms(cli['help_time'])} ms; python -c \"import click, "
                    f"rich\": {_ms(cli['import_time'])} ms; ratio of best runs {cli['ratio']:.2f}")
+    if result.get("scaling"):
+        out.append(ReportTable(
+            "Training on several processes: images/s of each run (from its log), efficiency "
+            "N-process / (N x 1-process)",
+            ["framework", "processes", "images/s", "speed-up", "efficiency"],
+            [[r["framework"], str(r["processes"]),
+              "-" if r["images_per_second"] is None else f"{r['images_per_second']:.1f}",
+              "-" if r["speed_up"] is None else f"{r['speed_up']:.2f}x",
+              "-" if r["efficiency"] is None else f"{r['efficiency']:.0%}"]
+             for r in result["scaling"]]))
+        out += [f"{r['framework']} on {r['processes']} process"
+                f"{'es' if r['processes'] > 1 else ''}: no figure ({r['reason']})"
+                for r in result["scaling"] if r.get("reason")]
     if result.get("targets"):
         out.append(ReportTable(
             "Targets", ["target", "what", "measured", "bound", "met"],

@@ -156,3 +156,36 @@ def step_seed(seed: int, iteration: int, rank: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
+
+
+# What a launcher sets in the processes it starts; a launcher started from inside such a
+# process (the benchmark's scaling runs) must not inherit them.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RUN_ID", *(name for names in MPI_VARIABLES for name in names))
+
+
+def find_mpiexec(python: str) -> str | None:
+    """``mpiexec`` beside the interpreter ``python`` (the mpich wheel's), else on PATH."""
+    import shutil
+    from pathlib import Path
+
+    beside = Path(python).parent / "mpiexec"
+    return str(beside) if beside.is_file() else shutil.which("mpiexec")
+
+
+def launch_command(framework: str, processes: int, python: str) -> list[str]:
+    """The command that starts ``python`` on ``processes`` processes under ``framework``'s
+    launcher (the arguments for ``python`` follow it); a one-line DeepPoseError when that
+    launcher cannot run here."""
+    import importlib.util
+
+    if framework == "pytorch":
+        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                str(processes)]
+    if importlib.util.find_spec("mpi4py") is None:
+        raise DeepPoseError(f"no mpi4py (ChainerMN needs it): {DISTRIBUTED_EXTRA}")
+    mpiexec = find_mpiexec(python)
+    if mpiexec is None:
+        raise DeepPoseError(f"no mpiexec beside {python} or on PATH: {DISTRIBUTED_EXTRA}")
+    return [mpiexec, "-n", str(processes), python]

@@ -262,3 +262,19 @@ def stage_recipes() -> dict[int, dict[str, Any]]:
 
 if __name__ == "__main__":
     print(options_markdown(stage_recipes()), end="")
+
+
+def setting_flags(values: dict[str, Any]) -> list[str]:
+    """The ``train-stage`` options that give these settings these values (the inverse of
+    the command line's parsing), e.g. ``{"width": 0.25, "flip": False}`` ->
+    ``["--width", "0.25", "--no-flip"]``."""
+    flags: list[str] = []
+    for name, value in values.items():
+        setting = BY_NAME[name]
+        if setting.kind is bool:
+            on, _, off = (setting.flag or f"{setting.option}/--no-{setting.option[2:]}"
+                          ).partition("/")
+            flags.append(on if value else off)
+        elif value is not None:
+            flags += [setting.option, str(value)]
+    return flags
