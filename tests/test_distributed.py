@@ -101,6 +101,20 @@ def assert_close(a: dict, b: dict, rtol: float, atol: float) -> None:
         np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
 
 
+def two_processes_train_what_one_does(framework: str, index: Path, tmp_path: Path) -> None:
+    """Without dropout, a 2-process run (``tmp_path/two``) holds the same weights in both
+    processes, process 0 wrote them, and a 1-process run of the same global batch
+    (``tmp_path/one``) ends there up to the order of float sums."""
+    plain = {**RUN, "dropout": 0.0}
+    result = driver(framework, index, tmp_path / "two", tmp_path / "dump", overrides=plain)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [rank_params(tmp_path / "dump", r) for r in (0, 1)]
+    assert_equal(ranks[0], ranks[1])
+    assert_equal(model_params(framework, tmp_path / "two"), ranks[0])
+    train_stage1(tiny_config(framework, index, tmp_path / "one", **plain), show_progress=False)
+    assert_close(ranks[0], model_params(framework, tmp_path / "one"), rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the rules
 
 
@@ -230,14 +244,7 @@ def test_two_processes_train_what_one_does(index, tmp_path):
     """Without dropout and batch norm, 2 processes with the global batch 6 end where one
     process with batch 6 ends, up to the order of float sums; every process holds the same
     weights, and process 0 wrote them."""
-    plain = {**RUN, "dropout": 0.0}
-    result = driver("pytorch", index, tmp_path / "two", tmp_path / "dump", overrides=plain)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [rank_params(tmp_path / "dump", r) for r in (0, 1)]
-    assert_equal(ranks[0], ranks[1])
-    assert_equal(model_params("pytorch", tmp_path / "two"), ranks[0])
-    train_stage1(tiny_config("pytorch", index, tmp_path / "one", **plain), show_progress=False)
-    assert_close(ranks[0], model_params("pytorch", tmp_path / "one"), rtol=1e-4, atol=1e-5)
+    two_processes_train_what_one_does("pytorch", index, tmp_path)
     losses = [[r["loss"] for r in RunDirectory(tmp_path / d).read_log() if "loss" in r]
               for d in ("two", "one")]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
@@ -330,18 +337,11 @@ def test_a_one_process_checkpoint_resumes_on_two(index, tmp_path, monkeypatch):
 def test_mpiexec_trains_chainer_on_two_processes(index, tmp_path):
     """ChainerMN: the same weights in both processes, what one process trains (without
     dropout), one writer, a complete log."""
-    plain = {**RUN, "dropout": 0.0}
-    result = driver("chainer", index, tmp_path / "two", tmp_path / "dump", overrides=plain)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [rank_params(tmp_path / "dump", r) for r in (0, 1)]
-    assert_equal(ranks[0], ranks[1])
-    assert_equal(model_params("chainer", tmp_path / "two"), ranks[0])
+    two_processes_train_what_one_does("chainer", index, tmp_path)
     meta = RunDirectory(tmp_path / "two").meta()
     assert meta["complete"] and meta["processes"] == 2
     log = RunDirectory(tmp_path / "two").read_log()
     assert [r["iteration"] for r in log if "loss" in r] == [10, 12]
-    train_stage1(tiny_config("chainer", index, tmp_path / "one", **plain), show_progress=False)
-    assert_close(ranks[0], model_params("chainer", tmp_path / "one"), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
