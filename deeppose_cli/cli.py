@@ -186,8 +186,8 @@ def setting_options(names):
             setting = BY_NAME[name]
             help_text = f"{setting.help} ({recipe_defaults(recipes, setting)})"
             if setting.kind is bool:
-                flags = setting.flag or f"{setting.option}/--no-{setting.option[2:]}"
-                option = click.option(flags, setting.name, default=None, help=help_text)
+                option = click.option(setting.switch, setting.name, default=None,
+                                      help=help_text)
             elif setting.choices:
                 option = click.option(setting.option, setting.name,
                                       type=click.Choice(setting.choices), help=help_text)
@@ -783,7 +783,8 @@ def _parse_bbox(text: str | None):
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_obj
 def predict(state: ChainState, sources: tuple[str, ...], model_dir: str | None,
-            camera: int | None, max_frames: int | None, recursive: bool, every: int, detector: str, detector_weights: str | None,
+            camera: int | None, max_frames: int | None, recursive: bool, every: int,
+            detector: str, detector_weights: str | None,
             boxes_file: str | None, bbox: str | None, min_score: float,
             max_people: int | None, draw: bool, out_dir: str, save_json: str | None,
             save_csv: str | None, as_json: bool, stages: int | None,

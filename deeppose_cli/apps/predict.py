@@ -308,13 +308,9 @@ def write_coco_json(path: Path, results: Iterable[PoseResult]) -> Path:
     return write_json(path, [entry for r in results for entry in r.to_coco()])
 
 
+# The CSV's columns, the same for every model: a joint is named in a column.
 CSV_HEADER = ("source", "frame", "image_id", "person", "score", "box_x", "box_y", "box_w",
               "box_h", "joint", "x", "y", "confidence")
-
-
-def csv_header(joint_names: Sequence[str] = ()) -> list[str]:
-    """The CSV's columns (the same for every model: a joint is named in a column)."""
-    return list(CSV_HEADER)
 
 
 def csv_text(results: Iterable[PoseResult], joint_names: Sequence[str]) -> str:
@@ -322,7 +318,7 @@ def csv_text(results: Iterable[PoseResult], joint_names: Sequence[str]) -> str:
     model's order; ``frame`` is empty for an image, ``confidence`` empty without one."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(csv_header(joint_names))
+    writer.writerow(CSV_HEADER)
     for r in results:
         for k, p in enumerate(r.people):
             head = [printable(r.source), "" if r.frame is None else r.frame, r.image_id, k,
@@ -545,4 +541,4 @@ def legacy_json(result: PoseResult) -> list[dict]:
 
 
 __all__ = ["PoseModel", "PoseResult", "Person", "predict", "write_coco_json", "write_csv",
-           "csv_header", "CSV_HEADER", "run_predict", "ImageError"]
+           "CSV_HEADER", "run_predict", "ImageError"]

@@ -216,20 +216,28 @@ class _VideoPath:
             shutil.rmtree(self.link_dir, ignore_errors=True)
 
 
+def prepare_capture() -> None:
+    """What must hold before OpenCV opens its first capture (it reads both then): decoded
+    frames bounded like images, and FFmpeg's own log lines silenced."""
+    from ..core.image_headers import bound_opencv_decoding
+
+    bound_opencv_decoding()
+    os.environ.setdefault(FFMPEG_LOGLEVEL_ENV, FFMPEG_QUIET)
+
+
 def read_video(path: Path, every: int = 1, max_frames: int | None = None
                ) -> Iterator[Frame | SourceFailure]:
     """Frames 0, every, 2*every, ... of the video at ``path`` (decoded ones only: the others
     are grabbed and skipped), or one :class:`SourceFailure` when it cannot be opened or has
     frames larger than the image bound; the frames read and then one failure when it stops
     decoding before the end its header gives (a truncated file, a broken frame)."""
-    from ..core.image_headers import bound_opencv_decoding, max_image_pixels
+    from ..core.image_headers import max_image_pixels
 
     where = os.fspath(path)
     if not path.is_file():
         yield SourceFailure(where, missing_file_reason(path))
         return
-    bound_opencv_decoding()
-    os.environ.setdefault(FFMPEG_LOGLEVEL_ENV, FFMPEG_QUIET)  # read at the first capture
+    prepare_capture()
     import cv2
 
     with _VideoPath(path) as name:
@@ -335,12 +343,11 @@ def read_camera(index: int, every: int = 1, max_frames: int | None = None
     """Frames 0, every, 2*every, ... of camera ``index`` until it gives no more, Ctrl-C,
     or ``max_frames`` were produced; their ``source`` is ``camera<index>``. A camera that
     cannot be opened or gives no frame is one :class:`SourceFailure`."""
-    from ..core.image_headers import bound_opencv_decoding, max_image_pixels
+    from ..core.image_headers import max_image_pixels
 
     item = camera_source(index)
     where = f"camera {index}"
-    bound_opencv_decoding()
-    os.environ.setdefault(FFMPEG_LOGLEVEL_ENV, FFMPEG_QUIET)
+    prepare_capture()
     import cv2
 
     capture = cv2.VideoCapture(index)

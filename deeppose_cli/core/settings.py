@@ -60,6 +60,11 @@ class Setting:
     def option(self) -> str:
         return self.flag or "--" + self.name.replace("_", "-")
 
+    @property
+    def switch(self) -> str:
+        """A boolean's on/off option pair, e.g. ``--flip/--no-flip``."""
+        return self.flag or f"{self.option}/--no-{self.option[2:]}"
+
     def bounds_text(self) -> str:
         if self.choices:
             return ", ".join(self.choices)
@@ -260,10 +265,6 @@ def stage_recipes() -> dict[int, dict[str, Any]]:
     return {stage: load_stage_recipe(stage) for stage in (1, 2, 3)}
 
 
-if __name__ == "__main__":
-    print(options_markdown(stage_recipes()), end="")
-
-
 def setting_flags(values: dict[str, Any]) -> list[str]:
     """The ``train-stage`` options that give these settings these values (the inverse of
     the command line's parsing), e.g. ``{"width": 0.25, "flip": False}`` ->
@@ -272,9 +273,13 @@ def setting_flags(values: dict[str, Any]) -> list[str]:
     for name, value in values.items():
         setting = BY_NAME[name]
         if setting.kind is bool:
-            on, _, off = (setting.flag or f"{setting.option}/--no-{setting.option[2:]}"
-                          ).partition("/")
+            on, _, off = setting.switch.partition("/")
             flags.append(on if value else off)
         elif value is not None:
             flags += [setting.option, str(value)]
     return flags
+
+
+if __name__ == "__main__":
+    print(options_markdown(stage_recipes()), end="")
+

@@ -44,8 +44,7 @@ def train(config: TrainConfig, train_set, val_set, run: RunDirectory, *,
                               config.max_iterations)
     check_plan(world, config.batch_size, len(train_set), plan.iterations_per_epoch)
     engine = get_engine(config.framework).Engine(config, train_set.num_joints, init_params,
-                                                 **({"world": world} if world.distributed
-                                                    else {}))
+                                                 world=world)
     failed = True
     try:
         summary = _train(engine, plan, config, train_set, val_set, run, torso_pair, resume,

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..engines import check_framework, check_precision, get_engine
 from ..core.config import TrainConfig
-from ..core.distributed import SINGLE, World, check_launcher, discover
+from ..core.distributed import SINGLE, World, check_launcher, discover, process_device
 from ..core.errors import DeepPoseError
 from ..core.files import make_directory, os_error_reason, sha256_of
 from ..core.losses import predicts_uncertainty
@@ -188,8 +188,6 @@ def prepare_run(config: TrainConfig, resume: bool, world: World = SINGLE) -> Run
     distributed run other than process 0 touches nothing (it only reads the checkpoint it
     resumes from).
     """
-    from ..core.distributed import process_device
-
     get_engine(config.framework).check_device(process_device(world, config.device))
     out = Path(config.out)
     if resume:
@@ -359,8 +357,6 @@ def train_refinement_stage(config: TrainConfig, resume: bool = False, show_progr
                                         if config.displacement_source == "val"
                                         else (train_records, config.train_index))
         # every process measures them (the same numbers); process 0 records them
-        from ..core.distributed import process_device
-
         stats = measure_displacements(previous, source_records, manifest,
                                       process_device(world, config.device))
         if world.is_writer:
